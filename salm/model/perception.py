@@ -1,0 +1,104 @@
+"""Audio perception: NeMo mel preprocessor -> FastConformer encoder -> modality adapter -> proj.
+
+Built from the same config section as NeMo's ``AudioPerceptionModule`` (``preprocessor``,
+``encoder``, ``modality_adapter``, ``spec_augment``, ``output_dim``) and with the same
+state-dict keys, so canary-qwen-2.5b's ``perception.*`` weights load unchanged.
+``_target_`` entries are resolved against an allow-list rather than imported blindly: a config
+file must not be able to run arbitrary code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from salm.errors import SALMConfigError
+from salm.model.adapters import IdentityAdapter, StackingMLPAdapter
+
+
+def _nemo_preprocessor(**kwargs):
+    from nemo.collections.asr.modules import AudioToMelSpectrogramPreprocessor
+
+    return AudioToMelSpectrogramPreprocessor(**kwargs)
+
+
+def _nemo_spec_augment(**kwargs):
+    from nemo.collections.asr.modules import SpectrogramAugmentation
+
+    return SpectrogramAugmentation(**kwargs)
+
+
+def _nemo_conformer(**kwargs):
+    from nemo.collections.asr.modules import ConformerEncoder
+
+    return ConformerEncoder(**kwargs)
+
+
+BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "nemo.collections.asr.modules.AudioToMelSpectrogramPreprocessor": _nemo_preprocessor,
+    "nemo.collections.asr.modules.audio_preprocessing.AudioToMelSpectrogramPreprocessor": _nemo_preprocessor,
+    "nemo.collections.asr.modules.SpectrogramAugmentation": _nemo_spec_augment,
+    "nemo.collections.asr.modules.audio_preprocessing.SpectrogramAugmentation": _nemo_spec_augment,
+    "nemo.collections.asr.modules.ConformerEncoder": _nemo_conformer,
+    "nemo.collections.asr.modules.conformer_encoder.ConformerEncoder": _nemo_conformer,
+    "nemo.collections.speechlm2.modules.perception.IdentityConnector": IdentityAdapter,
+    "salm.model.adapters.IdentityAdapter": IdentityAdapter,
+    "salm.model.adapters.StackingMLPAdapter": StackingMLPAdapter,
+}
+
+
+def build_from_target(section: str, cfg: DictConfig | dict) -> nn.Module:
+    """Instantiate ``cfg._target_`` (one of ``BUILDERS``) with the remaining keys as arguments."""
+    kwargs = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    target = kwargs.pop("_target_", None)
+    if target not in BUILDERS:
+        raise SALMConfigError(
+            f"`model.perception.{section}._target_` is {target!r}; supported: {', '.join(sorted(BUILDERS))}"
+        )
+    return BUILDERS[target](**kwargs)
+
+
+class AudioPerception(nn.Module):
+    """Waveforms ``(B, T_samples)`` -> LLM-sized audio embeddings ``(B, T_frames, H)`` with lengths."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        super().__init__()
+        for section in ("preprocessor", "encoder", "modality_adapter"):
+            if cfg.get(section) is None:
+                raise SALMConfigError(f"`model.perception.{section}` is missing")
+        self.preprocessor = build_from_target("preprocessor", cfg.preprocessor)
+        self.encoder = build_from_target("encoder", cfg.encoder)
+        spec_augment = cfg.get("spec_augment")
+        self.spec_augmentation = build_from_target("spec_augment", spec_augment) if spec_augment else None
+        self.modality_adapter = build_from_target("modality_adapter", cfg.modality_adapter)
+        adapter = cfg.modality_adapter
+        # NeMo's rule: an adapter that declares d_model but no output_dim is followed by a Linear.
+        if "output_dim" not in adapter and "d_model" in adapter:
+            self.proj = nn.Linear(adapter.d_model, cfg.output_dim)
+        else:
+            self.proj = nn.Identity()
+
+    @property
+    def sampling_rate(self) -> int:
+        return int(self.preprocessor.featurizer.sample_rate)
+
+    @property
+    def token_equivalent_duration(self) -> float:
+        """Audio seconds per LLM position: hop / rate x encoder subsampling x adapter subsampling."""
+        featurizer = self.preprocessor.featurizer
+        frame_shift = featurizer.hop_length / featurizer.sample_rate
+        adapter_factor = getattr(self.modality_adapter, "subsampling_factor", 1)
+        return frame_shift * self.encoder.subsampling_factor * adapter_factor
+
+    def forward(
+        self, input_signal: torch.Tensor, input_signal_length: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        features, feature_lens = self.preprocessor(input_signal=input_signal, length=input_signal_length)
+        if self.spec_augmentation is not None and self.training:
+            features = self.spec_augmentation(input_spec=features, length=feature_lens)
+        encoded, encoded_lens = self.encoder(audio_signal=features, length=feature_lens)  # (B, D, T)
+        encoded, encoded_lens = self.modality_adapter(audio_signal=encoded, length=encoded_lens)
+        return self.proj(encoded.transpose(1, 2)), encoded_lens  # (B, T, H)

@@ -1,0 +1,290 @@
+"""SALM: speech encoder frames spliced into a decoder-only LLM's input, trained on transcripts.
+
+Data flow of one step (shapes where they change)::
+
+    audios (N, S) --perception--> audio frames (N, L, H)
+    input_ids (B, T) --embed_tokens--> (B, T, H) --replace_placeholders--> (B, T', H)
+    (B, T', H) --LLM--> hidden (B, T', H) --lm_head at target positions only--> loss
+
+Parameter names and config fields are NeMo SALM's, so canary-qwen-2.5b checkpoints load as-is
+and what we save loads in NeMo. Unlike NeMo's LightningModule this is a plain ``nn.Module``:
+the training loop, process groups and precision belong to Ray Train + DeepSpeed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from transformers import GenerationConfig
+
+from salm.audio import collate_audio, load_audio
+from salm.errors import PromptError, SALMConfigError
+from salm.model.config import model_config, trainable_patterns
+from salm.model.freezing import apply_freezing
+from salm.model.llm import base_causal_lm, embedding_inside, install_lora, load_llm, validate_lora
+from salm.model.perception import AudioPerception
+from salm.model.placeholders import IGNORE_INDEX, replace_placeholders
+from salm.model.prompt_formats import get_prompt_format
+from salm.model.tokenizer import load_tokenizer, padding_id
+
+AudioInput = str | Path | np.ndarray | torch.Tensor
+
+
+@dataclass
+class GenerationResult:
+    """What ``SALM.generate`` returns: new token ids per prompt (EOS and after removed) and text."""
+
+    token_ids: list[list[int]]
+    texts: list[str]
+
+
+class SALM(nn.Module):
+    """Speech-Augmented Language Model with NeMo SALM's structure and config vocabulary."""
+
+    def __init__(self, cfg: dict | DictConfig) -> None:
+        super().__init__()
+        self.cfg = model_config(cfg)
+        cfg = self.cfg
+        self.audio_locator_tag: str = cfg.audio_locator_tag
+        self.tokenizer = load_tokenizer(cfg.tokenizer_path or cfg.pretrained_llm, cfg.audio_locator_tag)
+        self.prompt_format = get_prompt_format(cfg.prompt_format, self.tokenizer)
+
+        llm = load_llm(cfg.pretrained_llm, pretrained_weights=bool(cfg.pretrained_weights))
+        if len(self.tokenizer) > llm.config.vocab_size:
+            raise SALMConfigError(
+                f"the tokenizer has {len(self.tokenizer)} tokens (with {cfg.audio_locator_tag}) but the LLM's "
+                f"vocab_size is {llm.config.vocab_size}; use an LLM config with a larger vocab_size"
+            )
+        # Held outside the LLM (as NeMo does): key ``embed_tokens.weight``, untouched by LLM sharding.
+        self.embed_tokens: nn.Embedding = llm.model.embed_tokens
+        del llm.model.embed_tokens
+        if cfg.get("lora"):
+            llm = install_lora(llm, self.embed_tokens, validate_lora(cfg.lora))
+        self.llm = llm
+
+        hidden_size = llm.config.hidden_size
+        perception_cfg = OmegaConf.merge(
+            cfg.perception, {"output_dim": cfg.perception.get("output_dim") or hidden_size}
+        )
+        if perception_cfg.output_dim != hidden_size:
+            raise SALMConfigError(
+                f"`model.perception.output_dim` is {perception_cfg.output_dim} but the LLM hidden size is {hidden_size}"
+            )
+        if cfg.pretrained_asr and cfg.pretrained_weights:
+            from salm.io.nemo_asr import perception_config_from_asr
+
+            perception_cfg = perception_config_from_asr(cfg.pretrained_asr, perception_cfg)
+        self.perception = AudioPerception(perception_cfg)
+        if cfg.pretrained_asr and cfg.pretrained_weights:
+            from salm.io.nemo_asr import load_asr_weights
+
+            load_asr_weights(self.perception, cfg.pretrained_asr)
+        apply_freezing(self, list(cfg.freeze_params), trainable_patterns(cfg))
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, llm_path: str | Path | None = None, tokenizer_path: str | Path | None = None
+    ) -> SALM:
+        """Load a saved SALM from a local directory in the canary-qwen-2.5b HF layout."""
+        from salm.io.hf_layout import load_hf_layout
+
+        return load_hf_layout(path, llm_path=llm_path, tokenizer_path=tokenizer_path)
+
+    def save_pretrained(self, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
+        """Save in the canary-qwen-2.5b HF layout (``config.json`` + ``model.safetensors`` + ``llm_backbone/``)."""
+        from salm.io.hf_layout import save_hf_layout
+
+        return save_hf_layout(self, out_dir, dtype=dtype)
+
+    # ----- properties NeMo users know -----
+    @property
+    def audio_locator_tag_id(self) -> int:
+        return self.tokenizer.convert_tokens_to_ids(self.audio_locator_tag)
+
+    @property
+    def text_pad_id(self) -> int:
+        return padding_id(self.tokenizer)
+
+    @property
+    def text_eos_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def sampling_rate(self) -> int:
+        return self.perception.sampling_rate
+
+    @property
+    def token_equivalent_duration(self) -> float:
+        """Audio seconds per LLM position (0.08 s for canary-qwen-2.5b)."""
+        return self.perception.token_equivalent_duration
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    def train(self, mode: bool = True) -> SALM:
+        """Like ``nn.Module.train`` but fully frozen parts stay in eval mode (no dropout, BN stats fixed)."""
+        super().train(mode)
+        for part in (self.perception.preprocessor, self.perception.encoder, self.llm):
+            if mode and not any(p.requires_grad for p in part.parameters()):
+                part.eval()
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    # ----- training -----
+    def prepare_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Batch (``audios``, ``audio_lens``, ``input_ids``, ``loss_mask``) -> shifted LLM inputs and targets."""
+        audio_embeds, audio_lens = self.perception(batch["audios"], batch["audio_lens"])  # (N, L, H)
+        input_ids = batch["input_ids"]  # (B, T)
+        text_embeds = self.embed_tokens(input_ids.masked_fill(input_ids == self.audio_locator_tag_id, 0))
+        embeds, targets, attention_mask = replace_placeholders(
+            input_ids=input_ids,
+            embeds=text_embeds,
+            audio_embeds=audio_embeds,
+            audio_lens=audio_lens,
+            placeholder_id=self.audio_locator_tag_id,
+            padding_id=self.text_pad_id,
+            target_ids=input_ids.masked_fill(~batch["loss_mask"], IGNORE_INDEX),
+        )
+        return {
+            "input_embeds": embeds[:, :-1],
+            "attention_mask": attention_mask[:, :-1],
+            "target_ids": targets[:, 1:],
+        }
+
+    def forward(self, input_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Full-vocabulary logits ``(B, T, V)`` for LLM input embeddings ``(B, T, H)``."""
+        return self.llm(inputs_embeds=input_embeds, attention_mask=attention_mask, use_cache=False).logits
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Sum of cross-entropy over target tokens / number of target tokens (NeMo's definition).
+
+        The LM head runs only at target positions: for ASR those are ~20% of the sequence, and the
+        (B, T, vocab) logits tensor is the largest activation of the step otherwise.
+        """
+        inputs = self.prepare_inputs(batch)
+        causal_lm = base_causal_lm(self.llm)
+        hidden = causal_lm.model(
+            inputs_embeds=inputs["input_embeds"], attention_mask=inputs["attention_mask"], use_cache=False
+        ).last_hidden_state  # (B, T', H)
+        targets = inputs["target_ids"]
+        is_target = targets != IGNORE_INDEX
+        logits = causal_lm.lm_head(hidden[is_target])  # (num_targets, V)
+        target_ids = targets[is_target]
+        num_targets = is_target.sum()
+        loss = nn.functional.cross_entropy(logits.float(), target_ids, reduction="sum") / num_targets.clamp(
+            min=1
+        )
+        return {
+            "loss": loss,
+            "num_target_tokens": num_targets,
+            "correct_tokens": (logits.argmax(dim=-1) == target_ids).sum(),
+            "sequence_length": torch.tensor(targets.shape[1]),
+        }
+
+    # ----- inference -----
+    def encode_prompts(self, prompts: list[list[dict]]) -> tuple[torch.Tensor, list[AudioInput]]:
+        """Chat prompts -> left-padded token ids ``(B, T)`` and the audios their turns carry, in order."""
+        ids, audios = [], []
+        for index, conversation in enumerate(prompts):
+            conversation_audios = []
+            for turn in conversation:
+                turn_audio = turn.get("audio", [])
+                conversation_audios += turn_audio if isinstance(turn_audio, (list, tuple)) else [turn_audio]
+            encoded = self.prompt_format.encode_dialog(
+                [{k: v for k, v in t.items() if k != "audio"} for t in conversation]
+            )
+            placeholders = int((encoded.input_ids == self.audio_locator_tag_id).sum())
+            if conversation_audios and placeholders != len(conversation_audios):
+                raise PromptError(
+                    f"prompt #{index} has {placeholders} {self.audio_locator_tag} placeholder(s) but "
+                    f"{len(conversation_audios)} audio(s); put one placeholder in the text per audio"
+                )
+            ids.append(encoded.input_ids)
+            audios += conversation_audios
+        tokens = nn.utils.rnn.pad_sequence(
+            ids, batch_first=True, padding_value=self.text_pad_id, padding_side="left"
+        )
+        return tokens, audios
+
+    def load_audios(self, audios: list[AudioInput]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Paths (decoded and resampled) or waveforms at the model's rate -> ``(N, S)`` and lengths."""
+        clips = [load_audio(a, self.sampling_rate) if isinstance(a, (str, Path)) else a for a in audios]
+        return collate_audio(clips)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[list[dict]],
+        audios: torch.Tensor | None = None,
+        audio_lens: torch.Tensor | None = None,
+        max_new_tokens: int = 128,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        num_beams: int = 1,
+    ) -> GenerationResult:
+        """Transcribe/answer a batch of chat prompts.
+
+        Each prompt is a list of turns like NeMo's: ``{"role": "user", "content": "Transcribe the
+        following: <|audioplaceholder|>", "audio": "clip.wav"}``; ``audio`` may be a path, a 1-D
+        waveform at ``sampling_rate``, or a list of them. Alternatively give all audios as
+        ``audios`` (N, S) + ``audio_lens``. The encoder runs once over the whole batch.
+        """
+        tokens, prompt_audios = self.encode_prompts(prompts)
+        if prompt_audios and audios is not None:
+            raise PromptError("give audios either inside the prompts or as `audios`, not both")
+        if prompt_audios:
+            audios, audio_lens = self.load_audios(prompt_audios)
+        device = self.device
+        tokens = tokens.to(device)
+        text_embeds = self.embed_tokens(tokens.masked_fill(tokens == self.audio_locator_tag_id, 0))
+        if audios is None:
+            audios = torch.zeros(0, 1)
+            audio_lens = torch.zeros(0, dtype=torch.long)
+            audio_embeds = text_embeds.new_zeros(0, 1, text_embeds.shape[-1])
+        else:
+            audio_embeds, audio_lens = self.perception(audios.to(device), audio_lens.to(device))
+        embeds, _, attention_mask = replace_placeholders(
+            tokens,
+            text_embeds,
+            audio_embeds,
+            audio_lens.to(device),
+            self.audio_locator_tag_id,
+            self.text_pad_id,
+        )
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature if do_sample else None,
+            top_p=top_p if do_sample else None,
+            top_k=None,
+            num_beams=num_beams,
+            eos_token_id=self.text_eos_id,
+            pad_token_id=self.text_pad_id,
+            bos_token_id=None,
+        )
+        with embedding_inside(self.llm, self.embed_tokens):
+            generated = self.llm.generate(
+                inputs_embeds=embeds, attention_mask=attention_mask, generation_config=config
+            )
+        token_ids = [_until_eos(row.tolist(), self.text_eos_id) for row in generated]
+        texts = [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in token_ids]
+        return GenerationResult(token_ids=token_ids, texts=texts)
+
+    def transcribe(self, audios: list[AudioInput], prompt: str | None = None, **generate_kwargs) -> list[str]:
+        """One-liner ASR: the canary-qwen prompt around each audio; returns the texts."""
+        prompt = prompt or f"Transcribe the following: {self.audio_locator_tag}"
+        prompts = [[{"role": "user", "content": prompt, "audio": audio}] for audio in audios]
+        return self.generate(prompts, **generate_kwargs).texts
+
+
+def _until_eos(ids: list[int], eos_id: int) -> list[int]:
+    return ids[: ids.index(eos_id)] if eos_id in ids else ids
