@@ -96,9 +96,14 @@ class AudioPerception(nn.Module):
     def forward(
         self, input_signal: torch.Tensor, input_signal_length: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        features, feature_lens = self.preprocessor(input_signal=input_signal, length=input_signal_length)
-        if self.spec_augmentation is not None and self.training:
-            features = self.spec_augmentation(input_spec=features, length=feature_lens)
-        encoded, encoded_lens = self.encoder(audio_signal=features, length=feature_lens)  # (B, D, T)
-        encoded, encoded_lens = self.modality_adapter(audio_signal=encoded, length=encoded_lens)
+        from nemo.core.classes.common import typecheck
+
+        # NeMo's neural-type checks reject a Conformer used as adapter (it expects a spectrogram)
+        # and cost host time on every call; shapes are checked by our own tests instead.
+        with typecheck.disable_checks():
+            features, feature_lens = self.preprocessor(input_signal=input_signal, length=input_signal_length)
+            if self.spec_augmentation is not None and self.training:
+                features = self.spec_augmentation(input_spec=features, length=feature_lens)
+            encoded, encoded_lens = self.encoder(audio_signal=features, length=feature_lens)  # (B, D, T)
+            encoded, encoded_lens = self.modality_adapter(audio_signal=encoded, length=encoded_lens)
         return self.proj(encoded.transpose(1, 2)), encoded_lens  # (B, T, H)
