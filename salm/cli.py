@@ -1,44 +1,31 @@
-"""The `salm` command line. Each subcommand parses its arguments and calls the library."""
+"""The `salm` command line. Each subcommand lives in the module that owns its job and registers
+itself through a ``register(commands)`` function; this file only dispatches and turns user
+errors into one readable line (exit code 2) instead of a traceback."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from salm.errors import AudioLoadError, CheckpointError, PromptError, SALMConfigError
 
 USER_ERRORS = (SALMConfigError, AudioLoadError, PromptError, CheckpointError, FileNotFoundError)
 
-
-def _quickstart(args: argparse.Namespace) -> None:
-    from salm.quickstart import run_quickstart
-
-    run_quickstart(args.workdir, num_clips=args.num_clips)
-
-
-def _transcribe(args: argparse.Namespace) -> None:
-    from salm.model import SALM
-
-    model = SALM.from_pretrained(args.model, llm_path=args.llm_path).eval()
-    for path, text in zip(args.audio, model.transcribe(args.audio, max_new_tokens=args.max_new_tokens)):
-        print(f"{path}\t{text}")
+# Modules with a ``register(commands: argparse._SubParsersAction) -> None`` function.
+COMMAND_MODULES = [
+    "salm.quickstart",
+    "salm.transcribe",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="salm", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="salm", description="Train and serve SALM speech recognisers on Ray."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
-
-    quickstart = commands.add_parser("quickstart", help="run the platform end to end on this machine")
-    quickstart.add_argument("--workdir", default="runs/quickstart")
-    quickstart.add_argument("--num-clips", type=int, default=6)
-    quickstart.set_defaults(func=_quickstart)
-
-    transcribe = commands.add_parser("transcribe", help="transcribe audio files with a saved model directory")
-    transcribe.add_argument("model", help="a SALM directory in the HF layout")
-    transcribe.add_argument("audio", nargs="+", help="audio files (any rate; resampled)")
-    transcribe.add_argument("--llm-path", default=None, help="LLM config+tokenizer dir if the model has no llm_backbone/")
-    transcribe.add_argument("--max-new-tokens", type=int, default=128)
-    transcribe.set_defaults(func=_transcribe)
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(commands)
     return parser
 
 

@@ -38,22 +38,35 @@ def run_quickstart(workdir: str | Path = "runs/quickstart", num_clips: int = 6) 
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.trainable_parameters())
     model_dir = model.save_pretrained(workdir / "model")
-    print(f"[3/4] tiny SALM ({total / 1e6:.1f}M params, {trainable / 1e6:.2f}M trainable) saved -> {model_dir}")
+    print(
+        f"[3/4] tiny SALM ({total / 1e6:.1f}M params, {trainable / 1e6:.2f}M trainable) saved -> {model_dir}"
+    )
 
     model = SALM.from_pretrained(model_dir).eval()
     print(f"[4/4] transcribing {len(utterances)} clips in one batch (untrained model: expect noise)")
     hypotheses = model.transcribe([u.path for u in utterances], max_new_tokens=16)
     references = [u.text for u in utterances]
-    for index, (utterance, hypothesis) in enumerate(zip(utterances, hypotheses), start=1):
+    for index, (utterance, hypothesis) in enumerate(zip(utterances, hypotheses, strict=True), start=1):
         print("=" * 100)
         print(f"Clip {index} ({utterance.voice}) {utterance.path.name}")
         print(f"  Ground Truth : {utterance.text}")
         print(f"  Prediction   : {hypothesis}")
     print("=" * 100)
     wer = jiwer.wer(references, [h if h.strip() else "<empty>" for h in hypotheses])
-    summary = {"model_dir": str(model_dir), "speech_dir": str(workdir / "speech"), "wer": wer,
-               "seconds": time.time() - started}
+    summary = {
+        "model_dir": str(model_dir),
+        "speech_dir": str(workdir / "speech"),
+        "wer": wer,
+        "seconds": time.time() - started,
+    }
     print(f"WER of the untrained model: {wer:.2%}  ({summary['seconds']:.0f} s)")
     print(f"Model (HF layout): {model_dir}\nSpeech: {summary['speech_dir']}")
     print("Next: training on Ray (salm_ray train) arrives with the training issue; see README.")
     return summary
+
+
+def register(commands) -> None:
+    parser = commands.add_parser("quickstart", help="run the platform end to end on this machine")
+    parser.add_argument("--workdir", default="runs/quickstart")
+    parser.add_argument("--num-clips", type=int, default=6)
+    parser.set_defaults(func=lambda args: run_quickstart(args.workdir, num_clips=args.num_clips))

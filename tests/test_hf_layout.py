@@ -37,7 +37,9 @@ def test_weights_use_nemo_salm_key_names(saved_dir) -> None:
     assert not any(k.startswith("llm.base_model.model.model.embed_tokens") for k in keys)
 
 
-def test_published_layout_without_llm_backbone_loads_with_llm_path(tiny_salm, saved_dir, tmp_path, tiny_llm_dir) -> None:
+def test_published_layout_without_llm_backbone_loads_with_llm_path(
+    tiny_salm, saved_dir, tmp_path, tiny_llm_dir
+) -> None:
     published = tmp_path / "canary-like"
     published.mkdir()
     config = json.loads((saved_dir / "config.json").read_text())
@@ -75,7 +77,11 @@ def test_missing_keys_are_listed(saved_dir, tmp_path) -> None:
     partial = tmp_path / "partial"
     shutil.copytree(saved_dir, partial)
     with safe_open(str(partial / "model.safetensors"), "pt") as weights:
-        tensors = {k: weights.get_tensor(k) for k in weights.keys() if not k.startswith("perception.encoder.layers.1.")}
+        tensors = {
+            k: weights.get_tensor(k)
+            for k in weights.keys()
+            if not k.startswith("perception.encoder.layers.1.")
+        }
     save_file(tensors, str(partial / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"missing \(first: \['perception.encoder.layers.1"):
         SALM.from_pretrained(partial)

@@ -44,7 +44,9 @@ def test_loss_is_mean_cross_entropy_over_answer_tokens_only(tiny_salm, speech_cl
     targets = inputs["target_ids"]
     answer_tokens = int(batch["loss_mask"].sum())
     assert int(loss["num_target_tokens"]) == answer_tokens == int((targets != IGNORE_INDEX).sum())
-    manual = torch.nn.functional.cross_entropy(logits[targets != IGNORE_INDEX], targets[targets != IGNORE_INDEX])
+    manual = torch.nn.functional.cross_entropy(
+        logits[targets != IGNORE_INDEX], targets[targets != IGNORE_INDEX]
+    )
     assert torch.allclose(loss["loss"], manual, atol=1e-5)
 
 
@@ -104,7 +106,9 @@ def test_generate_batch_of_uneven_audio_equals_one_by_one(tiny_salm, speech_clip
         single = tiny_salm.generate([[{"role": "user", "content": PROMPT, "audio": path}]], max_new_tokens=6)
         assert single.token_ids[0] == batched.token_ids[index]
         assert single.texts[0] == batched.texts[index]
-    assert len({tuple(ids) for ids in batched.token_ids}) > 1, "different audios should not all decode the same"
+    assert len({tuple(ids) for ids in batched.token_ids}) > 1, (
+        "different audios should not all decode the same"
+    )
 
 
 def test_generate_accepts_waveforms_and_several_audios_per_prompt(tiny_salm, speech_clips) -> None:
@@ -119,13 +123,20 @@ def test_generate_accepts_waveforms_and_several_audios_per_prompt(tiny_salm, spe
 def test_sampling_differs_from_greedy_with_high_temperature(tiny_salm, speech_clips) -> None:
     prompt = [[{"role": "user", "content": PROMPT, "audio": speech_clips[0].path}]]
     torch.manual_seed(0)
-    samples = {tuple(tiny_salm.generate(prompt, max_new_tokens=5, do_sample=True, temperature=5.0).token_ids[0]) for _ in range(3)}
+    samples = {
+        tuple(tiny_salm.generate(prompt, max_new_tokens=5, do_sample=True, temperature=5.0).token_ids[0])
+        for _ in range(3)
+    }
     assert len(samples) > 1
 
 
 def test_token_equivalent_duration_follows_hop_subsampling_and_adapter(tiny_salm, tiny_model_cfg) -> None:
     assert tiny_salm.token_equivalent_duration == pytest.approx(0.01 * 8)
-    tiny_model_cfg.perception.modality_adapter = {"_target_": "salm.model.adapters.StackingMLPAdapter", "d_model": 64, "stack": 2}
+    tiny_model_cfg.perception.modality_adapter = {
+        "_target_": "salm.model.adapters.StackingMLPAdapter",
+        "d_model": 64,
+        "stack": 2,
+    }
     stacked = SALM(tiny_model_cfg).eval()
     assert stacked.token_equivalent_duration == pytest.approx(0.16)
     frames, lens = stacked.perception(torch.randn(2, 16000), torch.tensor([16000, 8000]))
@@ -135,7 +146,11 @@ def test_token_equivalent_duration_follows_hop_subsampling_and_adapter(tiny_salm
 def test_conformer_adapter_builds_from_nemo_class(tiny_model_cfg) -> None:
     tiny_model_cfg.perception.modality_adapter = {
         "_target_": "nemo.collections.asr.modules.ConformerEncoder",
-        "feat_in": 64, "d_model": 64, "n_layers": 1, "n_heads": 4, "subsampling_factor": 1,
+        "feat_in": 64,
+        "d_model": 64,
+        "n_layers": 1,
+        "n_heads": 4,
+        "subsampling_factor": 1,
     }
     model = SALM(tiny_model_cfg).eval()
     frames, lens = model.perception(torch.randn(1, 16000), torch.tensor([16000]))
@@ -145,7 +160,9 @@ def test_conformer_adapter_builds_from_nemo_class(tiny_model_cfg) -> None:
 # ----- bad input gets a clear error -----
 def test_prompt_with_wrong_number_of_placeholders(tiny_salm, speech_clips) -> None:
     prompt = [[{"role": "user", "content": "no tag here", "audio": speech_clips[0].path}]]
-    with pytest.raises(PromptError, match="prompt #0 has 0 <\\|audioplaceholder\\|> placeholder\\(s\\) but 1 audio"):
+    with pytest.raises(
+        PromptError, match="prompt #0 has 0 <\\|audioplaceholder\\|> placeholder\\(s\\) but 1 audio"
+    ):
         tiny_salm.generate(prompt)
 
 

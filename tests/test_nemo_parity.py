@@ -25,8 +25,14 @@ def nemo_salm(tiny_salm):
 @pytest.fixture(scope="module")
 def batch(tiny_salm, speech_clips):
     dialogs = [
-        [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": "the old farmer found a red box"}],
-        [{"role": "user", "content": "Compare <|audioplaceholder|> with <|audioplaceholder|>"}, {"role": "assistant", "content": "same"}],
+        [
+            {"role": "user", "content": PROMPT},
+            {"role": "assistant", "content": "the old farmer found a red box"},
+        ],
+        [
+            {"role": "user", "content": "Compare <|audioplaceholder|> with <|audioplaceholder|>"},
+            {"role": "assistant", "content": "same"},
+        ],
         [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": "yes"}],
     ]
     encoded = [tiny_salm.prompt_format.encode_dialog(d) for d in dialogs]
@@ -35,8 +41,12 @@ def batch(tiny_salm, speech_clips):
     return {
         "audios": audios,
         "audio_lens": audio_lens,
-        "input_ids": torch.nn.utils.rnn.pad_sequence([e.input_ids for e in encoded], batch_first=True, padding_value=pad, padding_side="left"),
-        "loss_mask": torch.nn.utils.rnn.pad_sequence([e.loss_mask for e in encoded], batch_first=True, padding_value=False, padding_side="left"),
+        "input_ids": torch.nn.utils.rnn.pad_sequence(
+            [e.input_ids for e in encoded], batch_first=True, padding_value=pad, padding_side="left"
+        ),
+        "loss_mask": torch.nn.utils.rnn.pad_sequence(
+            [e.loss_mask for e in encoded], batch_first=True, padding_value=False, padding_side="left"
+        ),
     }
 
 

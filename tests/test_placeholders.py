@@ -22,7 +22,9 @@ def test_two_audios_in_one_prompt_and_left_padding() -> None:
     targets = torch.tensor([[PAD, PAD, 5, PH, 6, PH, 7], [8, 9, 10, PH, 11, 12, 13]])
     targets = targets.masked_fill(targets == PH, IGNORE_INDEX)
 
-    embeds, out_targets, mask = replace_placeholders(input_ids, _embed(input_ids), audio, audio_lens, PH, PAD, targets)
+    embeds, out_targets, mask = replace_placeholders(
+        input_ids, _embed(input_ids), audio, audio_lens, PH, PAD, targets
+    )
 
     # row 0: 3 text + 2 + 1 frames = 6; row 1: 6 text + 3 frames = 9 -> row 0 left-padded by 3
     assert embeds.shape == (2, 9, 2)
@@ -37,7 +39,9 @@ def test_two_audios_in_one_prompt_and_left_padding() -> None:
 def test_padding_frames_of_shorter_audio_never_leak_into_output() -> None:
     input_ids = torch.tensor([[PH, 5], [PH, 6]])
     audio = torch.tensor([[[1.0], [1.0], [-7.0]], [[2.0], [2.0], [2.0]]]).expand(2, 3, 1).clone()
-    embeds, _, mask = replace_placeholders(input_ids, _embed(input_ids)[..., :1], audio, torch.tensor([2, 3]), PH, PAD)
+    embeds, _, mask = replace_placeholders(
+        input_ids, _embed(input_ids)[..., :1], audio, torch.tensor([2, 3]), PH, PAD
+    )
     assert -7.0 not in embeds[0].flatten().tolist()
     assert mask.sum(dim=1).tolist() == [3, 4]
 
@@ -56,11 +60,15 @@ def test_equals_nemo_loop_implementation_on_random_batch() -> None:
     for _ in range(5):
         length = int(torch.randint(3, 12, (1,), generator=generator))
         row = torch.randint(1, 50, (length,), generator=generator)
-        for position in torch.randperm(length, generator=generator)[: int(torch.randint(0, 3, (1,), generator=generator))]:
+        for position in torch.randperm(length, generator=generator)[
+            : int(torch.randint(0, 3, (1,), generator=generator))
+        ]:
             row[position] = PH
         rows.append(row)
         audio_lens += torch.randint(1, 6, (int((row == PH).sum()),), generator=generator).tolist()
-    input_ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=PAD, padding_side="left")
+    input_ids = torch.nn.utils.rnn.pad_sequence(
+        rows, batch_first=True, padding_value=PAD, padding_side="left"
+    )
     embeds = torch.randn(*input_ids.shape, 4, generator=generator)
     audio = torch.randn(len(audio_lens), 6, 4, generator=generator)
     lens = torch.tensor(audio_lens, dtype=torch.long)
@@ -68,7 +76,7 @@ def test_equals_nemo_loop_implementation_on_random_batch() -> None:
 
     ours = replace_placeholders(input_ids, embeds, audio, lens, PH, PAD, targets)
     theirs = replace_placeholders_and_build_targets(
-        input_ids, embeds, PAD, PH, [a[:n] for a, n in zip(audio, audio_lens)], targets
+        input_ids, embeds, PAD, PH, [a[:n] for a, n in zip(audio, audio_lens, strict=True)], targets
     )
-    for mine, nemo in zip(ours, theirs):
+    for mine, nemo in zip(ours, theirs, strict=True):
         assert torch.equal(mine, nemo)

@@ -4,8 +4,8 @@ import pytest
 
 from salm.assets.tiny_llm import qwen3_tokenizer_dir
 from salm.errors import PromptError, SALMConfigError
-from salm.model.prompt_formats import PromptFormat, get_prompt_format
-from salm.model.tokenizer import load_tokenizer
+from salm.text.prompt_formats import PromptFormat, get_prompt_format
+from salm.text.tokenizer import load_tokenizer
 
 TAG = "<|audioplaceholder|>"
 
@@ -46,7 +46,9 @@ def test_training_dialog_matches_nemo(name: str, tokenizer, nemo_tokenizer) -> N
 
 
 @pytest.mark.parametrize("name", ["qwen", "llama3"])
-def test_inference_dialog_matches_nemo_and_ends_with_assistant_prefix(name: str, tokenizer, nemo_tokenizer) -> None:
+def test_inference_dialog_matches_nemo_and_ends_with_assistant_prefix(
+    name: str, tokenizer, nemo_tokenizer
+) -> None:
     from nemo.collections.common.prompts import PromptFormatter
 
     ours = get_prompt_format(name, tokenizer).encode_dialog(INFERENCE)
@@ -69,7 +71,10 @@ def test_a_new_format_is_one_small_class(tokenizer) -> None:
 
     try:
         encoded = get_prompt_format("bracketed-test", tokenizer).encode_dialog(TRAINING)
-        assert tokenizer.decode(encoded.input_ids[encoded.loss_mask].tolist()) == "[A] the old farmer found a red box\n"
+        assert (
+            tokenizer.decode(encoded.input_ids[encoded.loss_mask].tolist())
+            == "[A] the old farmer found a red box\n"
+        )
     finally:
         del PromptFormat.registry["bracketed-test"]
 

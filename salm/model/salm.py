@@ -29,8 +29,8 @@ from salm.model.freezing import apply_freezing
 from salm.model.llm import base_causal_lm, embedding_inside, install_lora, load_llm, validate_lora
 from salm.model.perception import AudioPerception
 from salm.model.placeholders import IGNORE_INDEX, replace_placeholders
-from salm.model.prompt_formats import get_prompt_format
-from salm.model.tokenizer import load_tokenizer, padding_id
+from salm.text.prompt_formats import get_prompt_format
+from salm.text.tokenizer import load_tokenizer, padding_id
 
 AudioInput = str | Path | np.ndarray | torch.Tensor
 
