@@ -59,3 +59,33 @@ def speech_clips(tmp_path_factory: pytest.TempPathFactory) -> list[Utterance]:
     texts[2] = "yes"
     voices = ["kal16", "slt", "kal", "rms", "awb", "espeak:en-us"]
     return synthesize_corpus(tmp_path_factory.mktemp("speech"), texts, voices)
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now (for dashboards and HTTP servers started by tests)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One real local Ray cluster for the whole test session (dashboard on, token auth off).
+
+    4 logical CPUs on the 2-core CI machine so that 2 train workers plus Ray Data tasks fit.
+    """
+    import os
+
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    context = ray.init(
+        num_cpus=4,
+        include_dashboard=True,
+        dashboard_port=free_port(),
+        runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}},
+    )
+    yield context
+    ray.shutdown()
