@@ -1,0 +1,168 @@
+"""The model deployment: one SALM per replica, requests batched by how much audio they carry.
+
+Replicas receive float waveforms already decoded and split by the ingress (``TranscriptionJob``),
+never bytes or paths. ``@serve.batch`` groups jobs until their audio adds up to
+``max_batch_audio_s`` (via ``batch_size_fn``) or ``batch_wait_timeout_s`` passes; all pieces of
+one long recording travel as one job, so they are always transcribed in the same batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+from ray import serve
+
+from salm.errors import PromptError
+from serve.audio import AudioTooLongError
+from serve.metrics import TranscriberMetrics
+
+
+@dataclass(frozen=True)
+class TranscriptionJob:
+    """One request's audio after decoding: its pieces (cut at quiet points) and how to prompt them.
+
+    ``prompt`` is what the client sent: ``None`` for the model's default instruction, text with the
+    audio placeholder to replace the instruction, or text without it to go before the instruction.
+    ``temperature`` 0 means greedy decoding.
+    """
+
+    pieces: list[np.ndarray]
+    sampling_rate: int
+    prompt: str | None = None
+    temperature: float = 0.0
+
+    @property
+    def audio_s(self) -> float:
+        return sum(len(piece) for piece in self.pieces) / self.sampling_rate
+
+
+@dataclass(frozen=True)
+class PieceResult:
+    text: str
+    token_ids: list[int]
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    """The transcriber's ``user_config`` in ``serve/config.yaml``; changing it needs no restart."""
+
+    max_batch_audio_s: int = 640
+    batch_wait_timeout_s: float = 0.05
+    max_new_tokens: int = 128
+
+    def __post_init__(self) -> None:
+        if self.max_batch_audio_s < 1:
+            raise ValueError(f"`user_config.max_batch_audio_s` must be >= 1, got {self.max_batch_audio_s}")
+        if self.batch_wait_timeout_s < 0:
+            raise ValueError(
+                f"`user_config.batch_wait_timeout_s` must be >= 0, got {self.batch_wait_timeout_s}"
+            )
+        if self.max_new_tokens < 1:
+            raise ValueError(f"`user_config.max_new_tokens` must be >= 1, got {self.max_new_tokens}")
+
+
+def batch_audio_seconds(jobs: list[TranscriptionJob]) -> int:
+    """``@serve.batch``'s size of a batch: its audio seconds, rounded up (the budget is an int)."""
+    return math.ceil(sum(job.audio_s for job in jobs))
+
+
+@serve.deployment(name="Transcriber")
+class Transcriber:
+    """Loads the model once per replica, then turns batches of jobs into transcripts."""
+
+    def __init__(self, model_path: str, device: str = "auto") -> None:
+        import torch
+
+        from salm.model import SALM
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = SALM.from_pretrained(model_path).eval().to(device)
+        self.default_prompt = f"Transcribe the following: {self.model.audio_locator_tag}"
+        self.config = BatchingConfig()
+        self.metrics = TranscriberMetrics()
+        self._waiting = 0
+        self._recent_batch_requests: deque[int] = deque(maxlen=4096)
+
+    def reconfigure(self, user_config: dict) -> None:
+        self.config = BatchingConfig(**user_config)
+        self.transcribe_batch.set_max_batch_size(self.config.max_batch_audio_s)
+        self.transcribe_batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
+
+    def info(self) -> dict:
+        """What the ingress needs to prepare jobs; answering at all means the model is loaded."""
+        return {
+            "sampling_rate": self.model.sampling_rate,
+            "max_batch_audio_s": self.config.max_batch_audio_s,
+            "device": str(self.model.device),
+        }
+
+    def stats(self) -> dict:
+        """Requests per recent batch, for tests and debugging (the same numbers feed the metrics)."""
+        return {"batch_requests": list(self._recent_batch_requests)}
+
+    async def transcribe(self, job: TranscriptionJob) -> list[PieceResult]:
+        """Transcribe one job's pieces (in one batch with whatever else is waiting)."""
+        if job.audio_s > self.config.max_batch_audio_s:
+            raise AudioTooLongError(
+                f"the audio lasts {job.audio_s:.1f} s but one batch holds at most "
+                f"{self.config.max_batch_audio_s} s on this server; send shorter audio"
+            )
+        self._prompt_text(job.prompt)  # a malformed prompt fails this request, not its whole batch
+        self._waiting += 1
+        self.metrics.queue_depth.set(self._waiting)
+        return await self.transcribe_batch(job)
+
+    @serve.batch(max_batch_size=640, batch_wait_timeout_s=0.05, batch_size_fn=batch_audio_seconds)
+    async def transcribe_batch(self, jobs: list[TranscriptionJob]) -> list[list[PieceResult]]:
+        self._waiting -= len(jobs)
+        self.metrics.queue_depth.set(self._waiting)
+        # In a thread: the replica's event loop keeps answering health checks and queueing requests.
+        return await asyncio.to_thread(self._run_batch, jobs)
+
+    def _run_batch(self, jobs: list[TranscriptionJob]) -> list[list[PieceResult]]:
+        started = time.perf_counter()
+        results: list[list[PieceResult | None]] = [[None] * len(job.pieces) for job in jobs]
+        # One generate call per temperature: sampling settings are per call, prompts per example.
+        by_temperature: dict[float, list[tuple[int, int]]] = {}
+        for j, job in enumerate(jobs):
+            for p in range(len(job.pieces)):
+                by_temperature.setdefault(job.temperature, []).append((j, p))
+        for temperature, members in by_temperature.items():
+            prompts = [
+                [{"role": "user", "content": self._prompt_text(jobs[j].prompt), "audio": jobs[j].pieces[p]}]
+                for j, p in members
+            ]
+            output = self.model.generate(
+                prompts,
+                max_new_tokens=self.config.max_new_tokens,
+                do_sample=temperature > 0,
+                temperature=temperature if temperature > 0 else 1.0,
+            )
+            for (j, p), text, token_ids in zip(members, output.texts, output.token_ids, strict=True):
+                results[j][p] = PieceResult(text=text, token_ids=token_ids)
+        self._record(jobs, time.perf_counter() - started)
+        return results
+
+    def _prompt_text(self, prompt: str | None) -> str:
+        if not prompt:
+            return self.default_prompt
+        tag = self.model.audio_locator_tag
+        count = prompt.count(tag)
+        if count > 1:
+            raise PromptError(f"the prompt holds {count} {tag} placeholders; use at most one (for the audio)")
+        return prompt if count == 1 else f"{prompt} {self.default_prompt}"
+
+    def _record(self, jobs: list[TranscriptionJob], elapsed_s: float) -> None:
+        audio_s = sum(job.audio_s for job in jobs)
+        self._recent_batch_requests.append(len(jobs))
+        self.metrics.batch_requests.observe(len(jobs))
+        self.metrics.batch_audio_s.observe(audio_s)
+        self.metrics.audio_s.inc(audio_s)
+        self.metrics.compute_s.inc(elapsed_s)
+        self.metrics.rtfx.set(audio_s / max(elapsed_s, 1e-9))
