@@ -79,6 +79,7 @@ class SALM(nn.Module):
             from salm.io.nemo_asr import perception_config_from_asr
 
             perception_cfg = perception_config_from_asr(cfg.pretrained_asr, perception_cfg)
+            cfg.perception = perception_cfg  # saved models must rebuild this encoder without the ASR file
         self.perception = AudioPerception(perception_cfg)
         if cfg.pretrained_asr and cfg.pretrained_weights:
             from salm.io.nemo_asr import load_asr_weights
@@ -90,10 +91,10 @@ class SALM(nn.Module):
     def from_pretrained(
         cls, path: str | Path, llm_path: str | Path | None = None, tokenizer_path: str | Path | None = None
     ) -> SALM:
-        """Load a saved SALM from a local directory in the canary-qwen-2.5b HF layout."""
-        from salm.io.hf_layout import load_hf_layout
+        """Load a saved SALM: a ``.nemo``, an HF-layout dir, a Ray Train checkpoint dir or a NeMo ``.ckpt``."""
+        from salm.io.loading import load_pretrained
 
-        return load_hf_layout(path, llm_path=llm_path, tokenizer_path=tokenizer_path)
+        return load_pretrained(path, llm_path=llm_path, tokenizer_path=tokenizer_path)
 
     def save_pretrained(self, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
         """Save in the canary-qwen-2.5b HF layout (``config.json`` + ``model.safetensors`` + ``llm_backbone/``)."""
@@ -157,6 +158,7 @@ class SALM(nn.Module):
             "input_embeds": embeds[:, :-1],
             "attention_mask": attention_mask[:, :-1],
             "target_ids": targets[:, 1:],
+            "audio_lens": audio_lens,
         }
 
     def forward(self, input_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -170,6 +172,7 @@ class SALM(nn.Module):
         (B, T, vocab) logits tensor is the largest activation of the step otherwise.
         """
         inputs = self.prepare_inputs(batch)
+        audio_lens = inputs.pop("audio_lens")
         causal_lm = base_causal_lm(self.llm)
         hidden = causal_lm.model(
             inputs_embeds=inputs["input_embeds"], attention_mask=inputs["attention_mask"], use_cache=False
@@ -182,11 +185,16 @@ class SALM(nn.Module):
         loss = nn.functional.cross_entropy(logits.float(), target_ids, reduction="sum") / num_targets.clamp(
             min=1
         )
+        predicted_ids = logits.argmax(dim=-1)  # (num_targets,) teacher-forced predictions
         return {
             "loss": loss,
             "num_target_tokens": num_targets,
-            "correct_tokens": (logits.argmax(dim=-1) == target_ids).sum(),
-            "sequence_length": torch.tensor(targets.shape[1]),
+            "correct_tokens": (predicted_ids == target_ids).sum(),
+            "predicted_ids": predicted_ids.detach(),
+            "targets_per_example": is_target.sum(dim=1),  # (B,) splits predicted_ids per example
+            "audio_frames": audio_lens.detach(),  # (N,) LLM positions each audio took
+            "num_positions": inputs["attention_mask"].sum(),  # real (non-padding) LLM positions
+            "padded_positions": torch.tensor(inputs["attention_mask"].numel()),  # CPU scalar: no device sync
         }
 
     # ----- inference -----
@@ -230,6 +238,7 @@ class SALM(nn.Module):
         temperature: float = 1.0,
         top_p: float = 1.0,
         num_beams: int = 1,
+        synced_gpus: bool = False,
     ) -> GenerationResult:
         """Transcribe/answer a batch of chat prompts.
 
@@ -237,6 +246,7 @@ class SALM(nn.Module):
         following: <|audioplaceholder|>", "audio": "clip.wav"}``; ``audio`` may be a path, a 1-D
         waveform at ``sampling_rate``, or a list of them. Alternatively give all audios as
         ``audios`` (N, S) + ``audio_lens``. The encoder runs once over the whole batch.
+        ``synced_gpus`` keeps ranks stepping together when weights are sharded (ZeRO-3).
         """
         tokens, prompt_audios = self.encode_prompts(prompts)
         if prompt_audios and audios is not None:
