@@ -16,6 +16,8 @@ USER_ERRORS = (SALMConfigError, AudioLoadError, PromptError, CheckpointError, Fi
 COMMAND_MODULES = [
     "salm.quickstart",
     "salm.transcribe",
+    "serve.cli",  # after salm.transcribe: it adds `--url` to that command
+    "salm.train.cli",
 ]
 
 
@@ -31,8 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    return run_command(args.func, args)
+
+
+def run_command(func, args: argparse.Namespace) -> int:
+    """Run ``func(args)``; user errors become one ``error:`` line and exit code 2 (also for ray_jobs/)."""
     try:
-        args.func(args)
+        func(args)
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

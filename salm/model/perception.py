@@ -100,8 +100,15 @@ class AudioPerception(nn.Module):
 
         # NeMo's neural-type checks reject a Conformer used as adapter (it expects a spectrogram)
         # and cost host time on every call; shapes are checked by our own tests instead.
+        encoder_dtype = next(self.encoder.parameters()).dtype
+        # Mel features are computed in fp32 even when the model runs in bf16 (as NeMo does): log-mel
+        # of a bf16 waveform loses most of its resolution.
+        with typecheck.disable_checks(), torch.autocast(input_signal.device.type, enabled=False):
+            features, feature_lens = self.preprocessor(
+                input_signal=input_signal.float(), length=input_signal_length
+            )
+        features = features.to(encoder_dtype)
         with typecheck.disable_checks():
-            features, feature_lens = self.preprocessor(input_signal=input_signal, length=input_signal_length)
             if self.spec_augmentation is not None and self.training:
                 features = self.spec_augmentation(input_spec=features, length=feature_lens)
             encoded, encoded_lens = self.encoder(audio_signal=features, length=feature_lens)  # (B, D, T)

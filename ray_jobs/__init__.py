@@ -1,0 +1,1 @@
+"""Thin entry points for `ray job submit`: parse arguments, call the library."""

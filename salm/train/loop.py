@@ -1,0 +1,193 @@
+"""The per-worker training function that Ray Train runs: one DeepSpeed engine per worker.
+
+Reads top to bottom: build the model (same seed on every rank), restore a checkpoint if Ray
+hands one over, wrap in DeepSpeed, then step until ``max_steps`` with periodic logging,
+validation, prediction logs and checkpoints. Supported: ZeRO 0-3, optimizer/parameter offload,
+fp32/bf16/fp16, gradient accumulation and clipping. Not supported: pipeline or tensor
+parallelism (the model is data-parallel only).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import deepspeed
+import ray.train
+import ray.train.torch
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from salm.model.salm import SALM
+from salm.train import checkpointing
+from salm.train.data_feed import train_batches, validation_batches
+from salm.train.deepspeed_setup import build_optimizer, deepspeed_config, warmup_cosine
+from salm.train.prediction_log import SampleTokens, format_block
+from salm.train.step_metrics import StepMeter
+from salm.train.validation import validate
+
+log = logging.getLogger("salm.train")
+
+
+class LossModule(nn.Module):
+    """What DeepSpeed wraps: ``forward(batch)`` is the SALM loss, so the engine's hooks see it."""
+
+    def __init__(self, salm: SALM) -> None:
+        super().__init__()
+        self.salm = salm
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        return self.salm.loss(batch)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+    }
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Entry point for ``TorchTrainer(train_loop_per_worker=...)``; ``config["recipe"]`` is the recipe."""
+    cfg: DictConfig = OmegaConf.create(config["recipe"])
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    is_chief = rank == 0
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    zero_stage = int(cfg.deepspeed.zero_stage)
+
+    torch.manual_seed(int(cfg.trainer.seed))  # identical random init on every rank
+    model = SALM(cfg.model)
+    preprocessor_state = {k: v.clone() for k, v in model.perception.preprocessor.state_dict().items()}
+
+    step, exact_resume_dir = 0, None
+    checkpoint = ray.train.get_checkpoint()
+    checkpoint_dir = Path(checkpoint.to_directory()) if checkpoint else None
+    if checkpoint_dir is not None:
+        state = checkpointing.read_train_state(checkpoint_dir)
+        if state["world_size"] == world_size:
+            exact_resume_dir = checkpoint_dir
+        else:
+            if is_chief:
+                print(
+                    f"WARNING: checkpoint was written by {state['world_size']} workers, this run has {world_size}: "
+                    "resuming from the consolidated weights with a fresh optimizer state (LR schedule continues)",
+                    flush=True,
+                )
+            checkpointing.load_model_weights(model, checkpoint_dir)
+            step = int(state["step"])
+
+    optimizer = build_optimizer(model.trainable_parameters(), cfg)
+    scheduler = warmup_cosine(optimizer, cfg)
+    for _ in range(step):
+        scheduler.step()
+    engine, _, _, _ = deepspeed.initialize(
+        model=LossModule(model), optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg)
+    )
+    # DeepSpeed casts the whole module for bf16/fp16; the mel front end stays fp32 (no weights, only buffers).
+    model.perception.preprocessor.float().load_state_dict(preprocessor_state)
+    if exact_resume_dir is not None:
+        step = checkpointing.load_engine_state(engine, exact_resume_dir)
+        if is_chief:
+            print(f"resumed from step {step} (DeepSpeed state: module, optimizer, LR schedule)", flush=True)
+    model.train()
+
+    trainer_cfg, exp = cfg.trainer, cfg.exp_manager
+    max_steps = int(trainer_cfg.max_steps)
+    val_every = int(trainer_cfg.val_check_interval)
+    ckpt_every = int(exp.checkpoint_every_n_steps or val_every)
+    accumulate = int(trainer_cfg.accumulate_grad_batches)
+    batches = train_batches(cfg, model.text_pad_id, model.token_equivalent_duration, seed_offset=step)
+    meter = StepMeter(run_name=str(exp.name), world_size=world_size)
+    last_checkpoint_step = step if checkpoint_dir is not None else -1
+
+    while step < max_steps:
+        for _ in range(accumulate):
+            batch = next(batches, None)
+            if batch is None:  # only a finite stream ends; all ranks read the same number of batches
+                raise RuntimeError("the training data ran out before max_steps; use an infinite train_ds")
+            audio_seconds = (
+                float(batch["audio_lens"].sum()) / model.sampling_rate
+            )  # host copy: no device sync
+            batch = to_device(batch, engine.device)
+            started = time.perf_counter()
+            out = engine(batch)
+            engine.backward(out["loss"])
+            engine.step()
+            meter.add(out, audio_seconds, time.perf_counter() - started)
+        step += 1
+
+        if step % int(trainer_cfg.log_every_n_steps) == 0 or step == max_steps:
+            metrics = meter.flush(
+                step, lr=scheduler.get_last_lr()[0], grad_norm=engine.get_global_grad_norm()
+            )
+            if is_chief:
+                print(meter.describe(metrics, max_steps), flush=True)
+        else:
+            metrics = None
+        if (
+            is_chief
+            and trainer_cfg.log_prediction_train
+            and step % int(trainer_cfg.log_prediction_train_interval) == 0
+        ):
+            log_training_predictions(model, batch, out, int(trainer_cfg.log_prediction_train_samples))
+
+        validate_now = step % val_every == 0 or step == max_steps
+        if validate_now:
+            val_metrics = validate(
+                model,
+                validation_batches(cfg, model.text_pad_id),
+                prompt=str(cfg.data.prompt),
+                max_new_tokens=int(trainer_cfg.max_new_tokens),
+                synced_gpus=zero_stage == 3,
+                log_samples=int(trainer_cfg.log_prediction_valid_samples)
+                if trainer_cfg.log_prediction_valid and is_chief
+                else 0,
+            )
+            if is_chief:
+                print(
+                    f"validation @ step {step}: "
+                    + ", ".join(f"{k}={v:.4f}" for k, v in sorted(val_metrics.items())),
+                    flush=True,
+                )
+            metrics = {**(metrics or meter.last), **val_metrics, "step": step}
+        if validate_now and (step % ckpt_every == 0 or step == max_steps):
+            checkpointing.save_and_report(engine, model, step, metrics, zero_stage)
+            last_checkpoint_step = step
+        elif metrics is not None:
+            ray.train.report(metrics)
+    if last_checkpoint_step != step and is_chief:
+        print(f"finished at step {step} without a final checkpoint", flush=True)
+
+
+def log_training_predictions(model: SALM, batch: dict, out: dict, samples: int) -> None:
+    """Teacher-forced argmax of the last batch, shown as aligned blocks."""
+    counts = out["targets_per_example"].tolist()
+    prefix = model.prompt_format.inference_prefix
+    prefix_ids = model.tokenizer.encode(prefix, add_special_tokens=False) if prefix else []
+    predicted = out["predicted_ids"].tolist()
+    offset = 0
+    for row, count in enumerate(counts):
+        if row >= samples:
+            break
+        ids = predicted[offset : offset + count]
+        offset += count
+        answer_start = len(
+            prefix_ids
+        )  # the answer turn's markup (e.g. "<|im_start|>assistant\n") is a target too
+        input_ids = batch["input_ids"][row]
+        keep = (input_ids != model.text_pad_id).cumsum(0) > 0
+        sample = SampleTokens(
+            input_ids=input_ids[keep].tolist(),
+            answer_ids=input_ids[batch["loss_mask"][row]].tolist(),
+            predicted_ids=ids,
+            audio_frames=int(out["audio_frames"][row]),
+            reference=batch["texts"][row],
+            hypothesis=model.tokenizer.decode(ids[answer_start:], skip_special_tokens=True).strip(),
+        )
+        print(
+            format_block("Training", row + 1, sample, model.tokenizer, model.audio_locator_tag_id), flush=True
+        )
