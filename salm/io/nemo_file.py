@@ -19,6 +19,7 @@ import gzip
 import hashlib
 import json
 import pickle
+import re
 import tarfile
 import tempfile
 import zipfile
@@ -236,7 +237,7 @@ def load_torch_file(file: str | Path) -> dict:
     except pickle.UnpicklingError as error:
         raise CheckpointError(
             f"refusing to load {str(file)!r}: it contains Python objects beyond tensors and plain "
-            f"containers, and unpickling them could run arbitrary code ({_first_line(error)}). "
+            f"containers, and unpickling them could run arbitrary code ({_unpickling_reason(error)}). "
             "If you trust where it came from, re-save only its tensors in a trusted environment: "
             "torch.save({'state_dict': ckpt['state_dict'], 'hyper_parameters': {'cfg': <plain dict>}}, out)"
         ) from error
@@ -273,6 +274,12 @@ def load_state_dict_checked(model: torch.nn.Module, state_dict: dict[str, torch.
             f"weights in {source!r} do not match the model's architecture: " + ", ".join(details)
         )
     model.load_state_dict(state_dict, strict=False)
+
+
+def _unpickling_reason(error: Exception) -> str:
+    """The one useful line of torch's weights-only error: which global it refused."""
+    found = re.search(r"(Unsupported global: GLOBAL [\w.]+|Unsupported operand \d+)", str(error))
+    return found.group(1) if found else _first_line(error)
 
 
 def _first_line(error: Exception) -> str:
