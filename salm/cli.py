@@ -16,6 +16,9 @@ USER_ERRORS = (SALMConfigError, AudioLoadError, PromptError, CheckpointError, Fi
 COMMAND_MODULES = [
     "salm.quickstart",
     "salm.transcribe",
+    "salm.generate",
+    "salm.evaluate",
+    "salm.export",
     "serve.cli",  # after salm.transcribe: it adds `--url` to that command
     "salm.train.cli",
 ]

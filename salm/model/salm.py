@@ -79,7 +79,8 @@ class SALM(nn.Module):
             from salm.io.nemo_asr import perception_config_from_asr
 
             perception_cfg = perception_config_from_asr(cfg.pretrained_asr, perception_cfg)
-            cfg.perception = perception_cfg  # saved models must rebuild this encoder without the ASR file
+        # Saved models must rebuild this perception without the ASR file, and NeMo needs output_dim set.
+        cfg.perception = perception_cfg
         self.perception = AudioPerception(perception_cfg)
         if cfg.pretrained_asr and cfg.pretrained_weights:
             from salm.io.nemo_asr import load_asr_weights
