@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 DEEPSPEED_DIR = "deepspeed"
 MODEL_DIR = "model"
 STATE_FILE = "train_state.json"
-TAG = "latest"
+TAG = "engine"  # not "latest": DeepSpeed writes a file of that name
 
 
 def _gathered(model: torch.nn.Module, zero_stage: int):

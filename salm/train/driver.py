@@ -35,6 +35,9 @@ def ensure_ray() -> None:
 
 
 def build_trainer(cfg: DictConfig) -> TorchTrainer:
+    # Ray Train re-routes worker prints through its logger, which shows every log line twice on
+    # the driver; plain prints keep the aligned logs readable. Ray propagates this to the workers.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     trainer_cfg, exp = cfg.trainer, cfg.exp_manager
     run_dir = run_dir_of(cfg)
     resources = (

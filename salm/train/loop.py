@@ -51,6 +51,8 @@ def to_device(batch: dict, device: torch.device) -> dict:
 def train_loop_per_worker(config: dict) -> None:
     """Entry point for ``TorchTrainer(train_loop_per_worker=...)``; ``config["recipe"]`` is the recipe."""
     cfg: DictConfig = OmegaConf.create(config["recipe"])
+    # Ray Train logs one "Reporting training result ..." line per report at INFO: too noisy.
+    logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     is_chief = rank == 0
