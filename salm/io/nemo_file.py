@@ -137,15 +137,18 @@ def load_nemo(path: str | Path, tokenizer_path: str | Path | None = None) -> SAL
                 "tokenizer_path": str(tokenizer_path) if tokenizer_path else None,
             },
         )
-        model = SALM(config)
-        if (root / SAFETENSORS_WEIGHTS).exists():
-            load_weights(model, root / SAFETENSORS_WEIGHTS)
-        elif (root / TORCH_WEIGHTS).exists():
-            load_state_dict_checked(model, load_torch_file(root / TORCH_WEIGHTS), str(path))
-        else:
+        has_safetensors = (root / SAFETENSORS_WEIGHTS).exists()
+        if not has_safetensors and not (root / TORCH_WEIGHTS).exists():
             raise CheckpointError(
                 f"{str(path)!r} holds no weights ({SAFETENSORS_WEIGHTS} or {TORCH_WEIGHTS}); re-export it"
             )
+        # Unpickle (restricted) before building anything: a refused file fails fast.
+        state_dict = None if has_safetensors else load_torch_file(root / TORCH_WEIGHTS)
+        model = SALM(config)
+        if state_dict is None:
+            load_weights(model, root / SAFETENSORS_WEIGHTS)
+        else:
+            load_state_dict_checked(model, state_dict, str(path))
     with open_dict(model.cfg):  # the extracted files are gone; keep the values the file recorded
         model.cfg.pretrained_llm = stored.get("pretrained_llm")
         model.cfg.tokenizer_path = stored.get("tokenizer_path")
