@@ -159,6 +159,7 @@ class Ingress:
         self.transcriber = transcriber
         self.settings = settings
         self._sampling_rate: int | None = None
+        self._info_lock = asyncio.Lock()
         self._created = int(time.time())
         api.state.settings = settings
         api.state.metrics = IngressMetrics()
@@ -299,7 +300,8 @@ class Ingress:
 
     async def _model_sampling_rate(self) -> int:
         """Asked once from a transcriber replica, so the ingress resamples to what the model expects."""
-        if self._sampling_rate is None:
-            info = await self.transcriber.info.remote()
-            self._sampling_rate = int(info["sampling_rate"])
+        async with self._info_lock:  # concurrent first requests make one call, not one each
+            if self._sampling_rate is None:
+                info = await self.transcriber.info.remote()
+                self._sampling_rate = int(info["sampling_rate"])
         return self._sampling_rate

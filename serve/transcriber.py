@@ -21,6 +21,8 @@ from salm.errors import PromptError
 from serve.audio import AudioTooLongError
 from serve.metrics import TranscriberMetrics
 
+GAUGE_REFRESH_S = 5.0
+
 
 @dataclass(frozen=True)
 class TranscriptionJob:
@@ -73,9 +75,12 @@ def batch_audio_seconds(jobs: list[TranscriptionJob]) -> int:
 
 @serve.deployment(name="Transcriber")
 class Transcriber:
-    """Loads the model once per replica, then turns batches of jobs into transcripts."""
+    """Loads the model once per replica, then turns batches of jobs into transcripts.
 
-    def __init__(self, model_path: str, device: str = "auto") -> None:
+    ``__init__`` is async (Serve supports it) so that the gauge refresher runs on the replica's loop.
+    """
+
+    async def __init__(self, model_path: str, device: str = "auto") -> None:
         import torch
 
         from salm.model import SALM
@@ -87,7 +92,9 @@ class Transcriber:
         self.config = BatchingConfig()
         self.metrics = TranscriberMetrics()
         self._waiting = 0
+        self._last_rtfx: float | None = None
         self._recent_batch_requests: deque[int] = deque(maxlen=4096)
+        self._gauge_task = asyncio.get_running_loop().create_task(self._refresh_gauges())
 
     def reconfigure(self, user_config: dict) -> None:
         self.config = BatchingConfig(**user_config)
@@ -97,6 +104,7 @@ class Transcriber:
     def info(self) -> dict:
         """What the ingress needs to prepare jobs; answering at all means the model is loaded."""
         return {
+            "replica": serve.get_replica_context().replica_id.unique_id,
             "sampling_rate": self.model.sampling_rate,
             "max_batch_audio_s": self.config.max_batch_audio_s,
             "device": str(self.model.device),
@@ -165,4 +173,13 @@ class Transcriber:
         self.metrics.batch_audio_s.observe(audio_s)
         self.metrics.audio_s.inc(audio_s)
         self.metrics.compute_s.inc(elapsed_s)
-        self.metrics.rtfx.set(audio_s / max(elapsed_s, 1e-9))
+        self._last_rtfx = audio_s / max(elapsed_s, 1e-9)
+        self.metrics.rtfx.set(self._last_rtfx)
+
+    async def _refresh_gauges(self) -> None:
+        """Ray exports a gauge only in the windows in which it was set: re-set them so they never vanish."""
+        while True:
+            self.metrics.queue_depth.set(self._waiting)
+            if self._last_rtfx is not None:
+                self.metrics.rtfx.set(self._last_rtfx)
+            await asyncio.sleep(GAUGE_REFRESH_S)

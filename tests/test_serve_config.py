@@ -1,0 +1,68 @@
+"""serve/config.yaml is a Ray Serve config file, its overrides work, and `salm serve` resolves it."""
+
+from pathlib import Path
+
+import pydantic
+import pytest
+import yaml
+
+from salm.cli import main
+from serve.config_file import DEFAULT_CONFIG, load_serve_config, validate_serve_config
+
+
+def deployments(config: dict) -> dict[str, dict]:
+    return {d["name"]: d for d in config["applications"][0]["deployments"]}
+
+
+def test_config_file_validates_against_ray_serves_schema() -> None:
+    schema = validate_serve_config(yaml.safe_load(DEFAULT_CONFIG.read_text()))
+    assert schema.applications[0].import_path == "serve.app:build_app"
+
+
+def test_transcriber_can_fill_a_batch_and_sheds_overload() -> None:
+    transcriber = deployments(yaml.safe_load(DEFAULT_CONFIG.read_text()))["Transcriber"]
+    # Serve's default max_ongoing_requests (5) would cap every batch at 5 requests.
+    assert transcriber["max_ongoing_requests"] >= 16
+    assert transcriber["max_queued_requests"] > 0
+    assert transcriber["backpressure_config"]["retry_after_s"] > 0
+    assert (
+        transcriber["autoscaling_config"]["max_replicas"] > transcriber["autoscaling_config"]["min_replicas"]
+    )
+
+
+def test_overrides_reach_args_deployments_and_http_options(tmp_path: Path) -> None:
+    config = load_serve_config(
+        model=tmp_path,
+        overrides=[
+            "args.max_audio_s=120",
+            "Transcriber.user_config.max_batch_audio_s=320",
+            "Ingress.autoscaling_config.max_replicas=8",
+            "http_options.port=8123",
+        ],
+    )
+    app = config["applications"][0]
+    assert app["args"]["model"] == str(tmp_path.resolve()) and app["args"]["max_audio_s"] == 120
+    assert deployments(config)["Transcriber"]["user_config"]["max_batch_audio_s"] == 320
+    assert deployments(config)["Ingress"]["autoscaling_config"]["max_replicas"] == 8
+    assert config["http_options"]["port"] == 8123
+
+
+def test_unknown_section_and_invalid_value_are_refused() -> None:
+    with pytest.raises(ValueError, match="not one of args, Ingress, Transcriber"):
+        load_serve_config(overrides=["Transcribr.max_ongoing_requests=8"])
+    with pytest.raises(pydantic.ValidationError, match="max_ongoing_requests"):
+        load_serve_config(overrides=["Transcriber.max_ongoing_requests=-1"])
+
+
+def test_salm_serve_dry_run_prints_a_config_serve_run_accepts(tmp_path: Path, capsys) -> None:
+    assert main(["serve", str(tmp_path), "args.max_chunk_s=20", "--port", "8111", "--dry-run"]) == 0
+    config = yaml.safe_load(capsys.readouterr().out)
+    validate_serve_config(config)
+    assert config["http_options"]["port"] == 8111
+    assert config["applications"][0]["args"]["model"] == str(tmp_path.resolve())
+    assert config["applications"][0]["args"]["max_chunk_s"] == 20
+
+
+def test_salm_serve_names_a_missing_model(capsys) -> None:
+    assert main(["serve", "/nonexistent/model", "--dry-run"]) == 2
+    assert "does not exist" in capsys.readouterr().err
