@@ -20,6 +20,7 @@ import soundfile as sf
 from conftest import free_port
 
 from serve.config_file import load_serve_config
+from serve.deploy import deploy_and_wait
 
 API_KEY = "test-secret-key"
 MAX_NEW_TOKENS = 8
@@ -67,13 +68,7 @@ def server(ray_local, tiny_salm, tmp_path_factory):
             "Transcriber.user_config.max_batch_audio_s=120",
         ],
     )
-    response = httpx.put(f"http://{ray_local.dashboard_url}/api/serve/applications/", json=config, timeout=60)
-    assert response.status_code == 200, response.text
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while (status := serve.status().applications.get("salm")) is None or status.status != "RUNNING":
-        assert status is None or status.status != "DEPLOY_FAILED", status.message
-        assert time.monotonic() < deadline, f"Serve app not running after {START_TIMEOUT_S} s: {status}"
-        time.sleep(1)
+    deploy_and_wait(config, ray_local.dashboard_url, timeout_s=START_TIMEOUT_S)
     node = next(n for n in ray.nodes() if n["Alive"])
     transcriber = serve.get_deployment_handle("Transcriber", app_name="salm")
     yield Server(

@@ -1,0 +1,248 @@
+"""Load generator for a salm-ray server: audio-s/s, latency percentiles and errors at a concurrency.
+
+Each of ``--concurrency`` workers posts clips to ``/v1/audio/transcriptions`` back to back until
+``--requests`` have been sent; throughput counts the audio of successful requests over the wall
+time of the whole run. Run it against a server that is up::
+
+    python bench/serve_load.py --url http://127.0.0.1:8000 --concurrency 16 --requests 256
+
+or let it start one (local Ray, ``serve/config.yaml`` deployed through the dashboard like
+``serve deploy``, loopback only) for a saved model, or for the tiny model built on the spot::
+
+    python bench/serve_load.py --tiny --concurrency 16 --requests 128 --offline \
+        --out bench/results/serve_load_cpu.json
+
+``--offline`` also times ``SALM.generate`` on the same clips in batches of ``--concurrency``, in
+the same process after the server is gone, so the served number reads against what the model does
+offline on the same machine. Clips are synthesised offline with flite unless ``--audio`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import platform
+import socket
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+import httpx
+import numpy as np
+import soundfile as sf
+
+RESULTS = Path(__file__).resolve().parent / "results"
+VOICES = ["kal16", "slt", "rms", "awb"]
+
+
+@dataclass(frozen=True)
+class Clip:
+    data: bytes
+    seconds: float
+
+
+def load_clips(paths: list[Path]) -> list[Clip]:
+    return [Clip(path.read_bytes(), sf.info(path).duration) for path in paths]
+
+
+async def run_load(url: str, clips: list[Clip], concurrency: int, requests: int, api_key: str | None) -> dict:
+    """Send ``requests`` uploads with ``concurrency`` in flight; latency and audio of the successful ones."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    limits = httpx.Limits(max_connections=concurrency)
+    latencies: list[float] = []
+    statuses: Counter = Counter()
+    audio_s = 0.0
+    counter = itertools.count()
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600, limits=limits) as client:
+
+        async def worker() -> None:
+            nonlocal audio_s
+            while (index := next(counter)) < requests:
+                clip = clips[index % len(clips)]
+                started = time.perf_counter()
+                try:
+                    response = await client.post(
+                        "/v1/audio/transcriptions",
+                        files={"file": ("clip.wav", clip.data)},
+                        data={"model": "x"},
+                    )
+                    status = str(response.status_code)
+                except httpx.HTTPError as error:
+                    status = type(error).__name__
+                statuses[status] += 1
+                if status == "200":
+                    latencies.append(time.perf_counter() - started)
+                    audio_s += clip.seconds
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall_s = time.perf_counter() - started
+    p50, p90, p99 = np.percentile(latencies, [50, 90, 99]) if latencies else (float("nan"),) * 3
+    return {
+        "concurrency": concurrency,
+        "requests": requests,
+        "errors": requests - statuses["200"],
+        "statuses": dict(statuses),
+        "wall_s": round(wall_s, 3),
+        "audio_s": round(audio_s, 3),
+        "audio_s_per_s": round(audio_s / wall_s, 3),
+        "requests_per_s": round(statuses["200"] / wall_s, 3),
+        "p50_s": round(float(p50), 3),
+        "p90_s": round(float(p90), 3),
+        "p99_s": round(float(p99), 3),
+    }
+
+
+def offline_throughput(
+    model_dir: Path, paths: list[Path], batch_size: int, requests: int, max_new_tokens: int
+) -> dict:
+    """``SALM.generate`` on the same clips in batches of ``batch_size``: the no-serving ceiling."""
+    import torch
+
+    from salm.audio import load_audio
+    from salm.model import SALM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = SALM.from_pretrained(model_dir).eval().to(device)
+    waves = [load_audio(path, model.sampling_rate) for path in paths]
+    order = [waves[i % len(waves)] for i in range(requests)]
+    model.transcribe(order[:batch_size], max_new_tokens=max_new_tokens)  # warm-up
+    started = time.perf_counter()
+    for start in range(0, len(order), batch_size):
+        model.transcribe(order[start : start + batch_size], max_new_tokens=max_new_tokens)
+    wall_s = time.perf_counter() - started
+    audio_s = sum(len(w) for w in order) / model.sampling_rate
+    return {
+        "batch_size": batch_size,
+        "requests": requests,
+        "wall_s": round(wall_s, 3),
+        "audio_s_per_s": round(audio_s / wall_s, 3),
+    }
+
+
+def build_tiny_model(workdir: Path) -> Path:
+    """The bundled tiny recipe with random weights (seed 0), saved in the HF layout."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from salm.assets.tiny_llm import write_tiny_qwen3
+    from salm.model import SALM
+
+    cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "salm" / "configs" / "tiny.yaml").model
+    cfg.pretrained_llm = str(write_tiny_qwen3(workdir / "tiny_llm"))
+    torch.manual_seed(0)
+    return SALM(cfg).save_pretrained(workdir / "tiny")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_local_server(model_dir: Path, overrides: list[str], num_cpus: int) -> str:
+    """Local Ray (dashboard on loopback) with serve/config.yaml deployed; returns the HTTP base URL."""
+    import ray
+
+    from serve.config_file import load_serve_config
+    from serve.deploy import deploy_and_wait
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback only; Ray 2.60 enables token auth
+    context = ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=free_port(),
+        runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}},
+    )
+    port = free_port()
+    config = load_serve_config(
+        model=model_dir,
+        overrides=[
+            "http_options.host=127.0.0.1",
+            f"http_options.port={port}",
+            "args.api_key_env=null",
+            *overrides,
+        ],
+    )
+    deploy_and_wait(config, context.dashboard_url)
+    return f"http://127.0.0.1:{port}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--url", help="a running server")
+    target.add_argument("--model", type=Path, help="start a local server for this saved model")
+    target.add_argument("--tiny", action="store_true", help="start a local server for the tiny model")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=128)
+    parser.add_argument("--audio", type=Path, nargs="*", help="clips to send (default: 16 synthesised ones)")
+    parser.add_argument("--api-key", default=os.environ.get("SALM_SERVE_API_KEY"))
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="local server and --offline only")
+    parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray cluster")
+    parser.add_argument("--set", nargs="*", default=[], help="config overrides for the local server")
+    parser.add_argument("--offline", action="store_true", help="also time offline batched generation")
+    parser.add_argument("--warmup", type=int, default=4, help="requests sent (and not counted) first")
+    parser.add_argument("--out", type=Path, default=None, help="write the result JSON here")
+    args = parser.parse_args()
+
+    workdir = Path(tempfile.mkdtemp(prefix="serve_load_"))
+    paths = args.audio
+    if not paths:
+        from salm.assets.synthetic_speech import make_sentences, synthesize_corpus
+
+        paths = [u.path for u in synthesize_corpus(workdir / "speech", make_sentences(16, seed=11), VOICES)]
+    clips = load_clips(paths)
+    model_dir = build_tiny_model(workdir) if args.tiny else args.model
+    url = args.url
+    if url is None:
+        overrides = [
+            f"Transcriber.user_config.max_new_tokens={args.max_new_tokens}",
+            "Transcriber.autoscaling_config.max_replicas=1",
+            "Ingress.autoscaling_config.max_replicas=1",
+            *args.set,
+        ]
+        url = start_local_server(model_dir, overrides, args.num_cpus)
+    asyncio.run(run_load(url, clips, min(args.concurrency, args.warmup), args.warmup, args.api_key))
+    result = asyncio.run(run_load(url, clips, args.concurrency, args.requests, args.api_key))
+    result.update(
+        url=url if args.url else "local",
+        model="tiny (random weights)" if args.tiny else str(model_dir or "remote"),
+        clips=len(clips),
+        mean_clip_s=round(sum(c.seconds for c in clips) / len(clips), 3),
+        machine=f"{platform.machine()}, {os.cpu_count()} cores",
+        date=date.today().isoformat(),
+    )
+    if args.url is None:
+        import ray
+        from ray import serve
+
+        batches = serve.get_deployment_handle("Transcriber", app_name="salm").stats.remote().result()
+        result["mean_requests_per_batch"] = round(float(np.mean(batches["batch_requests"])), 2)
+        serve.shutdown()
+        ray.shutdown()
+        result["max_new_tokens"] = args.max_new_tokens
+    if args.offline:
+        if model_dir is None:
+            parser.error("--offline needs --model or --tiny")
+        offline = offline_throughput(model_dir, paths, args.concurrency, args.requests, args.max_new_tokens)
+        result["offline"] = offline
+        result["served_vs_offline"] = round(result["audio_s_per_s"] / offline["audio_s_per_s"], 3)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
