@@ -27,9 +27,12 @@ def nemo_path(tiny_salm, tmp_path_factory):
     return save_nemo(tiny_salm, tmp_path_factory.mktemp("nemo") / "tiny.nemo")
 
 
-@pytest.fixture(scope="module")
-def loaded(nemo_path):
-    return load_nemo(nemo_path).eval()
+@pytest.fixture(scope="module", params=["nemo", "hf"])
+def loaded(request, tiny_salm, nemo_path, tmp_path_factory):
+    """The tiny model after a round trip through a .nemo file, or through the HF layout."""
+    if request.param == "nemo":
+        return load_nemo(nemo_path).eval()
+    return SALM.from_pretrained(tiny_salm.save_pretrained(tmp_path_factory.mktemp("hf") / "model")).eval()
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +74,8 @@ def test_round_trip_reproduces_generations(tiny_salm, loaded, speech_clips) -> N
     assert len(expected[0]) > 0
 
 
-def test_loaded_config_keeps_the_recorded_source_paths(tiny_salm, loaded) -> None:
+def test_loaded_config_keeps_the_recorded_source_paths(tiny_salm, nemo_path) -> None:
+    loaded = load_nemo(nemo_path)
     assert loaded.cfg.pretrained_llm == tiny_salm.cfg.pretrained_llm
     assert loaded.cfg.lora.r == 8
 
