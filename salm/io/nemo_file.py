@@ -86,9 +86,15 @@ def save_nemo(
         partial = path.with_name(path.name + ".partial")  # an interrupted save never leaves a bad .nemo
         # The checksums go first and the weights last, so a truncated copy always misses a listed member.
         ordered = [staging / METADATA, *sorted(files, key=lambda p: p.name == SAFETENSORS_WEIGHTS)]
-        with tarfile.open(partial, "w:") as tar:
+        total = sum(file.stat().st_size for file in ordered)
+        with (
+            tarfile.open(partial, "w:") as tar,
+            tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {path.name}", leave=False) as bar,
+        ):
             for file in ordered:
-                tar.add(file, arcname=f"./{file.relative_to(staging).as_posix()}")
+                info = tar.gettarinfo(file, arcname=f"./{file.relative_to(staging).as_posix()}")
+                with file.open("rb") as handle:
+                    tar.addfile(info, _ProgressReader(handle, bar))
         partial.replace(path)
     return path
 
@@ -104,6 +110,18 @@ def merge_lora_into_llm(model: SALM) -> SALM:
     with open_dict(model.cfg):
         model.cfg.pop("lora", None)
     return model
+
+
+class _ProgressReader:
+    """A binary file whose reads advance a progress bar (tarfile copies members through ``read``)."""
+
+    def __init__(self, handle: IO[bytes], bar: tqdm) -> None:
+        self.handle, self.bar = handle, bar
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self.handle.read(size)
+        self.bar.update(len(chunk))
+        return chunk
 
 
 def _sha256(file: Path) -> str:
