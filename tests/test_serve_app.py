@@ -239,6 +239,34 @@ def test_server_side_paths_are_never_opened(server: Server, speech_clips) -> Non
     assert not_base64.status_code == 400 and "base64" in not_base64.json()["error"]["message"]
 
 
+def test_prompt_with_two_audio_placeholders_gets_400(server: Server, speech_clips) -> None:
+    prompt = "Compare <|audioplaceholder|> and <|audioplaceholder|>"
+    with server.client() as client:
+        response = upload(client, speech_clips[0].path.read_bytes(), prompt=prompt)
+    assert response.status_code == 400 and "placeholder" in response.json()["error"]["message"]
+
+
+def test_client_and_salm_transcribe_url(server: Server, tiny_salm, speech_clips, monkeypatch, capsys) -> None:
+    from salm.cli import main
+    from serve.client import ServeRequestError, TranscriptionClient
+
+    paths = [speech_clips[4].path, speech_clips[5].path]
+    expected = [tiny_salm.transcribe([path], max_new_tokens=MAX_NEW_TOKENS)[0] for path in paths]
+    with TranscriptionClient(server.url, api_key=API_KEY) as client:
+        assert client.ready() and client.models() == ["tiny"]
+        assert client.transcribe(paths[0]) == expected[0]
+    with (
+        TranscriptionClient(server.url, api_key="wrong") as client,
+        pytest.raises(ServeRequestError, match="401"),
+    ):
+        client.transcribe(paths[0])
+
+    monkeypatch.setenv("SALM_SERVE_API_KEY", API_KEY)
+    assert main(["transcribe", "tiny", *map(str, paths), "--url", server.url]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [f"{path}\t{text}" for path, text in zip(paths, expected, strict=True)]
+
+
 def test_api_key_is_required_except_for_probes(server: Server) -> None:
     with server.client(api_key=None) as anonymous, server.client(api_key="wrong") as wrong:
         assert anonymous.get("/v1/models").status_code == 401
