@@ -1,0 +1,229 @@
+"""cluster/local/: a real multi-node Ray cluster on this machine, driven the way operators drive one.
+
+One head node and one worker node (separate raylets, their own CPUs and resources), started and
+stopped by the scripts; jobs go in through `ray job submit` and `JobSubmissionClient`, metrics
+come out of the nodes' Prometheus endpoints. The cluster has its own ports and temp dir, so it
+never touches the session's `ray_local` cluster or anyone else's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+START = REPO / "cluster" / "local" / "start.sh"
+STOP = REPO / "cluster" / "local" / "stop.sh"
+RAY = Path(sys.executable).with_name("ray")
+# The working dir a job ships to the cluster: the repo, minus untracked local artefacts that
+# .gitignore does not cover (Ray honours .gitignore but not .git/info/exclude).
+RUNTIME_ENV = {"working_dir": str(REPO), "excludes": ["/.whl/", "/.git/"]}
+
+
+def processes_mentioning(text: str) -> list[str]:
+    out = subprocess.run(
+        ["ps", "-ww", "-eo", "pid=,args="], capture_output=True, text=True, check=True
+    ).stdout
+    return [line for line in out.splitlines() if text in line]
+
+
+def read_env(path: Path) -> dict[str, str]:
+    pairs = (line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+    return {key: value.strip('"') for key, value in pairs}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Head (1 CPU, no GPU) + 1 worker node (2 CPUs, `worker_node` resource); stopped even on failure."""
+    # A short path: Ray's socket paths under the temp dir must stay under 107 bytes.
+    directory = Path(tempfile.mkdtemp(prefix="salmc-", dir="/tmp"))
+    env_file = directory / "cluster.env"
+    # Metrics every second instead of every 10 s, so a short run shows up on the endpoint.
+    env = {**os.environ, "RAY": str(RAY), "RAY_metrics_report_interval_ms": "1000"}
+    try:
+        started = subprocess.run(
+            [START, "--dir", directory, "--head-cpus", "1", "--worker-cpus", "2"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert started.returncode == 0, started.stdout + started.stderr
+        yield {**read_env(env_file), "dir": directory}
+    finally:
+        # start.sh records the cluster before starting anything, so this also cleans up a partial start.
+        client_port = read_env(env_file).get("SALM_CLUSTER_CLIENT_PORT") if env_file.exists() else None
+        subprocess.run([STOP, "--dir", directory, "--grace-s", "5"], check=False, timeout=120)
+        leftover = processes_mentioning(f"{directory}/") + [
+            line
+            for line in processes_mentioning("ray.util.client.server")
+            if f"--port={client_port} " in line + " "
+        ]
+        shutil.rmtree(directory, ignore_errors=True)
+        assert not leftover, f"stop.sh left processes behind: {leftover}"
+
+
+def alive_node_ids(cluster: dict) -> list[str]:
+    from ray.util.state import list_nodes
+
+    nodes = list_nodes(address=cluster["RAY_DASHBOARD_ADDRESS"], filters=[("state", "=", "ALIVE")])
+    return sorted(node.node_id for node in nodes)
+
+
+def without_upload_noise(output: str) -> str:
+    """Job output for an assertion message, without Ray's line per ignored file."""
+    return "\n".join(line for line in output.splitlines() if "Ignoring upload" not in line)[-6000:]
+
+
+def report_of(output: str) -> dict:
+    """The JSON line check_nodes.py / emit_sample_metrics.py print."""
+    (line,) = [line for line in output.splitlines() if line.startswith("{")]
+    return json.loads(line)
+
+
+def test_cluster_has_a_head_and_a_worker_node_with_their_own_resources(cluster: dict) -> None:
+    from ray.util.state import list_nodes
+
+    nodes = list_nodes(
+        address=cluster["RAY_DASHBOARD_ADDRESS"], filters=[("state", "=", "ALIVE")], detail=True
+    )
+    by_role = {("head" if node.is_head_node else "worker"): node for node in nodes}
+    assert len(nodes) == 2 and set(by_role) == {"head", "worker"}
+    assert by_role["head"].resources_total.get("CPU") == 1 and "GPU" not in by_role["head"].resources_total
+    assert by_role["worker"].resources_total.get("CPU") == 2
+    assert by_role["worker"].resources_total.get("worker_node") == 1
+
+
+def test_ray_job_submit_runs_tasks_on_both_nodes(cluster: dict) -> None:
+    result = subprocess.run(
+        [RAY, "job", "submit", "--address", cluster["RAY_DASHBOARD_ADDRESS"], "--working-dir", REPO,
+         "--runtime-env-json", json.dumps({"excludes": RUNTIME_ENV["excludes"]}),
+         "--", "python", "cluster/local/check_nodes.py"],
+        env={**os.environ, "RAY_AUTH_MODE": cluster["RAY_AUTH_MODE"]},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )  # fmt: skip
+    assert result.returncode == 0, without_upload_noise(result.stdout + result.stderr)
+    assert "succeeded" in result.stdout + result.stderr
+    report = report_of(result.stdout)
+    assert report["ran_on"] == report["nodes"] == alive_node_ids(cluster)
+
+
+def wait_for(client, job_id: str, timeout_s: float):
+    from ray.job_submission import JobStatus
+
+    deadline = time.monotonic() + timeout_s
+    while (status := client.get_job_status(job_id)) not in {
+        JobStatus.SUCCEEDED,
+        JobStatus.FAILED,
+        JobStatus.STOPPED,
+    }:
+        assert time.monotonic() < deadline, f"job {job_id} still {status} after {timeout_s} s"
+        time.sleep(1)
+    return status
+
+
+def test_job_submission_client_runs_tasks_on_both_nodes(cluster: dict) -> None:
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(cluster["RAY_DASHBOARD_ADDRESS"])
+    job_id = client.submit_job(entrypoint="python cluster/local/check_nodes.py", runtime_env=RUNTIME_ENV)
+    status = wait_for(client, job_id, timeout_s=240)
+    logs = client.get_job_logs(job_id)
+    assert status == JobStatus.SUCCEEDED, without_upload_noise(logs)
+    report = report_of(logs)
+    assert report["ran_on"] == report["nodes"] == alive_node_ids(cluster)
+
+
+def scrape(port: str) -> set[str]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {
+        line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")
+    }
+
+
+def test_project_metrics_reach_the_nodes_prometheus_endpoints(cluster: dict) -> None:
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    sys.path.insert(0, str(REPO / "cluster" / "monitoring"))
+    from emit_sample_metrics import project_metrics, prometheus_names
+
+    expected = {name for metric in project_metrics() for name in prometheus_names(metric)}
+    assert any(n.startswith("ray_salm_train_") for n in expected)
+    assert any(n.startswith("ray_salm_serve_") for n in expected)
+
+    client = JobSubmissionClient(cluster["RAY_DASHBOARD_ADDRESS"])
+    job_id = client.submit_job(
+        entrypoint="python cluster/monitoring/emit_sample_metrics.py --seconds 120", runtime_env=RUNTIME_ENV
+    )
+    try:
+        # Every node exports what its own workers record; scrape all of them, as Prometheus does.
+        ports = cluster["SALM_CLUSTER_METRICS_PORTS"].split()
+        assert len(ports) == 2
+        deadline, seen = time.monotonic() + 120, set()
+        expected.add("ray_node_cpu_utilization")  # Ray's own node metrics share the endpoint
+        while not expected <= seen and time.monotonic() < deadline:
+            assert client.get_job_status(job_id) in {JobStatus.PENDING, JobStatus.RUNNING}, (
+                client.get_job_logs(job_id)
+            )
+            seen = set().union(*(scrape(port) for port in ports))
+            time.sleep(1)
+        assert expected <= seen, f"missing on the endpoints: {sorted(expected - seen)}"
+    finally:
+        client.stop_job(job_id)
+        wait_for(client, job_id, timeout_s=60)
+
+
+def test_stop_script_ends_its_cluster_and_descendants_and_spares_other_clusters(tmp_path: Path) -> None:
+    """Stand-in processes: Ray daemons carry the temp dir in their command line, the client
+    server its port; workers are their children. Another cluster's look-alikes must survive."""
+    directory = Path(tempfile.mkdtemp(prefix="salmc-", dir="/tmp"))
+    (directory / "cluster.env").write_text("SALM_CLUSTER_CLIENT_PORT=12345\n")
+    child_pid_file = tmp_path / "child.pid"
+    spawn_child = f"import subprocess, time; open({str(child_pid_file)!r}, 'w').write(str(subprocess.Popen(['sleep', '300']).pid)); time.sleep(300)"
+    sleep = "import time; time.sleep(300)"
+    mine = [
+        subprocess.Popen([sys.executable, "-c", spawn_child, f"--log-dir={directory}/ray/session_1/logs"]),
+        subprocess.Popen(
+            [sys.executable, "-c", sleep, "-m", "ray.util.client.server", "--port=12345", "--mode=proxy"]
+        ),
+    ]
+    others = [
+        subprocess.Popen([sys.executable, "-c", sleep, f"--log-dir={directory}-other/ray/session_1/logs"]),
+        subprocess.Popen(
+            [sys.executable, "-c", sleep, "-m", "ray.util.client.server", "--port=123456", "--mode=proxy"]
+        ),
+    ]
+    try:
+        deadline = time.monotonic() + 30
+        while not child_pid_file.exists() or not child_pid_file.read_text():
+            assert time.monotonic() < deadline, "the stand-in daemon did not start its child"
+            time.sleep(0.1)
+        child_pid = int(child_pid_file.read_text())
+        subprocess.run(
+            [STOP, "--dir", directory, "--grace-s", "2"], check=True, capture_output=True, timeout=60
+        )
+        for process in mine:
+            process.wait(timeout=10)  # raises if stop.sh left it running
+        assert (
+            not Path(f"/proc/{child_pid}").exists()
+            or "Z" in Path(f"/proc/{child_pid}/stat").read_text().split()[2]
+        )
+        assert all(process.poll() is None for process in others)
+        assert not (directory / "cluster.env").exists()
+    finally:
+        for process in mine + others:
+            process.kill()
+            process.wait()
+        shutil.rmtree(directory, ignore_errors=True)
