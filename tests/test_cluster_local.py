@@ -180,6 +180,10 @@ def test_project_metrics_reach_the_nodes_prometheus_endpoints(cluster: dict) -> 
             seen = set().union(*(scrape(port) for port in ports))
             time.sleep(1)
         assert expected <= seen, f"missing on the endpoints: {sorted(expected - seen)}"
+        # What cluster/monitoring/prometheus.yml follows: the head lists every node's endpoint.
+        discovery = json.loads((cluster["dir"] / "ray" / "prom_metrics_service_discovery.json").read_text())
+        targets = {target.rsplit(":", 1)[1] for group in discovery for target in group["targets"]}
+        assert set(ports) <= targets
     finally:
         client.stop_job(job_id)
         wait_for(client, job_id, timeout_s=60)
