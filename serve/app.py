@@ -27,6 +27,9 @@ class AppArgs(BaseModel):
     num_gpus: float | Literal["auto"] = Field(
         default="auto", description="GPUs per transcriber replica; auto: 1 if the cluster has GPUs, else 0"
     )
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        default="auto", description="transcriber weights; auto: bfloat16 on GPU, float32 on CPU"
+    )
     max_upload_mb: float = Field(default=25.0, gt=0, description="request body limit (HTTP 413 above)")
     max_audio_s: float = Field(default=600.0, gt=0, description="hard limit on audio per request (HTTP 413)")
     max_chunk_s: float = Field(default=40.0, gt=0, description="longer audio is cut at quiet points")
@@ -48,7 +51,7 @@ def build_app(args: AppArgs | dict) -> Application:
     if num_gpus == "auto":
         num_gpus = 1 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0 else 0
     transcriber = Transcriber.options(ray_actor_options={"num_cpus": 1, "num_gpus": num_gpus}).bind(
-        str(model_path)
+        str(model_path), dtype=args.dtype
     )
     settings = IngressSettings(
         model_name=args.model_name or model_path.stem,

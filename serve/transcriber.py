@@ -80,14 +80,17 @@ class Transcriber:
     ``__init__`` is async (Serve supports it) so that the gauge refresher runs on the replica's loop.
     """
 
-    async def __init__(self, model_path: str, device: str = "auto") -> None:
+    async def __init__(self, model_path: str, device: str = "auto", dtype: str = "auto") -> None:
         import torch
 
         from salm.model import SALM
 
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = SALM.from_pretrained(model_path).eval().to(device)
+        if dtype == "auto":  # bf16 where it is fast (GPU); CPUs run fp32 faster than bf16
+            dtype = "bfloat16" if device == "cuda" else "float32"
+        self.model = SALM.from_pretrained(model_path).eval().to(device=device, dtype=getattr(torch, dtype))
+        self.model.perception.preprocessor.float()  # log-mel features stay fp32 (cast for the encoder)
         self.default_prompt = f"Transcribe the following: {self.model.audio_locator_tag}"
         self.config = BatchingConfig()
         self.metrics = TranscriberMetrics()
