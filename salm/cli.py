@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "salm.export",
     "serve.cli",  # after salm.transcribe: it adds `--url` to that command
     "salm.train.cli",
+    "salm.data.cli",
 ]
 
 

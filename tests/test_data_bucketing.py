@@ -65,7 +65,9 @@ def test_bucketing_with_a_seconds_budget_cuts_padding() -> None:
     rows = make_rows(300, seed=1)
     plain = list(iterate_batches(rows, config(batch_duration=20.0), PAD))
     bucketed = list(
-        iterate_batches(rows, config(batch_duration=20.0, use_bucketing=True, num_buckets=6, max_duration=6.5), PAD)
+        iterate_batches(
+            rows, config(batch_duration=20.0, use_bucketing=True, num_buckets=6, max_duration=6.5), PAD
+        )
     )
 
     def padding(batches):
@@ -84,7 +86,10 @@ def test_token_mode_length_is_nemos_audio_plus_text_positions() -> None:
     # ceil(2.01 / 0.08) = 26 audio positions replace the single placeholder token.
     total = config(use_multimodal_sampling=True, batch_tokens=500, token_equivalent_duration=0.08)
     context = config(
-        use_multimodal_sampling=True, batch_tokens=500, token_equivalent_duration=0.08, measure_total_length=False
+        use_multimodal_sampling=True,
+        batch_tokens=500,
+        token_equivalent_duration=0.08,
+        measure_total_length=False,
     )
     assert measure(row, total) == 25 - 1 + 26 == example_length(25, 10, 2.01, 0.08, True)
     assert measure(row, context) == 15 - 1 + 26
@@ -112,7 +117,13 @@ def test_token_mode_batches_respect_the_token_budget_and_token_bins() -> None:
 
 def test_seeded_bucketing_is_reproducible() -> None:
     rows = make_rows(150, seed=3)
-    knobs = {"batch_duration": 15.0, "use_bucketing": True, "num_buckets": 4, "max_duration": 6.5, "shuffle": True}
+    knobs = {
+        "batch_duration": 15.0,
+        "use_bucketing": True,
+        "num_buckets": 4,
+        "max_duration": 6.5,
+        "shuffle": True,
+    }
     first = [b["ids"] for b in iterate_batches(rows, config(seed=7, **knobs), PAD)]
     again = [b["ids"] for b in iterate_batches(rows, config(seed=7, **knobs), PAD)]
     other = [b["ids"] for b in iterate_batches(rows, config(seed=8, **knobs), PAD)]
@@ -152,7 +163,9 @@ def test_stop_together_passes_batches_through_without_a_process_group() -> None:
 @pytest.mark.parametrize("drop_last", [False, True])
 def test_every_row_is_batched_at_most_once(drop_last: bool) -> None:
     rows = make_rows(120, seed=4)
-    cfg = config(batch_duration=12.0, use_bucketing=True, num_buckets=5, max_duration=6.5, drop_last=drop_last)
+    cfg = config(
+        batch_duration=12.0, use_bucketing=True, num_buckets=5, max_duration=6.5, drop_last=drop_last
+    )
     ids = [i for b in iterate_batches(rows, cfg, PAD) for i in b["ids"]]
     assert len(ids) == len(set(ids))
     assert drop_last or len(ids) == 120

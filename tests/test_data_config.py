@@ -8,7 +8,10 @@ from salm.errors import SALMConfigError
 
 def test_shar_path_accepts_path_list_and_weighted_pairs() -> None:
     assert DataConfig(shar_path="a", batch_size=2).sources == [SharSourceSpec("a", 1.0)]
-    assert DataConfig(shar_path=["a", "b"], batch_size=2).sources == [SharSourceSpec("a"), SharSourceSpec("b")]
+    assert DataConfig(shar_path=["a", "b"], batch_size=2).sources == [
+        SharSourceSpec("a"),
+        SharSourceSpec("b"),
+    ]
     weighted = DataConfig(shar_path=[["a", 3], ["s3://bucket/b", 0.5]], batch_size=2)
     assert weighted.sources == [SharSourceSpec("a", 3.0), SharSourceSpec("s3://bucket/b", 0.5)]
 
@@ -21,9 +24,18 @@ def test_shar_path_accepts_path_list_and_weighted_pairs() -> None:
         ({"shar_path": "a", "batch_size": 2, "bogus_knob": 1}, "data.bogus_knob"),
         ({"shar_path": "a"}, "data.batch_size"),
         ({"shar_path": "a", "bucket_batch_size": [4, 2]}, "data.bucket_duration_bins"),
-        ({"shar_path": "a", "bucket_duration_bins": [2.0, 4.0], "bucket_batch_size": [4]}, "data.bucket_batch_size"),
-        ({"shar_path": "a", "bucket_duration_bins": [4.0, 2.0], "batch_size": 2}, "data.bucket_duration_bins"),
-        ({"shar_path": "a", "use_multimodal_sampling": True, "batch_tokens": 100}, "data.token_equivalent_duration"),
+        (
+            {"shar_path": "a", "bucket_duration_bins": [2.0, 4.0], "bucket_batch_size": [4]},
+            "data.bucket_batch_size",
+        ),
+        (
+            {"shar_path": "a", "bucket_duration_bins": [4.0, 2.0], "batch_size": 2},
+            "data.bucket_duration_bins",
+        ),
+        (
+            {"shar_path": "a", "use_multimodal_sampling": True, "batch_tokens": 100},
+            "data.token_equivalent_duration",
+        ),
         ({"shar_path": "a", "batch_size": 2, "max_tokens": 10}, "data.token_equivalent_duration"),
         ({"shar_path": "a", "batch_size": 2, "min_duration": 5.0, "max_duration": 1.0}, "data.min_duration"),
         ({"shar_path": "a", "batch_size": 0}, "data.batch_size"),
@@ -35,7 +47,9 @@ def test_invalid_settings_name_the_field(values: dict, field: str) -> None:
 
 
 def test_bucket_knobs_turn_bucketing_on_like_nemo() -> None:
-    cfg = DataConfig.from_dict({"shar_path": "a", "bucket_duration_bins": [2.0, 4.0], "bucket_batch_size": [8, 4]})
+    cfg = DataConfig.from_dict(
+        {"shar_path": "a", "bucket_duration_bins": [2.0, 4.0], "bucket_batch_size": [8, 4]}
+    )
     assert cfg.use_bucketing
 
 

@@ -80,7 +80,9 @@ def make_constraint(cfg: DataConfig) -> SamplingConstraint:
     """The Lhotse constraint that decides when a batch is full (and, for bins, its bucket)."""
     if cfg.bucket_batch_size is not None:
         kind = TokenBucketBatchSizeConstraint if cfg.token_mode else FixedBucketBatchSizeConstraint
-        return kind(max_seq_len_buckets=list(cfg.bucket_duration_bins), batch_sizes=list(cfg.bucket_batch_size))
+        return kind(
+            max_seq_len_buckets=list(cfg.bucket_duration_bins), batch_sizes=list(cfg.bucket_batch_size)
+        )
     if cfg.token_mode:
         return TokenConstraint(
             max_tokens=cfg.batch_tokens, max_examples=cfg.batch_size, quadratic_length=cfg.quadratic_factor

@@ -148,7 +148,9 @@ def _lhotse_cut(entry: _Entry):
     return cut
 
 
-def write_shard(entries: list[_Entry], output_dir: str, shard_index: int, audio_format: str, tolerance: float):
+def write_shard(
+    entries: list[_Entry], output_dir: str, shard_index: int, audio_format: str, tolerance: float
+):
     """Write one Shar shard; returns (utterances, seconds, skipped-by-reason). Runs as a Ray task."""
     from lhotse.shar import SharWriter
 
@@ -198,10 +200,14 @@ def prepare_shar(
     if shard_size < 1:
         raise SALMConfigError(f"`--shard-size` must be >= 1, got {shard_size}")
     if audio_format not in AUDIO_FORMATS:
-        raise SALMConfigError(f"`--audio-format` must be one of {', '.join(AUDIO_FORMATS)}, got {audio_format!r}")
+        raise SALMConfigError(
+            f"`--audio-format` must be one of {', '.join(AUDIO_FORMATS)}, got {audio_format!r}"
+        )
     out = Path(output_dir)
     if out.exists() and any(out.glob("cuts.*.jsonl.gz")):
-        raise SALMConfigError(f"output directory {output_dir!r} already holds Shar shards; choose an empty one")
+        raise SALMConfigError(
+            f"output directory {output_dir!r} already holds Shar shards; choose an empty one"
+        )
     out.mkdir(parents=True, exist_ok=True)  # Lhotse's writers do not create it
     if not ray.is_initialized():
         ray.init()
@@ -241,7 +247,9 @@ def prepare_shar(
             collect(done)
     skipped.update(driver_skips)
     summary.skipped = dict(skipped)
-    (out / "summary.json").write_text(json.dumps({**dataclasses.asdict(summary), "hours": summary.hours}, indent=2))
+    (out / "summary.json").write_text(
+        json.dumps({**dataclasses.asdict(summary), "hours": summary.hours}, indent=2)
+    )
     return summary
 
 

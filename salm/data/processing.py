@@ -132,7 +132,11 @@ def check_prompt(cfg: DataConfig, tokenizer_dir: str, prompt_format: str, audio_
 
 
 def tokenize_batch(
-    batch: dict[str, np.ndarray], cfg: DataConfig, tokenizer_dir: str, prompt_format: str, audio_locator_tag: str
+    batch: dict[str, np.ndarray],
+    cfg: DataConfig,
+    tokenizer_dir: str,
+    prompt_format: str,
+    audio_locator_tag: str,
 ) -> dict[str, np.ndarray]:
     """Ray Data stage: add ``input_ids``/``loss_mask``; apply ``min_tokens``/``max_tokens``."""
     tokenizer, _ = prompt_encoder(tokenizer_dir, prompt_format, audio_locator_tag)

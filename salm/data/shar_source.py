@@ -170,8 +170,7 @@ def iter_shard(shard: ShardFiles, skips: SkipLog, max_duration: float | None = N
     except OSError as error:
         skips.skip(shard.cuts, f"shard cannot be opened: {error}")
         return
-    with cuts_file, tar_file:
-        lines = gzip.open(cuts_file, "rt", encoding="utf-8")
+    with cuts_file, tar_file, gzip.open(cuts_file, "rt", encoding="utf-8") as lines:
         pairs = _tar_pairs(tar_file)
         tar_broken: str | None = None
         try:
@@ -354,7 +353,9 @@ def make_datasource(
             skips = SkipLog()
             rng = random.Random(f"{seed}-{task_index}")
             streams = [
-                endless_source(source, random.Random(f"{seed}-{task_index}-{i}"), skips, max_duration=max_duration)
+                endless_source(
+                    source, random.Random(f"{seed}-{task_index}-{i}"), skips, max_duration=max_duration
+                )
                 for i, source in enumerate(sources)
             ]
             rows = mux(streams, [s.weight for s in sources], rng)
