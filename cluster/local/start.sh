@@ -5,7 +5,7 @@
 # Ray Data tasks, `ray job submit`) without Kubernetes.
 #
 #   cluster/local/start.sh [--dir DIR] [--workers N] [--head-cpus N] [--worker-cpus N]
-#                          [--worker-resources JSON] [--object-store-mb N]
+#                          [--head-resources JSON] [--worker-resources JSON] [--object-store-mb N]
 #   source DIR/cluster.env   # RAY_ADDRESS, RAY_DASHBOARD_ADDRESS, METRICS_PORTS, ...
 #   ray job submit --address "$RAY_DASHBOARD_ADDRESS" --working-dir . -- python ray_jobs/train.py ...
 #   cluster/local/stop.sh [--dir DIR]
@@ -25,6 +25,7 @@ WORKER_CPUS=2
 # Every worker node gets one `worker_node` slot: a job can ask for {"worker_node": 1} per task or
 # Ray Train worker to spread across nodes (the default PACK placement would use one node).
 WORKER_RESOURCES='{"worker_node": 1}'
+HEAD_RESOURCES='{"head_node": 1}'
 OBJECT_STORE_MB=256
 
 while [ $# -gt 0 ]; do
@@ -34,6 +35,7 @@ while [ $# -gt 0 ]; do
     --head-cpus) HEAD_CPUS="$2"; shift 2 ;;
     --worker-cpus) WORKER_CPUS="$2"; shift 2 ;;
     --worker-resources) WORKER_RESOURCES="$2"; shift 2 ;;
+    --head-resources) HEAD_RESOURCES="$2"; shift 2 ;;
     --object-store-mb) OBJECT_STORE_MB="$2"; shift 2 ;;
     -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) echo "start.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
@@ -106,7 +108,7 @@ write_env
 write_env
 
 # The head schedules no training (no GPUs, few CPUs), like the KubeRay head in cluster/kuberay/.
-"$RAY" start --head --port "$GCS_PORT" --num-cpus "$HEAD_CPUS" --resources '{"head_node": 1}' \
+"$RAY" start --head --port "$GCS_PORT" --num-cpus "$HEAD_CPUS" --resources "$HEAD_RESOURCES" \
   --include-dashboard true --dashboard-host 127.0.0.1 --dashboard-port "$DASHBOARD_PORT" \
   --ray-client-server-port "$CLIENT_PORT" "${COMMON_ARGS[@]}" "${NODE_PORT_ARGS[@]}" \
   >"$DIR/head.log" 2>&1 || { cat "$DIR/head.log" >&2; exit 1; }
