@@ -222,7 +222,7 @@ def prepare_shar(
 
     def collect(done: list) -> None:
         for utterances, seconds, shard_skips in ray.get(done):
-            summary.shards += 1
+            summary.shards += int(utterances > 0)
             summary.utterances += utterances
             summary.seconds += seconds
             skipped.update(shard_skips)
