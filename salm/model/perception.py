@@ -108,9 +108,23 @@ class AudioPerception(nn.Module):
                 input_signal=input_signal.float(), length=input_signal_length
             )
         features = features.to(encoder_dtype)
+        _match_buffer_dtypes(self.encoder, encoder_dtype)
         with typecheck.disable_checks():
             if self.spec_augmentation is not None and self.training:
                 features = self.spec_augmentation(input_spec=features, length=feature_lens)
             encoded, encoded_lens = self.encoder(audio_signal=features, length=feature_lens)  # (B, D, T)
             encoded, encoded_lens = self.modality_adapter(audio_signal=encoded, length=encoded_lens)
         return self.proj(encoded.transpose(1, 2)), encoded_lens  # (B, T, H)
+
+
+def _match_buffer_dtypes(module: nn.Module, dtype: torch.dtype) -> None:
+    """Cast floating buffers (the Conformer's positional table ``pos_enc.pe``) to the weights' dtype.
+
+    DeepSpeed's bf16 engine casts parameters only: the fp32 ``pe`` made at construction would
+    promote the activations back to fp32 and the next bf16 Linear fails (NeMo rebuilds ``pe`` in
+    the weights' dtype only when a longer input arrives).
+    """
+    for owner in module.modules():
+        for name, buffer in owner.named_buffers(recurse=False):
+            if buffer is not None and buffer.is_floating_point() and buffer.dtype != dtype:
+                setattr(owner, name, buffer.to(dtype))

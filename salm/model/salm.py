@@ -13,6 +13,7 @@ the training loop, process groups and precision belong to Ray Train + DeepSpeed.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from transformers import GenerationConfig
 from salm.audio import collate_audio, load_audio
 from salm.errors import PromptError, SALMConfigError
 from salm.model.config import model_config, trainable_patterns
+from salm.model.decoding import GreedyDecoder, weight_pointers
 from salm.model.freezing import apply_freezing
 from salm.model.llm import base_causal_lm, embedding_inside, install_lora, load_llm, validate_lora
 from salm.model.perception import AudioPerception
@@ -33,6 +35,7 @@ from salm.text.prompt_formats import get_prompt_format
 from salm.text.tokenizer import load_tokenizer, padding_id
 
 AudioInput = str | Path | np.ndarray | torch.Tensor
+CACHE_LENGTH_QUANTUM = 64  # decoder cache lengths are rounded up to this (graph reuse)
 
 
 @dataclass
@@ -87,6 +90,7 @@ class SALM(nn.Module):
 
             load_asr_weights(self.perception, cfg.pretrained_asr)
         apply_freezing(self, list(cfg.freeze_params), trainable_patterns(cfg))
+        self._decoder: GreedyDecoder | None = None  # captured greedy decoder, reused across generate calls
 
     @classmethod
     def from_pretrained(
@@ -229,6 +233,40 @@ class SALM(nn.Module):
         return collate_audio(clips)
 
     @torch.no_grad()
+    def prepare_generation_inputs(
+        self,
+        prompts: list[list[dict]],
+        audios: torch.Tensor | None = None,
+        audio_lens: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Chat prompts (+ audios) -> left-padded LLM input embeddings ``(B, T, H)`` and mask ``(B, T)``.
+
+        The encoder runs once over all audios of the batch.
+        """
+        tokens, prompt_audios = self.encode_prompts(prompts)
+        if prompt_audios and audios is not None:
+            raise PromptError("give audios either inside the prompts or as `audios`, not both")
+        if prompt_audios:
+            audios, audio_lens = self.load_audios(prompt_audios)
+        device = self.device
+        tokens = tokens.to(device)
+        text_embeds = self.embed_tokens(tokens.masked_fill(tokens == self.audio_locator_tag_id, 0))
+        if audios is None:
+            audio_lens = torch.zeros(0, dtype=torch.long)
+            audio_embeds = text_embeds.new_zeros(0, 1, text_embeds.shape[-1])
+        else:
+            audio_embeds, audio_lens = self.perception(audios.to(device), audio_lens.to(device))
+        embeds, _, attention_mask = replace_placeholders(
+            tokens,
+            text_embeds,
+            audio_embeds,
+            audio_lens.to(device),
+            self.audio_locator_tag_id,
+            self.text_pad_id,
+        )
+        return embeds, attention_mask
+
+    @torch.no_grad()
     def generate(
         self,
         prompts: list[list[dict]],
@@ -247,48 +285,89 @@ class SALM(nn.Module):
         following: <|audioplaceholder|>", "audio": "clip.wav"}``; ``audio`` may be a path, a 1-D
         waveform at ``sampling_rate``, or a list of them. Alternatively give all audios as
         ``audios`` (N, S) + ``audio_lens``. The encoder runs once over the whole batch.
-        ``synced_gpus`` keeps ranks stepping together when weights are sharded (ZeRO-3).
+        Greedy decoding (the ASR default) runs our static-cache decoder, a replayed CUDA graph per
+        token on a GPU in eval mode (``salm/model/decoding.py``); sampling and beam search go through
+        ``transformers.generate``. ``synced_gpus`` keeps ranks stepping together when weights are
+        sharded (ZeRO-3), which only ``transformers.generate`` does.
         """
-        tokens, prompt_audios = self.encode_prompts(prompts)
-        if prompt_audios and audios is not None:
-            raise PromptError("give audios either inside the prompts or as `audios`, not both")
-        if prompt_audios:
-            audios, audio_lens = self.load_audios(prompt_audios)
-        device = self.device
-        tokens = tokens.to(device)
-        text_embeds = self.embed_tokens(tokens.masked_fill(tokens == self.audio_locator_tag_id, 0))
-        if audios is None:
-            audios = torch.zeros(0, 1)
-            audio_lens = torch.zeros(0, dtype=torch.long)
-            audio_embeds = text_embeds.new_zeros(0, 1, text_embeds.shape[-1])
+        embeds, attention_mask = self.prepare_generation_inputs(prompts, audios, audio_lens)
+        if not do_sample and num_beams == 1 and not synced_gpus:
+            generated = self._greedy_decode(embeds, attention_mask, max_new_tokens)
         else:
-            audio_embeds, audio_lens = self.perception(audios.to(device), audio_lens.to(device))
-        embeds, _, attention_mask = replace_placeholders(
-            tokens,
-            text_embeds,
-            audio_embeds,
-            audio_lens.to(device),
-            self.audio_locator_tag_id,
-            self.text_pad_id,
-        )
-        config = GenerationConfig(
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            temperature=temperature if do_sample else None,
-            top_p=top_p if do_sample else None,
-            top_k=None,
-            num_beams=num_beams,
-            eos_token_id=self.text_eos_id,
-            pad_token_id=self.text_pad_id,
-            bos_token_id=None,
-        )
-        with embedding_inside(self.llm, self.embed_tokens):
-            generated = self.llm.generate(
-                inputs_embeds=embeds, attention_mask=attention_mask, generation_config=config
+            config = GenerationConfig(
+                max_new_tokens=max_new_tokens,
+                do_sample=do_sample,
+                temperature=temperature if do_sample else None,
+                top_p=top_p if do_sample else None,
+                top_k=None,
+                num_beams=num_beams,
+                eos_token_id=self.text_eos_id,
+                pad_token_id=self.text_pad_id,
+                bos_token_id=None,
             )
+            with embedding_inside(self.llm, self.embed_tokens):
+                generated = self.llm.generate(
+                    inputs_embeds=embeds, attention_mask=attention_mask, generation_config=config
+                )
         token_ids = [_until_eos(row.tolist(), self.text_eos_id) for row in generated]
         texts = [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in token_ids]
         return GenerationResult(token_ids=token_ids, texts=texts)
+
+    def _greedy_decode(
+        self, embeds: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int
+    ) -> torch.Tensor:
+        """``(B, new)`` greedy token ids; the captured decoder is kept while batch, length and weights match.
+
+        The cache length is rounded up to a multiple of ``CACHE_LENGTH_QUANTUM`` so that batches
+        of similar prompt lengths reuse one captured graph.
+        """
+        batch, length, _ = embeds.shape
+        max_len = -(-(length + max_new_tokens) // CACHE_LENGTH_QUANTUM) * CACHE_LENGTH_QUANTUM
+        use_graph = embeds.device.type == "cuda" and not self.training
+        pointers = weight_pointers(self.llm, self.embed_tokens) if use_graph else ()
+        decoder = self._decoder
+        if decoder is None or (
+            decoder.batch,
+            decoder.max_len,
+            decoder.max_new_tokens,
+            decoder.weight_ptrs,
+        ) != (
+            batch,
+            max_len,
+            max_new_tokens,
+            pointers,
+        ):
+            self._decoder = None  # free the old graph and cache before allocating new ones
+            causal_lm = base_causal_lm(self.llm)
+            decoder = GreedyDecoder(
+                causal_lm.model,
+                causal_lm.lm_head,
+                self.embed_tokens,
+                batch,
+                max_len,
+                max_new_tokens,
+                use_graph,
+            )
+            decoder.weight_ptrs = pointers
+            if use_graph:
+                self._decoder = decoder
+        decoder.prefill(embeds, attention_mask, self.text_eos_id, self.text_pad_id)
+        try:
+            return decoder.decode()
+        except RuntimeError as error:  # capture refused (an op that syncs): decode eagerly, still static
+            if not use_graph:
+                raise
+            warnings.warn(
+                f"CUDA graph capture of the decoding step failed ({error}); decoding without graphs",
+                stacklevel=2,
+            )
+            self._decoder = None
+            causal_lm = base_causal_lm(self.llm)
+            decoder = GreedyDecoder(
+                causal_lm.model, causal_lm.lm_head, self.embed_tokens, batch, max_len, max_new_tokens, False
+            )
+            decoder.prefill(embeds, attention_mask, self.text_eos_id, self.text_pad_id)
+            return decoder.decode()
 
     def transcribe(self, audios: list[AudioInput], prompt: str | None = None, **generate_kwargs) -> list[str]:
         """One-liner ASR: the canary-qwen prompt around each audio; returns the texts."""

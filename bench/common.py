@@ -1,0 +1,90 @@
+"""What both GPU benchmarks share: the Canary-Qwen-2.5B-shaped config, a timer, the bf16 matmul ceiling.
+
+Weights are random (``pretrained_weights: false``, no ASR ``.nemo``): speed depends on shapes only,
+and nothing is downloaded. The LLM directory is Qwen3-1.7B's config with the real Qwen3 tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from salm.assets.tiny_llm import write_tiny_qwen3
+
+CONFIGS = Path(__file__).resolve().parents[1] / "salm" / "configs"
+RESULTS = Path(__file__).resolve().parent / "results"
+PROMPT = "Transcribe the following: <|audioplaceholder|>"
+
+
+def write_llm_dir(out_dir: Path, tiny: bool) -> Path:
+    """Qwen3-1.7B's shapes (28 layers, hidden 2048, 16 Q / 8 KV heads of 128, MLP 6144, tied) or a tiny one."""
+    if tiny:
+        return write_tiny_qwen3(out_dir)
+    return write_tiny_qwen3(
+        out_dir, hidden_size=2048, num_layers=28, num_heads=16, num_kv_heads=8, intermediate_size=6144
+    )
+
+
+def recipe(llm_dir: Path, tiny: bool) -> DictConfig:
+    """The canary-qwen-2.5b recipe (or the tiny one) with random weights and the given LLM dir."""
+    cfg = OmegaConf.load(CONFIGS / ("tiny.yaml" if tiny else "salm_canary_qwen_2.5b.yaml"))
+    cfg.model.pretrained_llm = str(llm_dir)
+    cfg.model.pretrained_weights = False
+    cfg.model.pretrained_asr = None
+    return cfg
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device) -> float:
+    """Wall seconds of ``fn()`` with the device drained before and after."""
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def bf16_matmul_tflops(device: torch.device) -> float:
+    """Measured dense bf16 matmul rate (TFLOP/s, median of 20) on random 8192^3: the MFU denominator."""
+    if device.type != "cuda":
+        return float("nan")
+    n = 8192
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(5):
+        a @ b
+    times = []
+    for _ in range(20):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return 2 * n**3 / sorted(times)[len(times) // 2] / 1e12
+
+
+def card(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def peak_gb(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+
+
+def write_result(name: str, payload: dict, out_dir: Path | None) -> None:
+    """``bench/results/NAME.json`` (and a copy in ``out_dir``, e.g. the device machine's $OUT)."""
+    payload = {**payload, "date": date.today().isoformat()}
+    text = json.dumps(payload, indent=2, sort_keys=True)
+    for folder in [RESULTS, out_dir] if out_dir else [RESULTS]:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{name}.json").write_text(text + "\n")
+    print(text)

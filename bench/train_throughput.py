@@ -1,0 +1,440 @@
+"""Training throughput of the full SALM at canary-qwen-2.5b shapes: ours vs NeMo's SALM vs a plain loop.
+
+One command, three ways through the same model (same seed, same random weights) and the same
+bucketed synthetic batches (5-40 s of noise, ~30-120 target tokens, about ``--budget-s`` audio
+seconds per batch, as a duration-bucketing sampler makes them):
+
+- ours: Ray Train ``TorchTrainer`` with 1 GPU worker, ``deepspeed.initialize`` with our
+  ``deepspeed_config`` (bf16, ZeRO-2), ``build_optimizer``, ``warmup_cosine`` and ``LossModule``
+  (the production path of ``salm/train/loop.py``), optionally in variants (``--variants``);
+- NeMo: NeMo 3.0's ``SALM.training_step`` -> backward -> AdamW step, bf16 weights;
+- plain: our model in fp32 under bf16 autocast, full-vocabulary logits + cross-entropy, AdamW,
+  no Ray and no DeepSpeed.
+
+Model FLOPs of a step are counted once per batch with ``FlopCounterMode`` on our loss (forward +
+backward; the LM head at target positions only) and the same count is used for every path, so
+MFU ratios equal throughput ratios. The ceiling is a bf16 matmul measured in the same run.
+Tokens are LLM positions (audio frames + text). Run on the GPU machine::
+
+    PYTHONPATH=$HOME/site:$PWD python3 -m bench.train_throughput --out $OUT
+
+``--tiny`` runs the tiny recipe on CPU (a smoke test of all three paths).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from bench.common import (
+    PROMPT,
+    bf16_matmul_tflops,
+    card,
+    peak_gb,
+    recipe,
+    timed,
+    write_llm_dir,
+    write_result,
+)
+
+BUCKETS = [(5.0, 10.0), (10.0, 15.0), (15.0, 20.0), (20.0, 30.0), (30.0, 40.0)]  # audio seconds
+SAMPLE_RATE = 16000
+
+
+def make_batches(model, budget_s: float, seed: int, tiny: bool) -> list[dict]:
+    """One batch per duration bucket, ``floor(budget_s / bucket max)`` clips each, like NeMo's bucketing.
+
+    Targets get 30 + 90 * (duration - 5) / 35 tokens (+-10%): random ids spliced into the real
+    chat template where the answer goes, so prompt markup and loss mask are the real ones.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    marker = model.tokenizer.encode(" hello", add_special_tokens=False)
+    assert len(marker) == 1, marker
+    encoded = model.prompt_format.encode_dialog(
+        [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": " hello"}]
+    )
+    at = int((encoded.input_ids == marker[0]).nonzero()[-1])
+    buckets = [(1.0, 2.0), (2.0, 3.0)] if tiny else BUCKETS
+    batches = []
+    for low, high in buckets:
+        size = max(1, int(budget_s // high))
+        durations = low + (high - low) * torch.rand(size, generator=generator)
+        ids, masks, audios = [], [], []
+        for duration in durations.tolist():
+            count = int(
+                (30 + 90 * (duration - 5) / 35) * (0.9 + 0.2 * torch.rand(1, generator=generator).item())
+            )
+            answer = torch.randint(1000, 30000, (max(count, 5),), generator=generator)
+            ids.append(torch.cat([encoded.input_ids[:at], answer, encoded.input_ids[at + 1 :]]))
+            masks.append(
+                torch.cat(
+                    [
+                        encoded.loss_mask[:at],
+                        torch.ones(len(answer), dtype=torch.bool),
+                        encoded.loss_mask[at + 1 :],
+                    ]
+                )
+            )
+            audios.append(0.1 * torch.randn(int(duration * SAMPLE_RATE), generator=generator))
+        pad = model.text_pad_id
+        batches.append(
+            {
+                "audios": torch.nn.utils.rnn.pad_sequence(audios, batch_first=True),
+                "audio_lens": torch.tensor([len(a) for a in audios]),
+                "input_ids": torch.nn.utils.rnn.pad_sequence(
+                    ids, batch_first=True, padding_value=pad, padding_side="left"
+                ),
+                "loss_mask": torch.nn.utils.rnn.pad_sequence(
+                    masks, batch_first=True, padding_value=False, padding_side="left"
+                ),
+            }
+        )
+    return batches
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def audio_seconds(batches: list[dict]) -> float:
+    return sum(float(b["audio_lens"].sum()) for b in batches) / SAMPLE_RATE
+
+
+def run_epochs(step, batches: list[dict], device: torch.device, warmup: int, repeats: int) -> float:
+    """Wall seconds per pass over ``batches`` (median of ``repeats``), after ``warmup`` passes."""
+    for _ in range(warmup):
+        for batch in batches:
+            step(batch)
+    times = []
+    for _ in range(repeats):
+        times.append(timed(lambda: [step(b) for b in batches], device))
+    return sorted(times)[len(times) // 2]
+
+
+def build_salm(cfg, device: torch.device):
+    """Our SALM built directly on ``device`` (random init on the GPU takes seconds, on CPU minutes)."""
+    from salm.model.salm import SALM
+
+    torch.manual_seed(int(cfg.trainer.seed))
+    with torch.device(device):
+        model = SALM(cfg.model)
+    return model.to(device)  # NeMo's legacy ``torch.FloatTensor(...)`` parameters ignore torch.device()
+
+
+# ----- ours: Ray Train + DeepSpeed -----
+def set_encoder_sdpa(model, enabled: bool) -> None:
+    """NeMo's Conformer attention reads ``use_pytorch_sdpa`` at every forward: toggle it per variant."""
+    for layer in model.perception.encoder.layers:
+        layer.self_attn.use_pytorch_sdpa = enabled
+
+
+def ours_worker(config: dict) -> None:
+    """Ray Train worker: the production DeepSpeed setup, then timed passes per variant."""
+    import deepspeed
+    import ray.train.torch
+
+    from salm.train.deepspeed_setup import build_optimizer, deepspeed_config, warmup_cosine
+    from salm.train.loop import LossModule
+
+    cfg = OmegaConf.create(config["recipe"])
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    model = build_salm(cfg, device)
+    preprocessor_state = {k: v.clone() for k, v in model.perception.preprocessor.state_dict().items()}
+    optimizer = build_optimizer(model.trainable_parameters(), cfg)
+    engine, _, _, _ = deepspeed.initialize(
+        model=LossModule(model),
+        optimizer=optimizer,
+        lr_scheduler=warmup_cosine(optimizer, cfg),
+        config=deepspeed_config(cfg),
+    )
+    model.perception.preprocessor.float().load_state_dict(preprocessor_state)
+    model.train()
+    batches = make_batches(model, config["budget_s"], config["seed"], config["tiny"])
+
+    def step(batch: dict) -> None:
+        out = engine(to_device(batch, device))
+        engine.backward(out["loss"])
+        engine.step()
+
+    results = {}
+    for variant in config["variants"]:
+        set_encoder_sdpa(model, variant == "encoder_sdpa")
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        seconds = run_epochs(step, batches, device, config["warmup"], config["repeats"])
+        results[variant] = {"seconds": seconds, "peak_mem_gb": peak_gb(device)}
+        print(f"ours[{variant}]: {seconds:.3f} s per pass", flush=True)
+    Path(config["result_file"]).write_text(json.dumps(results))
+
+
+def run_ours(cfg, args, use_gpu: bool) -> dict:
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    result_file = Path(tempfile.mkdtemp()) / "ours.json"
+    ray.init(num_cpus=8 if use_gpu else 2, num_gpus=1 if use_gpu else 0)
+    try:
+        trainer = TorchTrainer(
+            ours_worker,
+            train_loop_config={
+                "recipe": OmegaConf.to_container(cfg, resolve=True),
+                "budget_s": args.budget_s,
+                "seed": args.seed,
+                "tiny": args.tiny,
+                "variants": args.variants,
+                "warmup": args.warmup,
+                "repeats": args.repeats,
+                "result_file": str(result_file),
+            },
+            scaling_config=ScalingConfig(
+                num_workers=1,
+                use_gpu=use_gpu,
+                resources_per_worker={"CPU": 4 if use_gpu else 1, **({"GPU": 1} if use_gpu else {})},
+            ),
+            run_config=RunConfig(name="train_throughput", storage_path=tempfile.mkdtemp()),
+        )
+        trainer.fit()
+    finally:
+        ray.shutdown()
+    return json.loads(result_file.read_text())
+
+
+# ----- plain PyTorch and model FLOPs -----
+def run_plain(cfg, batches: list[dict], device: torch.device, args) -> tuple[dict, list[dict], dict]:
+    """Count model FLOPs and positions per batch with our loss, then time the plain loop.
+
+    Returns (plain timing, per-batch counts, our model's state dict on CPU for NeMo).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from salm.model.placeholders import IGNORE_INDEX
+
+    model = build_salm(cfg, device)
+    model.train()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16)
+    counts = []
+    for batch in batches:
+        batch = to_device(batch, device)
+        with FlopCounterMode(display=False) as counter:
+            with autocast:
+                out = model.loss(batch)
+            out["loss"].backward()
+        counts.append({"flops": counter.get_total_flops(), "positions": int(out["num_positions"])})
+        model.zero_grad(set_to_none=True)
+
+    opt = cfg.model.optimizer
+    optimizer = torch.optim.AdamW(
+        model.trainable_parameters(),
+        lr=float(opt.lr),
+        betas=tuple(opt.betas),
+        weight_decay=float(opt.weight_decay),
+    )
+
+    def step(batch: dict) -> None:
+        batch = to_device(batch, device)
+        with autocast:
+            inputs = model.prepare_inputs(batch)
+            logits = model(inputs["input_embeds"], inputs["attention_mask"])  # (B, T, V): full vocabulary
+        loss = torch.nn.functional.cross_entropy(
+            logits.float().flatten(0, 1), inputs["target_ids"].flatten(), ignore_index=IGNORE_INDEX
+        )
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = run_epochs(step, batches, device, args.warmup, args.repeats)
+    result = {"seconds": seconds, "peak_mem_gb": peak_gb(device)}
+    print(f"plain: {seconds:.3f} s per pass", flush=True)
+    state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    return result, counts, state
+
+
+# ----- NeMo's SALM -----
+def run_nemo(cfg, batches: list[dict], device: torch.device, state: dict, args) -> dict:
+    """NeMo 3.0's own SALM with our weights: ``training_step`` -> backward -> AdamW, bf16 weights."""
+    from nemo.collections.speechlm2 import SALM as NeMoSALM
+
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    if not model_cfg["perception"].get("output_dim"):
+        from transformers import AutoConfig
+
+        model_cfg["perception"]["output_dim"] = AutoConfig.from_pretrained(
+            cfg.model.pretrained_llm
+        ).hidden_size
+    with torch.device(device):
+        nemo = NeMoSALM(model_cfg)
+    nemo.load_state_dict(state, strict=True)
+    del state
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    nemo.to(device=device, dtype=dtype)
+    nemo.perception.preprocessor.float()  # as in our path: the mel front end stays fp32
+    nemo.train()
+    opt = cfg.model.optimizer
+    optimizer = torch.optim.AdamW(
+        [p for p in nemo.parameters() if p.requires_grad],
+        lr=float(opt.lr),
+        betas=tuple(opt.betas),
+        weight_decay=float(opt.weight_decay),
+    )
+
+    def step(batch: dict) -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = nemo.training_step(to_device(batch, device), 0)["loss"]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = run_epochs(step, batches, device, args.warmup, args.repeats)
+    print(f"nemo: {seconds:.3f} s per pass", flush=True)
+    return {"seconds": seconds, "peak_mem_gb": peak_gb(device)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--tiny", action="store_true", help="tiny recipe on CPU: a smoke test")
+    parser.add_argument(
+        "--budget-s", type=float, default=320.0, help="audio seconds per batch (bucket max x size)"
+    )
+    parser.add_argument("--warmup", type=int, default=1, help="untimed passes over the buckets")
+    parser.add_argument("--repeats", type=int, default=2, help="timed passes (median)")
+    parser.add_argument("--variants", nargs="+", default=["default", "encoder_sdpa"])
+    parser.add_argument("--zero-stages", type=int, nargs="+", default=[2], help="one Ray Train run per stage")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["ours", "plain", "nemo"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    args = parser.parse_args()
+    if args.tiny:
+        args.budget_s = min(args.budget_s, 6.0)
+
+    use_gpu = torch.cuda.is_available() and not args.tiny
+    device = torch.device("cuda" if use_gpu else "cpu")
+    llm_dir = write_llm_dir(Path(tempfile.mkdtemp()) / "llm", tiny=args.tiny)
+    cfg = recipe(llm_dir, tiny=args.tiny)
+    if args.tiny:
+        cfg.trainer.precision = "bf16"
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    peak_tflops = bf16_matmul_tflops(device)
+    print(f"card: {card(device)}; bf16 matmul: {peak_tflops:.0f} TFLOP/s", flush=True)
+
+    paths: dict[str, dict] = {}
+    if "ours" not in args.skip:
+        started = time.perf_counter()
+        for stage in args.zero_stages:
+            staged = copy.deepcopy(cfg)
+            staged.deepspeed.zero_stage = stage
+            for variant, timing in run_ours(staged, args, use_gpu).items():
+                paths[f"ours[zero{stage},{variant}]" if len(args.zero_stages) > 1 else f"ours[{variant}]"] = (
+                    timing
+                )
+        print(f"ours took {time.perf_counter() - started:.0f} s end to end", flush=True)
+    batches = make_batches(build_tokenizer_model(cfg), args.budget_s, args.seed, args.tiny)
+    plain, counts, state = run_plain(cfg, batches, device, args)
+    if "plain" not in args.skip:
+        paths["plain"] = plain
+    gc.collect()
+    if use_gpu:
+        torch.cuda.empty_cache()
+    if "nemo" not in args.skip:
+        paths["nemo"] = run_nemo(cfg, batches, device, state, args)
+
+    flops = sum(c["flops"] for c in counts)
+    positions = sum(c["positions"] for c in counts)
+    seconds_audio = audio_seconds(batches)
+    rows = {}
+    for name, timing in paths.items():
+        s = timing["seconds"]
+        rows[name] = {
+            **timing,
+            "audio_s_per_s": seconds_audio / s,
+            "tokens_per_s": positions / s,
+            "tflops": flops / s / 1e12,
+            "mfu": flops / s / 1e12 / peak_tflops if not math.isnan(peak_tflops) else float("nan"),
+        }
+    print_table(rows, batches, counts, seconds_audio, peak_tflops)
+    ours = [name for name in rows if name.startswith("ours")]
+    best = max(ours, key=lambda n: rows[n]["audio_s_per_s"]) if ours else None
+    if best:
+        write_result(
+            "train_throughput" + ("_tiny" if args.tiny else ""),
+            {
+                "card": card(device),
+                "best_variant": best,
+                "mfu": rows[best]["mfu"],
+                "tokens_per_s": rows[best]["tokens_per_s"],
+                "audio_s_per_s": rows[best]["audio_s_per_s"],
+                "ratio_vs_nemo": ratio(rows, best, "nemo"),
+                "ratio_vs_plain": ratio(rows, best, "plain"),
+                "peak_mem_gb": rows[best]["peak_mem_gb"],
+                "bf16_matmul_tflops": peak_tflops,
+                "batches": [
+                    {
+                        "clips": int(b["audios"].shape[0]),
+                        "max_audio_s": b["audios"].shape[1] / SAMPLE_RATE,
+                        **c,
+                    }
+                    for b, c in zip(batches, counts, strict=True)
+                ],
+                "paths": rows,
+            },
+            args.out,
+        )
+
+
+def build_tokenizer_model(cfg):
+    """Tokenizer + prompt format only (batches need them, not the weights)."""
+    from salm.text.prompt_formats import get_prompt_format
+    from salm.text.tokenizer import load_tokenizer, padding_id
+
+    class Text:
+        tokenizer = load_tokenizer(cfg.model.pretrained_llm, cfg.model.audio_locator_tag)
+        prompt_format = get_prompt_format(cfg.model.prompt_format, tokenizer)
+        text_pad_id = padding_id(tokenizer)
+
+    return Text
+
+
+def ratio(rows: dict, ours: str, baseline: str) -> float | None:
+    if baseline not in rows:
+        return None
+    return rows[ours]["audio_s_per_s"] / rows[baseline]["audio_s_per_s"]
+
+
+def print_table(rows: dict, batches, counts, seconds_audio: float, peak_tflops: float) -> None:
+    print(
+        f"\n{len(batches)} bucketed batches, {seconds_audio:.0f} audio s, "
+        f"{sum(c['positions'] for c in counts)} LLM positions, {sum(c['flops'] for c in counts) / 1e12:.1f} model TFLOP per pass; "
+        f"bf16 matmul ceiling {peak_tflops:.0f} TFLOP/s"
+    )
+    header = f"{'path':<22}{'s/pass':>8}{'audio-s/s':>11}{'tokens/s':>10}{'TFLOP/s':>9}{'MFU':>7}{'peak GB':>9}{'x NeMo':>8}{'x plain':>8}"
+    print(header)
+    for name, row in rows.items():
+        vs_nemo = ratio(rows, name, "nemo")
+        vs_plain = ratio(rows, name, "plain")
+        print(
+            f"{name:<22}{row['seconds']:>8.3f}{row['audio_s_per_s']:>11.0f}{row['tokens_per_s']:>10.0f}"
+            f"{row['tflops']:>9.1f}{row['mfu']:>7.1%}{row['peak_mem_gb']:>9.1f}"
+            f"{(vs_nemo or float('nan')):>8.2f}{(vs_plain or float('nan')):>8.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
