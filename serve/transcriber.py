@@ -22,6 +22,7 @@ from serve.audio import AudioTooLongError
 from serve.metrics import TranscriberMetrics
 
 GAUGE_REFRESH_S = 5.0
+MERGEABLE_BATCHES = 256  # Serve batches admitted at once so that they can be merged (see transcribe_batch)
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,8 @@ class Transcriber:
         self._waiting = 0
         self._last_rtfx: float | None = None
         self._recent_batch_requests: deque[int] = deque(maxlen=4096)
+        self._pending: deque[tuple[list[TranscriptionJob], asyncio.Future]] = deque()
+        self._model_lock = asyncio.Lock()
         self._gauge_task = asyncio.get_running_loop().create_task(self._refresh_gauges())
 
     def reconfigure(self, user_config: dict) -> None:
@@ -129,12 +132,54 @@ class Transcriber:
         self.metrics.queue_depth.set(self._waiting)
         return await self.transcribe_batch(job)
 
-    @serve.batch(max_batch_size=640, batch_wait_timeout_s=0.05, batch_size_fn=batch_audio_seconds)
+    @serve.batch(
+        max_batch_size=640,
+        batch_wait_timeout_s=0.05,
+        batch_size_fn=batch_audio_seconds,
+        max_concurrent_batches=MERGEABLE_BATCHES,
+    )
     async def transcribe_batch(self, jobs: list[TranscriptionJob]) -> list[list[PieceResult]]:
+        """Run ``jobs`` on the model, merged with any other batches that formed while it was busy.
+
+        Serve forms a batch every ``batch_wait_timeout_s`` even while the previous one is still
+        running (it only queues them), so under load it makes many small batches; with a model
+        that takes seconds per batch the average batch was ~2 requests at 16 in flight. Batches are
+        therefore admitted concurrently and wait here; whoever gets the model next runs everything
+        waiting, up to the audio budget, in one call.
+        """
+        done = asyncio.get_running_loop().create_future()
+        self._pending.append((jobs, done))
+        while not done.done():
+            async with self._model_lock:
+                if not done.done():
+                    await self._run_pending()
+        return done.result()
+
+    async def _run_pending(self) -> None:
+        taken, audio_s = [], 0.0
+        while self._pending and (
+            not taken or audio_s + batch_audio_seconds(self._pending[0][0]) <= self.config.max_batch_audio_s
+        ):
+            taken.append(self._pending.popleft())
+            audio_s += batch_audio_seconds(taken[-1][0])
+        jobs = [job for batch, _ in taken for job in batch]
         self._waiting -= len(jobs)
         self.metrics.queue_depth.set(self._waiting)
-        # In a thread: the replica's event loop keeps answering health checks and queueing requests.
-        return await asyncio.to_thread(self._run_batch, jobs)
+        try:
+            # In a thread: the replica's event loop keeps answering health checks and queueing requests.
+            results = await asyncio.to_thread(self._run_batch, jobs)
+        except BaseException as error:  # also cancellation: no taken request may be left waiting
+            failure = error if isinstance(error, Exception) else RuntimeError("the batch was cancelled")
+            for _, done in taken:
+                if not done.done():
+                    done.set_exception(failure)
+            if not isinstance(error, Exception):
+                raise
+            return
+        start = 0
+        for batch, done in taken:
+            done.set_result(results[start : start + len(batch)])
+            start += len(batch)
 
     def _run_batch(self, jobs: list[TranscriptionJob]) -> list[list[PieceResult]]:
         started = time.perf_counter()
