@@ -52,7 +52,7 @@ class IngressSettings:
     retry_after_s: int = 5
 
     def api_key(self) -> str | None:
-        """Read per request, so a rotated secret applies without a restart."""
+        """The token lives in the replica's environment (runtime_env, a Kubernetes secret), never in the config."""
         if not self.api_key_env:
             return None
         return os.environ.get(self.api_key_env) or None
