@@ -4,7 +4,8 @@ The driver streams the manifests and cuts them into chunks of ``shard_size`` ent
 per chunk writes one output shard (``cuts.N.jsonl.gz`` + ``recording.N.tar``), so a cluster
 prepares thousands of hours in parallel. A bad entry never stops the run: missing or unreadable
 audio, empty text, or a duration that does not fit the audio file is skipped and counted by
-reason; the summary (also written to ``summary.json``) says how much was kept and what was not.
+reason; the summary says how much was kept and what was not. Nothing but shards is written to
+the output directory: Lhotse's ``CutSet.from_shar(in_dir=...)`` treats every file there as a field.
 
 NeMo manifest lines: ``audio_filepath`` (relative paths are relative to the manifest, as in
 NeMo), ``duration``, ``text``, optional ``offset``, ``lang``, ``context``. Lhotse manifests
@@ -13,7 +14,6 @@ NeMo), ``duration``, ``text``, optional ``offset``, ``lang``, ``context``. Lhots
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from collections import Counter
@@ -247,9 +247,6 @@ def prepare_shar(
             collect(done)
     skipped.update(driver_skips)
     summary.skipped = dict(skipped)
-    (out / "summary.json").write_text(
-        json.dumps({**dataclasses.asdict(summary), "hours": summary.hours}, indent=2)
-    )
     return summary
 
 
