@@ -129,3 +129,23 @@ def synthesize_corpus(
     with ThreadPoolExecutor(max_workers=workers) as pool:
         list(pool.map(_make, utterances))
     return utterances
+
+
+def write_nemo_manifest(utterances: list[Utterance], path: str | Path) -> Path:
+    """A NeMo JSON-lines manifest (``audio_filepath``, ``duration``, ``text``) for ``utterances``."""
+    import json
+
+    import soundfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as manifest:
+        for utterance in utterances:
+            info = soundfile.info(str(utterance.path))
+            entry = {
+                "audio_filepath": str(utterance.path),
+                "duration": info.frames / info.samplerate,
+                "text": utterance.text,
+            }
+            manifest.write(json.dumps(entry) + "\n")
+    return path

@@ -31,8 +31,14 @@ def build_datasets(cfg: DictConfig) -> dict[str, ray.data.Dataset]:
     }
     datasets = {"train": build_dataset(_data_config(cfg, cfg.data.train_ds), **text, infinite=True)}
     for name, section in (cfg.data.validation_ds.get("datasets") or {}).items():
-        datasets[f"val_{name}"] = build_dataset(_data_config(cfg, section), **text, infinite=False)
+        datasets[f"val_{name}"] = build_dataset(_validation_config(cfg, section), **text, infinite=False)
     return datasets
+
+
+def _validation_config(cfg: DictConfig, section: DictConfig):
+    """A validation set: fixed-size batches (``data.validation_ds.batch_size``) in dataset order."""
+    batch_size = int(cfg.data.validation_ds.get("batch_size", 8))
+    return _data_config(cfg, section, batch_size=batch_size, use_bucketing=False, shuffle=False)
 
 
 def train_batches(
@@ -49,28 +55,24 @@ def train_batches(
     return iter(iterate_batches(rows, data_cfg, pad_id))
 
 
-class _FixedBatches:
-    """Re-iterable fixed-size batches over a validation shard, in dataset order."""
+class _ValidationBatches:
+    """Re-iterable: each validation pass reads the whole set again, in dataset order."""
 
-    def __init__(self, shard, batch_size: int, pad_id: int) -> None:
-        self.shard, self.batch_size, self.pad_id = shard, batch_size, pad_id
+    def __init__(self, shard, cfg, pad_id: int) -> None:
+        self.shard, self.cfg, self.pad_id = shard, cfg, pad_id
 
     def __iter__(self) -> Iterator[dict]:
-        from salm.data.collate import collate_rows
+        from salm.data.bucketing import iterate_batches
 
-        rows: list[dict] = []
-        for row in self.shard.iter_rows():
-            rows.append(row)
-            if len(rows) == self.batch_size:
-                yield collate_rows(rows, self.pad_id)
-                rows = []
-        if rows:
-            yield collate_rows(rows, self.pad_id)
+        return iterate_batches(self.shard.iter_rows(), self.cfg, self.pad_id)
 
 
 def validation_batches(cfg: DictConfig, pad_id: int) -> dict[str, Iterable[dict]]:
-    batch_size = int(cfg.data.validation_ds.get("batch_size", 8))
-    names = list((cfg.data.validation_ds.get("datasets") or {}).keys())
+    """Fixed-size batches (``data.validation_ds.batch_size``) per named validation set."""
+    sets = cfg.data.validation_ds.get("datasets") or {}
     return {
-        name: _FixedBatches(ray.train.get_dataset_shard(f"val_{name}"), batch_size, pad_id) for name in names
+        name: _ValidationBatches(
+            ray.train.get_dataset_shard(f"val_{name}"), _validation_config(cfg, section), pad_id
+        )
+        for name, section in sets.items()
     }

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from salm.errors import SALMConfigError
 from salm.train.data_feed import build_datasets
 from salm.train.loop import train_loop_per_worker
 from salm.train.recipe import save_resolved
@@ -66,8 +67,19 @@ def build_trainer(cfg: DictConfig) -> TorchTrainer:
     )
 
 
+def check_resume_checkpoint(cfg: DictConfig) -> None:
+    """``exp_manager.resume_from_checkpoint`` must be a checkpoint of ours (workers read it directly)."""
+    path = cfg.exp_manager.get("resume_from_checkpoint")
+    if path and not (Path(str(path)) / "train_state.json").exists():
+        raise SALMConfigError(
+            f"`exp_manager.resume_from_checkpoint` is {path!r}, which is not a salm-ray checkpoint directory "
+            "(no train_state.json); point it at a checkpoint_* directory of an earlier run"
+        )
+
+
 def run_training(cfg: DictConfig) -> ray.train.Result:
     """Train; returns Ray's ``Result`` (``best_checkpoints`` sorted by val_wer)."""
+    check_resume_checkpoint(cfg)
     ensure_ray()
     run_dir = run_dir_of(cfg)
     config_file = save_resolved(cfg, run_dir)

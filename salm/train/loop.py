@@ -66,8 +66,13 @@ def train_loop_per_worker(config: dict) -> None:
     preprocessor_state = {k: v.clone() for k, v in model.perception.preprocessor.state_dict().items()}
 
     step, exact_resume_dir = 0, None
-    checkpoint = ray.train.get_checkpoint()
-    checkpoint_dir = Path(checkpoint.to_directory()) if checkpoint else None
+    checkpoint = ray.train.get_checkpoint()  # this run's latest (after a restart or a re-run)
+    if checkpoint is not None:
+        checkpoint_dir = Path(checkpoint.to_directory())
+    elif cfg.exp_manager.get("resume_from_checkpoint"):
+        checkpoint_dir = Path(str(cfg.exp_manager.resume_from_checkpoint))  # another run's, on shared storage
+    else:
+        checkpoint_dir = None
     if checkpoint_dir is not None:
         state = checkpointing.read_train_state(checkpoint_dir)
         if state["world_size"] == world_size:

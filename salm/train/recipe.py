@@ -36,6 +36,7 @@ EXP_MANAGER_DEFAULTS = {
     "name": "salm",
     "checkpoint_every_n_steps": None,  # null: at every validation
     "save_top_k": 2,
+    "resume_from_checkpoint": None,  # a checkpoint dir to start from (any world size) when the run has none
     "max_failures": 0,
     "always_save_nemo": False,
     "save_nemo_on_train_end": True,
