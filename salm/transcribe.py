@@ -9,9 +9,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("transcribe", help="transcribe audio files with a saved model")
     parser.add_argument("model", help="a .nemo file, HF-layout dir, Ray Train checkpoint dir or NeMo .ckpt")
     parser.add_argument("audio", nargs="+", help="audio files (any rate; resampled)")
-    parser.add_argument(
-        "--llm-path", default=None, help="LLM config+tokenizer dir if the model carries none"
-    )
+    parser.add_argument("--llm-path", default=None, help="LLM config+tokenizer dir if the model carries none")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.set_defaults(func=run)
 

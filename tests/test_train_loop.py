@@ -164,12 +164,14 @@ def test_killed_worker_is_replaced_and_training_finishes(shar_corpus, tiny_llm_d
 
     def kill_one_worker_after_first_checkpoint() -> None:
         deadline = time.time() + 600
-        while time.time() < deadline and not list(run_dir.glob("checkpoint_*")):
+        # The snapshot is written once Ray Train has registered the checkpoint (the directory
+        # itself appears earlier, while it is still being reported).
+        while time.time() < deadline and not (run_dir / "checkpoint_manager_snapshot.json").exists():
             time.sleep(0.5)
         workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
         if workers:
             os.kill(workers[0].pid, signal.SIGKILL)
-            killed.append(workers[0].pid)
+            killed.append(workers[0].pid)  # a training worker of this run, mid-training
 
     killer = threading.Thread(target=kill_one_worker_after_first_checkpoint, daemon=True)
     killer.start()
