@@ -24,6 +24,11 @@ def build_datasets(cfg: DictConfig) -> dict[str, ray.data.Dataset]:
     """``train`` (infinite, shuffled) and one ``val_<name>`` per validation set (finite)."""
     from salm.data.pipeline import build_dataset
 
+    # Ray Data's per-operator progress bars, redrawn by every worker, bury the training log.
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.enable_operator_progress_bars = False
+
     text = {
         "tokenizer_dir": str(cfg.model.tokenizer_path or cfg.model.pretrained_llm),
         "prompt_format": str(cfg.model.prompt_format),

@@ -26,13 +26,24 @@ def run_dir_of(cfg: DictConfig) -> Path:
     return Path(str(cfg.exp_manager.exp_dir)).resolve() / str(cfg.exp_manager.name)
 
 
-def ensure_ray() -> None:
-    """Join ``RAY_ADDRESS`` (or the job's cluster) if set, else start a local Ray instance."""
+def ensure_ray() -> str:
+    """Join ``RAY_ADDRESS`` (or the job's cluster) if set, else start a local Ray instance (dashboard on).
+
+    Returns the dashboard address (``host:port``), where jobs and Serve configs are submitted.
+    """
     if not ray.is_initialized():
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(
-            address=os.environ.get("RAY_ADDRESS"), runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}}
+        address = os.environ.get("RAY_ADDRESS")
+        # A local instance gets at least 4 logical CPUs: 2 train workers plus the Ray Data read
+        # tasks (an infinite stream holds its CPU) would otherwise wait for each other forever.
+        context = ray.init(
+            address=address,
+            num_cpus=None if address else max(4, os.cpu_count() or 1),
+            include_dashboard=True,
+            runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}},
         )
+        return context.dashboard_url
+    return ray._private.worker.get_dashboard_url()
 
 
 def build_trainer(cfg: DictConfig) -> TorchTrainer:

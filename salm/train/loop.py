@@ -9,6 +9,7 @@ parallelism (the model is data-parallel only).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -110,6 +111,9 @@ def train_loop_per_worker(config: dict) -> None:
     batches = train_batches(cfg, model.text_pad_id, model.token_equivalent_duration, seed_offset=step)
     meter = StepMeter(run_name=str(exp.name), world_size=world_size)
     last_checkpoint_step = step if checkpoint_dir is not None else -1
+    metrics_log = (
+        Path(str(exp.exp_dir)).resolve() / str(exp.name) / "metrics.jsonl"
+    )  # shared storage, like checkpoints
 
     while step < max_steps:
         for _ in range(accumulate):
@@ -161,6 +165,11 @@ def train_loop_per_worker(config: dict) -> None:
                     flush=True,
                 )
             metrics = {**(metrics or meter.last), **val_metrics, "step": step}
+        if is_chief and metrics is not None:
+            with metrics_log.open("a") as sink:  # one JSON line per logged step: curves without a dashboard
+                sink.write(
+                    json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}) + "\n"
+                )
         if validate_now and (step % ckpt_every == 0 or step == max_steps):
             checkpointing.save_and_report(engine, model, step, metrics, zero_stage)
             last_checkpoint_step = step
