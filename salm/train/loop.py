@@ -23,6 +23,7 @@ from torch import nn
 
 from salm.model.salm import SALM
 from salm.train import checkpointing
+from salm.train.batch_device import to_device
 from salm.train.data_feed import train_batches, validation_batches
 from salm.train.deepspeed_setup import build_optimizer, deepspeed_config, warmup_cosine
 from salm.train.prediction_log import SampleTokens, format_block
@@ -41,12 +42,6 @@ class LossModule(nn.Module):
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         return self.salm.loss(batch)
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {
-        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
-    }
 
 
 def train_loop_per_worker(config: dict) -> None:

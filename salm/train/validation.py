@@ -13,6 +13,7 @@ import torch
 
 from salm.metrics import token_accuracy, word_error_rate
 from salm.model.salm import SALM
+from salm.train.batch_device import to_device
 from salm.train.prediction_log import SampleTokens, format_block
 
 
@@ -44,6 +45,7 @@ def validate(
             totals = SetTotals()
             logged = 0
             for batch in batches:
+                batch = to_device(batch, model.device)
                 out = model.loss(batch)
                 tokens = int(out["num_target_tokens"])
                 totals.loss_sum += float(out["loss"]) * tokens
