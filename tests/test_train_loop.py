@@ -175,14 +175,24 @@ def test_killed_worker_is_replaced_and_training_finishes(shar_corpus, tiny_llm_d
 
     killer = threading.Thread(target=kill_one_worker_after_first_checkpoint, daemon=True)
     killer.start()
+    # 60 steps with a checkpoint every 12: the kill lands mid-run even when the state API is slow.
     result = run_training(
-        recipe(shar_corpus, tiny_llm_dir, tmp_path, "failover", "exp_manager.max_failures=1")
+        recipe(
+            shar_corpus,
+            tiny_llm_dir,
+            tmp_path,
+            "failover",
+            "exp_manager.max_failures=1",
+            "trainer.max_steps=60",
+            "trainer.log_prediction_train=false",
+            "trainer.log_prediction_valid=false",
+        )
     )
     killer.join(timeout=5)
     text = capfd.readouterr().out
     assert killed, "no worker was killed"
-    assert "resumed from step 12" in text, text[-4000:]
-    assert result.metrics["step"] == 24
+    assert re.search(r"resumed from step (12|24|36|48) ", text), text[-4000:]
+    assert result.metrics["step"] == 60
 
 
 def test_ray_job_submit_runs_the_training_entrypoint(shar_corpus, tiny_llm_dir, tmp_path, ray_local) -> None:
