@@ -13,7 +13,10 @@ def test_quickstart_smoke_produces_every_artefact(tmp_path, ray_local, capsys) -
         assert f"[{step}/6]" in out
     run_dir = Path(summary["run_dir"])
     assert (run_dir / "config.resolved.yaml").exists()
-    assert json.loads((Path(summary["checkpoint"]) / "train_state.json").read_text())["step"] == 12
+    assert json.loads((Path(summary["checkpoint"]) / "train_state.json").read_text())["step"] in (
+        6,
+        12,
+    )  # best by WER
     assert Path(summary["nemo"]).stat().st_size > 1_000_000
     assert Path(summary["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [json.loads(line)["step"] for line in Path(summary["logs"]).read_text().splitlines()][-1] == 12
