@@ -161,6 +161,9 @@ def main() -> None:
     parser.add_argument("--num-buckets", type=int, default=10)
     parser.add_argument("--workdir", default="/tmp/salm_bench_data")
     parser.add_argument("--note", default="", help="free text stored with the result (e.g. machine load)")
+    parser.add_argument(
+        "--out", default=str(RESULTS / "data_throughput.json"), help="where the JSON result goes"
+    )
     args = parser.parse_args()
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -206,8 +209,9 @@ def main() -> None:
         f"{result['steady_ratio_vs_lhotse']:.2f}); padding {result['padding_ratio_bucketed']:.1%} bucketed, "
         f"{result['padding_ratio_unbucketed']:.1%} unbucketed"
     )
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "data_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -206,6 +206,7 @@ def test_ray_job_submit_runs_the_training_entrypoint(shar_corpus, tiny_llm_dir, 
         "trainer.val_check_interval=4",
         "trainer.log_every_n_steps=2",
         "exp_manager.save_nemo_on_train_end=false",
+        "exp_manager.always_save_nemo=true",
         f"exp_manager.exp_dir={tmp_path}",
         "exp_manager.name=job",
     ]
@@ -229,3 +230,4 @@ def test_ray_job_submit_runs_the_training_entrypoint(shar_corpus, tiny_llm_dir, 
     assert "succeeded" in (completed.stdout + completed.stderr).lower()
     checkpoints = list((tmp_path / "job").glob("checkpoint_*/train_state.json"))
     assert checkpoints and json.loads(checkpoints[0].read_text())["step"] == 4
+    assert (checkpoints[0].parent / "model.nemo").stat().st_size > 1_000_000  # exp_manager.always_save_nemo

@@ -5,6 +5,7 @@ Layout of one checkpoint directory::
 
     deepspeed/        DeepSpeed engine state of every rank (module, optimizer, LR schedule)
     model/            config.json + model.safetensors + llm_backbone/ (salm.io.hf_layout)
+    model.nemo        only with exp_manager.always_save_nemo (salm.io.nemo_file)
     train_state.json  {"step": ..., "world_size": ..., "metrics": {...}}
 """
 
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 DEEPSPEED_DIR = "deepspeed"
 MODEL_DIR = "model"
 STATE_FILE = "train_state.json"
+NEMO_FILE = "model.nemo"
 TAG = "engine"  # not "latest": DeepSpeed writes a file of that name
 
 
@@ -39,8 +41,11 @@ def _gathered(model: torch.nn.Module, zero_stage: int):
     return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
 
 
-def save_and_report(engine, model: SALM, step: int, metrics: dict, zero_stage: int) -> None:
-    """Every rank writes its DeepSpeed shard; rank 0 adds the full model; Ray merges the files."""
+def save_and_report(
+    engine, model: SALM, step: int, metrics: dict, zero_stage: int, with_nemo: bool = False
+) -> None:
+    """Every rank writes its DeepSpeed shard; rank 0 adds the full model (and a ``model.nemo`` when
+    ``with_nemo``: ``exp_manager.always_save_nemo``); Ray merges the files."""
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     with tempfile.TemporaryDirectory(prefix="salm-ckpt-") as tmp:
@@ -49,6 +54,10 @@ def save_and_report(engine, model: SALM, step: int, metrics: dict, zero_stage: i
         with _gathered(model, zero_stage):
             if rank == 0:
                 save_hf_layout(model, tmp_path / MODEL_DIR)
+                if with_nemo:
+                    from salm.io.nemo_file import save_nemo
+
+                    save_nemo(model, tmp_path / NEMO_FILE)
         if rank == 0:
             state = {"step": step, "world_size": world_size, "metrics": metrics}
             (tmp_path / STATE_FILE).write_text(json.dumps(state, indent=2))

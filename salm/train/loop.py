@@ -166,7 +166,9 @@ def train_loop_per_worker(config: dict) -> None:
                     json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}) + "\n"
                 )
         if validate_now and (step % ckpt_every == 0 or step == max_steps):
-            checkpointing.save_and_report(engine, model, step, metrics, zero_stage)
+            checkpointing.save_and_report(
+                engine, model, step, metrics, zero_stage, with_nemo=bool(exp.always_save_nemo)
+            )
             last_checkpoint_step = step
         elif metrics is not None:
             ray.train.report(metrics)
