@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import tempfile
 from pathlib import Path
 
@@ -22,8 +21,6 @@ import torch
 
 from salm.io.hf_layout import load_weights, save_hf_layout
 from salm.model.salm import SALM
-
-log = logging.getLogger(__name__)
 
 DEEPSPEED_DIR = "deepspeed"
 MODEL_DIR = "model"

@@ -30,8 +30,6 @@ from salm.train.prediction_log import SampleTokens, format_block
 from salm.train.step_metrics import StepMeter
 from salm.train.validation import validate
 
-log = logging.getLogger("salm.train")
-
 
 class LossModule(nn.Module):
     """What DeepSpeed wraps: ``forward(batch)`` is the SALM loss, so the engine's hooks see it."""
