@@ -45,7 +45,7 @@ def build_app(args: AppArgs | dict) -> Application:
     if not model_path.exists():
         raise FileNotFoundError(
             f"`args.model` {str(model_path)!r} does not exist; give the path of a saved SALM "
-            "(`salm quickstart` writes one to runs/quickstart/model)"
+            "(`salm quickstart` writes one to runs/quickstart/runs/tiny/final.nemo)"
         )
     num_gpus = args.num_gpus
     if num_gpus == "auto":

@@ -21,7 +21,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         "serve",
         help="serve a saved model over HTTP with Ray Serve (OpenAI-style /v1/audio/transcriptions)",
         description="Runs `serve run` on the Ray Serve config file with args.model set to MODEL, e.g. "
-        "`salm serve runs/quickstart/model args.max_audio_s=300 Transcriber.user_config.max_batch_audio_s=320 "
+        "`salm serve runs/quickstart/runs/tiny/final.nemo args.max_audio_s=300 Transcriber.user_config.max_batch_audio_s=320 "
         "--port 8001` (overrides right after MODEL, options before MODEL or after the overrides).",
     )
     parser.add_argument("model", help="a saved SALM (HF-layout directory or .nemo file)")
