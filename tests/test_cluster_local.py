@@ -165,13 +165,13 @@ def test_project_metrics_reach_the_nodes_prometheus_endpoints(cluster: dict) -> 
 
     client = JobSubmissionClient(cluster["RAY_DASHBOARD_ADDRESS"])
     job_id = client.submit_job(
-        entrypoint="python cluster/monitoring/emit_sample_metrics.py --seconds 120", runtime_env=RUNTIME_ENV
+        entrypoint="python cluster/monitoring/emit_sample_metrics.py --seconds 240", runtime_env=RUNTIME_ENV
     )
     try:
         # Every node exports what its own workers record; scrape all of them, as Prometheus does.
         ports = cluster["SALM_CLUSTER_METRICS_PORTS"].split()
         assert len(ports) == 2
-        deadline, seen = time.monotonic() + 120, set()
+        deadline, seen = time.monotonic() + 200, set()
         expected.add("ray_node_cpu_utilization")  # Ray's own node metrics share the endpoint
         while not expected <= seen and time.monotonic() < deadline:
             assert client.get_job_status(job_id) in {JobStatus.PENDING, JobStatus.RUNNING}, (

@@ -68,6 +68,13 @@ class SampleEmitter:
         names = sorted(name for metric in self.metrics for name in prometheus_names(metric))
         return {"node_id": ray.get_runtime_context().get_node_id(), "series": names}
 
+    def refresh_gauges(self) -> None:
+        """Ray exports a gauge only in the windows where it was set: set them again, as the
+        transcriber and the training loop do with their own."""
+        for metric in self.metrics:
+            if isinstance(metric, Gauge):
+                record_sample(metric)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(
@@ -78,7 +85,10 @@ def main() -> None:
     ray.init()
     emitter = SampleEmitter.remote()
     print(json.dumps(ray.get(emitter.emit.remote())), flush=True)
-    time.sleep(args.seconds)
+    deadline = time.monotonic() + args.seconds
+    while time.monotonic() < deadline:
+        time.sleep(2)
+        ray.get(emitter.refresh_gauges.remote())
 
 
 if __name__ == "__main__":
