@@ -100,44 +100,52 @@ async def run_load(url: str, clips: list[Clip], concurrency: int, requests: int,
 
 
 def offline_throughput(
-    model_dir: Path, paths: list[Path], batch_size: int, requests: int, max_new_tokens: int
-) -> dict:
-    """``SALM.generate`` on the same clips in batches of ``batch_size``: the no-serving ceiling."""
+    model_dir: Path, paths: list[Path], batch_sizes: list[int], requests: int, max_new_tokens: int
+) -> list[dict]:
+    """``SALM.generate`` on the same clips in batches of each size: the no-serving ceiling."""
     import torch
 
     from salm.audio import load_audio
     from salm.model import SALM
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = SALM.from_pretrained(model_dir).eval().to(device)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32  # as the transcriber serves it
+    model = SALM.from_pretrained(model_dir).eval().to(device=device, dtype=dtype)
     waves = [load_audio(path, model.sampling_rate) for path in paths]
     order = [waves[i % len(waves)] for i in range(requests)]
-    model.transcribe(order[:batch_size], max_new_tokens=max_new_tokens)  # warm-up
-    started = time.perf_counter()
-    for start in range(0, len(order), batch_size):
-        model.transcribe(order[start : start + batch_size], max_new_tokens=max_new_tokens)
-    wall_s = time.perf_counter() - started
-    audio_s = sum(len(w) for w in order) / model.sampling_rate
-    return {
-        "batch_size": batch_size,
-        "requests": requests,
-        "wall_s": round(wall_s, 3),
-        "audio_s_per_s": round(audio_s / wall_s, 3),
-    }
+    results = []
+    for batch_size in batch_sizes:
+        model.transcribe(order[:batch_size], max_new_tokens=max_new_tokens)  # warm-up
+        started = time.perf_counter()
+        for start in range(0, len(order), batch_size):
+            model.transcribe(order[start : start + batch_size], max_new_tokens=max_new_tokens)
+        wall_s = time.perf_counter() - started
+        audio_s = sum(len(w) for w in order) / model.sampling_rate
+        results.append(
+            {
+                "batch_size": batch_size,
+                "requests": requests,
+                "wall_s": round(wall_s, 3),
+                "audio_s_per_s": round(audio_s / wall_s, 3),
+            }
+        )
+    return results
 
 
-def build_tiny_model(workdir: Path) -> Path:
-    """The bundled tiny recipe with random weights (seed 0), saved in the HF layout."""
+def build_random_model(workdir: Path, shape: str) -> Path:
+    """The tiny recipe or the canary-qwen-2.5b shapes with random weights (seed 0), saved in the HF layout."""
     import torch
-    from omegaconf import OmegaConf
 
-    from salm.assets.tiny_llm import write_tiny_qwen3
+    from bench.common import recipe, write_llm_dir
     from salm.model import SALM
 
-    cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "salm" / "configs" / "tiny.yaml").model
-    cfg.pretrained_llm = str(write_tiny_qwen3(workdir / "tiny_llm"))
+    tiny = shape == "tiny"
+    cfg = recipe(write_llm_dir(workdir / f"{shape}_llm", tiny=tiny), tiny=tiny).model
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # random init of 2.5B: seconds on a GPU
     torch.manual_seed(0)
-    return SALM(cfg).save_pretrained(workdir / "tiny")
+    with torch.device(device):
+        model = SALM(cfg)
+    return model.save_pretrained(workdir / shape, dtype=torch.bfloat16 if device == "cuda" else None)
 
 
 def free_port() -> int:
@@ -183,7 +191,12 @@ def main() -> None:
     target.add_argument("--url", help="a running server")
     target.add_argument("--model", type=Path, help="start a local server for this saved model")
     target.add_argument("--tiny", action="store_true", help="start a local server for the tiny model")
-    parser.add_argument("--concurrency", type=int, default=16)
+    target.add_argument(
+        "--canary-shape", action="store_true", help="... for canary-qwen-2.5b shapes, random weights (GPU)"
+    )
+    parser.add_argument(
+        "--concurrency", type=int, nargs="+", default=[16], help="one load run per value, same server"
+    )
     parser.add_argument("--requests", type=int, default=128)
     parser.add_argument("--audio", type=Path, nargs="*", help="clips to send (default: 16 synthesised ones)")
     parser.add_argument("--api-key", default=os.environ.get("SALM_SERVE_API_KEY"))
@@ -202,7 +215,10 @@ def main() -> None:
 
         paths = [u.path for u in synthesize_corpus(workdir / "speech", make_sentences(16, seed=11), VOICES)]
     clips = load_clips(paths)
-    model_dir = build_tiny_model(workdir) if args.tiny else args.model
+    if args.tiny or args.canary_shape:
+        model_dir = build_random_model(workdir, "tiny" if args.tiny else "canary_qwen_2.5b_shape")
+    else:
+        model_dir = args.model
     url = args.url
     if url is None:
         overrides = [
@@ -212,11 +228,17 @@ def main() -> None:
             *args.set,
         ]
         url = start_local_server(model_dir, overrides, args.num_cpus)
-    asyncio.run(run_load(url, clips, min(args.concurrency, args.warmup), args.warmup, args.api_key))
-    result = asyncio.run(run_load(url, clips, args.concurrency, args.requests, args.api_key))
+    asyncio.run(run_load(url, clips, min(args.concurrency[0], args.warmup), args.warmup, args.api_key))
+    runs = []
+    for concurrency in args.concurrency:
+        runs.append(asyncio.run(run_load(url, clips, concurrency, args.requests, args.api_key)))
+        print(json.dumps(runs[-1]), flush=True)
+    result = dict(runs[0])  # the first concurrency's numbers at the top level; all of them in "runs"
     result.update(
         url=url if args.url else "local",
-        model="tiny (random weights)" if args.tiny else str(model_dir or "remote"),
+        model=f"{model_dir.name} (random weights)"
+        if args.tiny or args.canary_shape
+        else str(model_dir or "remote"),
         clips=len(clips),
         mean_clip_s=round(sum(c.seconds for c in clips) / len(clips), 3),
         machine=f"{platform.machine()}, {os.cpu_count()} cores",
@@ -231,12 +253,16 @@ def main() -> None:
         serve.shutdown()
         ray.shutdown()
         result["max_new_tokens"] = args.max_new_tokens
-    if args.offline:
+    if args.offline:  # batches as large as the concurrency: what the server could batch at best
         if model_dir is None:
             parser.error("--offline needs --model or --tiny")
         offline = offline_throughput(model_dir, paths, args.concurrency, args.requests, args.max_new_tokens)
-        result["offline"] = offline
-        result["served_vs_offline"] = round(result["audio_s_per_s"] / offline["audio_s_per_s"], 3)
+        for run, ceiling in zip(runs, offline, strict=True):
+            run["offline"] = ceiling
+            run["served_vs_offline"] = round(run["audio_s_per_s"] / run["offline"]["audio_s_per_s"], 3)
+        result["offline"], result["served_vs_offline"] = runs[0]["offline"], runs[0]["served_vs_offline"]
+    if len(runs) > 1:
+        result["runs"] = runs
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

@@ -25,23 +25,80 @@ from omegaconf import OmegaConf
 from salm.assets.synthetic_speech import make_sentences, synthesize_corpus, write_nemo_manifest
 from salm.assets.tiny_llm import write_tiny_qwen3
 
-TRAIN_VOICES = ["kal16", "slt", "rms", "awb", "espeak:en-us", "espeak:en"]
-HELDOUT_VOICE = "kal"  # never heard in training (and 8 kHz: resampled on the way in)
+TRAIN_VOICES = ("kal16", "slt", "rms", "awb", "espeak:en-us", "espeak:en")
+HELDOUT_VOICES = ("kal",)  # never heard in training (and 8 kHz: resampled on the way in)
+FLITE_16K_VOICES = ("kal16", "slt", "rms", "awb")
 PROMPT = "Transcribe the following: <|audioplaceholder|>"
+
+# The GPU preset's SALM: FastConformer 6 x 256 and a Qwen3 4 x 256 (random, all trained),
+# sized to learn the corpus in a few minutes on one H100.
+SMALL_LLM = {
+    "hidden_size": 256,
+    "num_layers": 4,
+    "num_heads": 4,
+    "num_kv_heads": 2,
+    "intermediate_size": 1024,
+}
+SMALL_MODEL_OVERRIDES = [
+    "model.perception.encoder.n_layers=6",
+    "model.perception.encoder.d_model=256",
+    "model.perception.encoder.subsampling_conv_channels=256",
+    "model.perception.modality_adapter.d_model=256",
+]
+ONE_GPU_OVERRIDES = [
+    "trainer.use_gpu=true",
+    "trainer.num_workers=1",
+    "trainer.resources_per_worker={GPU: 1, CPU: 4}",
+    "trainer.precision=bf16",
+    "data.train_ds.num_workers=4",
+]
 
 
 @dataclass
 class QuickstartSize:
-    """How big the run is: the full default fits in ~15 minutes on 2 cores; ``smoke`` in ~3."""
+    """How big the run is: the default fits in ~15 minutes on 2 cores, ``smoke`` in ~3, ``gpu`` one H100."""
 
     train_utterances: int = 900
     heldout_utterances: int = 40
     max_steps: int = 300
     val_check_interval: int = 100
+    train_voices: tuple[str, ...] = TRAIN_VOICES
+    heldout_voices: tuple[str, ...] = HELDOUT_VOICES
+    llm: dict | None = None  # write_tiny_qwen3 sizes; None: the tiny default
+    overrides: tuple[str, ...] = ()  # recipe overrides on top of the quickstart's own
 
     @classmethod
     def smoke(cls) -> QuickstartSize:
         return cls(train_utterances=48, heldout_utterances=8, max_steps=12, val_check_interval=6)
+
+    @classmethod
+    def gpu(cls) -> QuickstartSize:
+        """One GPU: 3000 utterances of the four 16 kHz flite voices; held out: 200 unseen sentences
+        spoken by those voices (no espeak-ng, which the GPU image lacks; no unseen voice)."""
+        return cls(
+            train_utterances=3000,
+            heldout_utterances=200,
+            max_steps=3000,
+            val_check_interval=1000,
+            train_voices=FLITE_16K_VOICES,
+            heldout_voices=FLITE_16K_VOICES,
+            llm=SMALL_LLM,
+            overrides=(
+                *SMALL_MODEL_OVERRIDES,
+                *ONE_GPU_OVERRIDES,
+                "data.train_ds.batch_size=32",
+                "data.validation_ds.batch_size=50",
+                "model.optimizer.lr=1e-3",
+                "model.lr_scheduler.warmup_steps=200",
+                "trainer.log_every_n_steps=50",
+                "trainer.log_prediction_train_interval=500",
+            ),
+        )
+
+    def describe_heldout(self) -> str:
+        if set(self.heldout_voices) & set(self.train_voices):
+            return "unseen sentences, training voices"
+        return "unseen sentences, unseen voice"
 
 
 def _step(index: int, total: int, text: str) -> None:
@@ -53,9 +110,11 @@ def make_corpus(workdir: Path, size: QuickstartSize) -> dict[str, Path]:
     from salm.data.prepare import prepare_shar
 
     sentences = make_sentences(size.train_utterances + size.heldout_utterances, seed=7)
-    train = synthesize_corpus(workdir / "speech" / "train", sentences[: size.train_utterances], TRAIN_VOICES)
+    train = synthesize_corpus(
+        workdir / "speech" / "train", sentences[: size.train_utterances], list(size.train_voices)
+    )
     heldout = synthesize_corpus(
-        workdir / "speech" / "heldout", sentences[size.train_utterances :], [HELDOUT_VOICE]
+        workdir / "speech" / "heldout", sentences[size.train_utterances :], list(size.heldout_voices)
     )
     paths = {}
     for name, utterances in (("train", train), ("heldout", heldout)):
@@ -86,6 +145,7 @@ def recipe(workdir: Path, llm_dir: Path, paths: dict[str, Path], size: Quickstar
             "model.lora=null",
             "model.freeze_params=[]",
             "model.optimizer.lr=3e-3",
+            *size.overrides,
         ],
     )
 
@@ -177,7 +237,7 @@ def run_quickstart(workdir: str | Path = "runs/quickstart", size: QuickstartSize
         f"speech corpus: {size.train_utterances} train + {size.heldout_utterances} held-out utterances -> Shar",
     )
     dashboard_url = ensure_ray()
-    llm_dir = write_tiny_qwen3(workdir / "tiny_llm")
+    llm_dir = write_tiny_qwen3(workdir / "tiny_llm", **(size.llm or {}))
     paths = make_corpus(workdir, size)
     cfg = recipe(workdir, llm_dir, paths, size)
 
@@ -190,13 +250,21 @@ def run_quickstart(workdir: str | Path = "runs/quickstart", size: QuickstartSize
     )
     untrained = evaluate(untrained_dir, paths["heldout_manifest"], workdir / "eval" / "untrained")
 
-    _step(3, total, f"training the tiny SALM: 2 Ray Train workers x DeepSpeed ZeRO-2, {size.max_steps} steps")
+    trainer = cfg.trainer
+    _step(
+        3,
+        total,
+        f"training the SALM: {trainer.num_workers} Ray Train {'GPU' if trainer.use_gpu else 'CPU'} worker(s) x "
+        f"DeepSpeed ZeRO-{cfg.deepspeed.zero_stage}, {size.max_steps} steps",
+    )
+    train_started = time.time()
     run_dir = workdir / "runs" / "tiny"
     result = run_training(cfg)
     best = best_checkpoint_dir(result)
+    train_minutes = (time.time() - train_started) / 60
     nemo_file = run_dir / "final.nemo"
 
-    _step(4, total, f"evaluating {nemo_file.name} on the held-out set (unseen sentences, unseen voice)")
+    _step(4, total, f"evaluating {nemo_file.name} on the held-out set ({size.describe_heldout()})")
     trained = evaluate(nemo_file, paths["heldout_manifest"], workdir / "eval" / "trained")
     plot = plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png", untrained["wer"])
 
@@ -212,6 +280,10 @@ def run_quickstart(workdir: str | Path = "runs/quickstart", size: QuickstartSize
         "untrained_wer": untrained["wer"],
         "heldout_wer": trained["wer"],
         "rtfx": trained.get("rtfx"),
+        "heldout": size.describe_heldout(),
+        "train_minutes": train_minutes,
+        "train_utterances": size.train_utterances,
+        "heldout_utterances": size.heldout_utterances,
         "served_answer": answer,
         "run_dir": str(run_dir),
         "checkpoint": str(best),
@@ -237,9 +309,18 @@ def run_quickstart(workdir: str | Path = "runs/quickstart", size: QuickstartSize
 def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("quickstart", help="run the platform end to end on this machine (offline)")
     parser.add_argument("--workdir", default="runs/quickstart")
-    parser.add_argument(
+    preset = parser.add_mutually_exclusive_group()
+    preset.add_argument(
         "--smoke", action="store_true", help="a ~3-minute version with a tiny corpus and 12 steps"
     )
-    parser.set_defaults(
-        func=lambda args: run_quickstart(args.workdir, QuickstartSize.smoke() if args.smoke else None)
+    preset.add_argument(
+        "--gpu",
+        action="store_true",
+        help="one GPU: a small SALM (FastConformer 6x256, Qwen3 4x256) on 3000 flite utterances, 3000 steps",
     )
+    parser.set_defaults(func=_run_from_args)
+
+
+def _run_from_args(args: argparse.Namespace) -> dict:
+    size = QuickstartSize.smoke() if args.smoke else QuickstartSize.gpu() if args.gpu else None
+    return run_quickstart(args.workdir, size)

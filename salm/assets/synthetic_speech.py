@@ -6,6 +6,7 @@ it on load). Nothing here is downloaded: the voices ship inside the Debian packa
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import subprocess
@@ -112,7 +113,7 @@ def synthesize(text: str, voice: str, path: Path) -> None:
 
 
 def synthesize_corpus(
-    out_dir: str | Path, texts: list[str], voices: list[str], workers: int = 4
+    out_dir: str | Path, texts: list[str], voices: list[str], workers: int | None = None
 ) -> list[Utterance]:
     """Speak ``texts[i]`` with ``voices[i % len(voices)]`` into ``out_dir/NNNNNN.wav``; reuses existing files."""
     out_dir = Path(out_dir)
@@ -126,7 +127,9 @@ def synthesize_corpus(
         if not utterance.path.exists():
             synthesize(utterance.text, utterance.voice, utterance.path)
 
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    with ThreadPoolExecutor(
+        max_workers=workers or max(4, os.cpu_count() or 1)
+    ) as pool:  # flite is one process per clip
         list(pool.map(_make, utterances))
     return utterances
 
