@@ -1,21 +1,24 @@
 """cluster/local/: a real multi-node Ray cluster on this machine, driven the way operators drive one.
 
 One head node and one worker node (separate raylets, their own CPUs and resources), started and
-stopped by the scripts; jobs go in through `ray job submit` and `JobSubmissionClient`, metrics
-come out of the nodes' Prometheus endpoints. The cluster has its own ports and temp dir, so it
-never touches the session's `ray_local` cluster or anyone else's.
+stopped by the scripts; Shar data is prepared and the tiny recipe trained by jobs that go in
+through `ray job submit` and `JobSubmissionClient`, with one Ray Train worker on each node;
+metrics come out of the nodes' Prometheus endpoints. The cluster has its own ports and temp dir,
+so it never touches the session's `ray_local` cluster or anyone else's.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
@@ -24,9 +27,22 @@ REPO = Path(__file__).resolve().parents[1]
 START = REPO / "cluster" / "local" / "start.sh"
 STOP = REPO / "cluster" / "local" / "stop.sh"
 RAY = Path(sys.executable).with_name("ray")
-# The working dir a job ships to the cluster: the repo, minus untracked local artefacts that
-# .gitignore does not cover (Ray honours .gitignore but not .git/info/exclude).
-RUNTIME_ENV = {"working_dir": str(REPO), "excludes": ["/.whl/", "/.git/"]}
+
+
+def local_excludes() -> list[str]:
+    """.git and what .git/info/exclude hides (wheel caches and the like): Ray honours .gitignore
+    when it ships the working dir, but not .git/info/exclude."""
+    exclude_file = REPO / ".git" / "info" / "exclude"
+    lines = exclude_file.read_text().splitlines() if exclude_file.is_file() else []
+    return ["/.git/", *(line.strip() for line in lines if line.strip() and not line.startswith("#"))]
+
+
+# The working dir a job ships to the cluster: the repo, minus untracked local artefacts.
+RUNTIME_ENV = {"working_dir": str(REPO), "excludes": local_excludes()}
+# Every node has one `train_slot` and every training worker asks for one: one worker per node,
+# whatever Ray's default (PACK) placement would prefer.
+TRAIN_SLOT = "train_slot"
+JOB_TIMEOUT_S = 420
 
 
 def processes_mentioning(text: str) -> list[str]:
@@ -43,7 +59,10 @@ def read_env(path: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def cluster():
-    """Head (1 CPU, no GPU) + 1 worker node (2 CPUs, `worker_node` resource); stopped even on failure."""
+    """Head + 1 worker node, 2 CPUs and one `train_slot` each; stopped even on failure.
+
+    4 CPUs in all, as in the session's `ray_local`: 2 training workers plus Ray Data's tasks.
+    """
     # A short path: Ray's socket paths under the temp dir must stay under 107 bytes.
     directory = Path(tempfile.mkdtemp(prefix="salmc-", dir="/tmp"))
     env_file = directory / "cluster.env"
@@ -51,12 +70,14 @@ def cluster():
     env = {**os.environ, "RAY": str(RAY), "RAY_metrics_report_interval_ms": "1000"}
     try:
         started = subprocess.run(
-            [START, "--dir", directory, "--head-cpus", "1", "--worker-cpus", "2"],
+            [START, "--dir", directory, "--head-cpus", "2", "--worker-cpus", "2",
+             "--head-resources", json.dumps({"head_node": 1, TRAIN_SLOT: 1}),
+             "--worker-resources", json.dumps({"worker_node": 1, TRAIN_SLOT: 1})],
             env=env,
             capture_output=True,
             text=True,
             timeout=180,
-        )
+        )  # fmt: skip
         assert started.returncode == 0, started.stdout + started.stderr
         yield {**read_env(env_file), "dir": directory}
     finally:
@@ -98,25 +119,11 @@ def test_cluster_has_a_head_and_a_worker_node_with_their_own_resources(cluster: 
     )
     by_role = {("head" if node.is_head_node else "worker"): node for node in nodes}
     assert len(nodes) == 2 and set(by_role) == {"head", "worker"}
-    assert by_role["head"].resources_total.get("CPU") == 1 and "GPU" not in by_role["head"].resources_total
+    assert by_role["head"].resources_total.get("CPU") == 2 and "GPU" not in by_role["head"].resources_total
+    assert by_role["head"].resources_total.get("head_node") == 1
     assert by_role["worker"].resources_total.get("CPU") == 2
     assert by_role["worker"].resources_total.get("worker_node") == 1
-
-
-def test_ray_job_submit_runs_tasks_on_both_nodes(cluster: dict) -> None:
-    result = subprocess.run(
-        [RAY, "job", "submit", "--address", cluster["RAY_DASHBOARD_ADDRESS"], "--working-dir", REPO,
-         "--runtime-env-json", json.dumps({"excludes": RUNTIME_ENV["excludes"]}),
-         "--", "python", "cluster/local/check_nodes.py"],
-        env={**os.environ, "RAY_AUTH_MODE": cluster["RAY_AUTH_MODE"]},
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )  # fmt: skip
-    assert result.returncode == 0, without_upload_noise(result.stdout + result.stderr)
-    assert "succeeded" in result.stdout + result.stderr
-    report = report_of(result.stdout)
-    assert report["ran_on"] == report["nodes"] == alive_node_ids(cluster)
+    assert all(node.resources_total.get(TRAIN_SLOT) == 1 for node in nodes)
 
 
 def wait_for(client, job_id: str, timeout_s: float):
@@ -133,7 +140,8 @@ def wait_for(client, job_id: str, timeout_s: float):
     return status
 
 
-def test_job_submission_client_runs_tasks_on_both_nodes(cluster: dict) -> None:
+def test_check_nodes_job_runs_a_task_on_every_node(cluster: dict) -> None:
+    """cluster/local/check_nodes.py, the quick look at a new cluster the README gives operators."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(cluster["RAY_DASHBOARD_ADDRESS"])
@@ -143,6 +151,118 @@ def test_job_submission_client_runs_tasks_on_both_nodes(cluster: dict) -> None:
     assert status == JobStatus.SUCCEEDED, without_upload_noise(logs)
     report = report_of(logs)
     assert report["ran_on"] == report["nodes"] == alive_node_ids(cluster)
+
+
+@pytest.fixture(scope="module")
+def shar_data(cluster: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Eight synthesised utterances, made into Shar (2 shards) by `ray_jobs/prepare_data.py` on the cluster."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from salm.assets.synthetic_speech import make_sentences, synthesize_corpus, write_nemo_manifest
+
+    root = tmp_path_factory.mktemp("cluster_data")
+    utterances = synthesize_corpus(root / "wav", make_sentences(8, seed=5), ["kal16", "slt"])
+    manifest = write_nemo_manifest(utterances, root / "train.jsonl")
+    client = JobSubmissionClient(cluster["RAY_DASHBOARD_ADDRESS"])
+    job_id = client.submit_job(
+        entrypoint=f"python ray_jobs/prepare_data.py {manifest} -o {root / 'shar'} --shard-size 4",
+        runtime_env=RUNTIME_ENV,
+    )
+    status = wait_for(client, job_id, timeout_s=JOB_TIMEOUT_S)
+    assert status == JobStatus.SUCCEEDED, without_upload_noise(client.get_job_logs(job_id))
+    assert len(list((root / "shar").glob("cuts.*.jsonl.gz"))) == 2
+    return root / "shar"
+
+
+def train_entrypoint(shar: Path, llm: Path, exp_dir: Path, name: str) -> list[str]:
+    """The tiny recipe, as small as it goes: 2 workers (one per node), 4 steps of batch 2, one
+    validation (8 clips, 4 new tokens) and one checkpoint at the last step, no .nemo export."""
+    return [
+        "python", "ray_jobs/train.py", "--config-name", "tiny",
+        f"model.pretrained_llm={llm}",
+        f"data.train_ds.shar_path={shar}",
+        "data.train_ds.batch_size=2",
+        f"data.validation_ds.datasets.dev.shar_path={shar}",
+        "data.validation_ds.batch_size=4",
+        "trainer.num_workers=2",
+        f"trainer.resources_per_worker={{CPU: 1, {TRAIN_SLOT}: 1}}",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=4",
+        "trainer.log_every_n_steps=2",
+        "trainer.max_new_tokens=4",
+        "trainer.log_prediction_train=false",
+        "trainer.log_prediction_valid_samples=1",
+        "model.lr_scheduler.warmup_steps=2",
+        "exp_manager.save_nemo_on_train_end=false",
+        f"exp_manager.exp_dir={exp_dir}",
+        f"exp_manager.name={name}",
+    ]  # fmt: skip
+
+
+def check_training_job(cluster: dict, submission_id: str, run_dir: Path) -> None:
+    """The job SUCCEEDED, left a step-4 checkpoint with the model, and its two Ray Train workers
+    ran on two different nodes: the head and the worker node."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+    from ray.util.state import list_actors
+
+    client = JobSubmissionClient(cluster["RAY_DASHBOARD_ADDRESS"])
+    info = client.get_job_info(submission_id)
+    assert info.status == JobStatus.SUCCEEDED, without_upload_noise(client.get_job_logs(submission_id))
+    logs = client.get_job_logs(submission_id)
+    assert "validation @ step 4: " in logs and "val_wer_dev=" in logs, without_upload_noise(logs)
+
+    # Beside the checkpoint_* directories Ray Train keeps checkpoint_manager_snapshot.json.
+    (checkpoint,) = [path for path in run_dir.glob("checkpoint_*") if path.is_dir()]
+    state = json.loads((checkpoint / "train_state.json").read_text())
+    assert state["step"] == 4 and state["world_size"] == 2
+    assert (checkpoint / "model" / "model.safetensors").is_file()
+    assert (checkpoint / "model" / "config.json").is_file()
+    assert (checkpoint / "deepspeed").is_dir()
+
+    # The state API keeps finished actors (state DEAD) with the node they ran on.
+    workers = [
+        actor
+        for actor in list_actors(
+            address=cluster["RAY_DASHBOARD_ADDRESS"],
+            filters=[("class_name", "=", "RayTrainWorker")],
+            detail=True,
+            raise_on_missing_output=False,
+        )
+        if actor.job_id == info.job_id
+    ]
+    assert len(workers) == 2, workers
+    assert sorted(worker.node_id for worker in workers) == alive_node_ids(cluster)
+
+
+def test_ray_job_submit_trains_with_a_worker_on_each_node(
+    cluster: dict, shar_data: Path, tiny_llm_dir: Path, tmp_path: Path
+) -> None:
+    submission_id = f"salm-train-cli-{uuid.uuid4().hex[:8]}"
+    result = subprocess.run(
+        [RAY, "job", "submit", "--address", cluster["RAY_DASHBOARD_ADDRESS"], "--working-dir", REPO,
+         "--runtime-env-json", json.dumps({"excludes": RUNTIME_ENV["excludes"]}),
+         "--submission-id", submission_id,
+         "--", *train_entrypoint(shar_data, tiny_llm_dir, tmp_path, "cli")],
+        env={**os.environ, "RAY_AUTH_MODE": cluster["RAY_AUTH_MODE"]},
+        capture_output=True,
+        text=True,
+        timeout=JOB_TIMEOUT_S,
+    )  # fmt: skip
+    assert result.returncode == 0, without_upload_noise(result.stdout + result.stderr)
+    assert f"Job '{submission_id}' succeeded" in result.stdout + result.stderr
+    check_training_job(cluster, submission_id, tmp_path / "cli")
+
+
+def test_job_submission_client_trains_with_a_worker_on_each_node(
+    cluster: dict, shar_data: Path, tiny_llm_dir: Path, tmp_path: Path
+) -> None:
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(cluster["RAY_DASHBOARD_ADDRESS"])
+    entrypoint = shlex.join(train_entrypoint(shar_data, tiny_llm_dir, tmp_path, "client"))
+    submission_id = client.submit_job(entrypoint=entrypoint, runtime_env=RUNTIME_ENV)
+    wait_for(client, submission_id, timeout_s=JOB_TIMEOUT_S)
+    check_training_job(cluster, submission_id, tmp_path / "client")
 
 
 def scrape(port: str) -> set[str]:
