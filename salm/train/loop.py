@@ -23,6 +23,7 @@ from torch import nn
 
 from salm.model.salm import SALM
 from salm.train import checkpointing
+from salm.train.aux_ctc import EncoderCTC
 from salm.train.batch_device import to_device
 from salm.train.data_feed import train_batches, validation_batches
 from salm.train.deepspeed_setup import build_optimizer, deepspeed_config, warmup_cosine
@@ -32,14 +33,24 @@ from salm.train.validation import validate
 
 
 class LossModule(nn.Module):
-    """What DeepSpeed wraps: ``forward(batch)`` is the SALM loss, so the engine's hooks see it."""
+    """What DeepSpeed wraps: ``forward(batch)`` is the SALM loss, so the engine's hooks see it.
 
-    def __init__(self, salm: SALM) -> None:
+    With ``aux_ctc_weight > 0`` the loss adds that weight x an encoder CTC loss (``aux_ctc``, for
+    encoders trained from scratch); ``out["llm_loss"]`` keeps the LLM's own cross-entropy.
+    """
+
+    def __init__(self, salm: SALM, aux_ctc_weight: float = 0.0) -> None:
         super().__init__()
         self.salm = salm
+        self.aux_ctc = EncoderCTC(salm, aux_ctc_weight) if aux_ctc_weight > 0 else None
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        return self.salm.loss(batch)
+        out = self.salm.loss(batch)
+        if self.aux_ctc is not None:
+            ctc = self.aux_ctc(batch["texts"])
+            out["llm_loss"], out["ctc_loss"] = out["loss"].detach(), ctc.detach()
+            out["loss"] = out["loss"] + self.aux_ctc.weight * ctc
+        return out
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -85,12 +96,13 @@ def train_loop_per_worker(config: dict) -> None:
             checkpointing.load_model_weights(model, checkpoint_dir)
             step = int(state["step"])
 
-    optimizer = build_optimizer(model.trainable_parameters(), cfg)
+    loss_module = LossModule(model, float(cfg.trainer.get("aux_ctc_weight") or 0.0)).to(device)
+    optimizer = build_optimizer([p for p in loss_module.parameters() if p.requires_grad], cfg)
     scheduler = warmup_cosine(optimizer, cfg)
     for _ in range(step):
         scheduler.step()
     engine, _, _, _ = deepspeed.initialize(
-        model=LossModule(model), optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg)
+        model=loss_module, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg)
     )
     # DeepSpeed casts the whole module for bf16/fp16; the mel front end stays fp32 (no weights, only buffers).
     model.perception.preprocessor.float().load_state_dict(preprocessor_state)

@@ -97,6 +97,10 @@ def validate_recipe(cfg: DictConfig) -> None:
     ):
         if int(trainer[key]) < 1:
             raise SALMConfigError(f"`trainer.{key}` must be >= 1, got {trainer[key]}")
+    if float(trainer.get("aux_ctc_weight") or 0.0) < 0:
+        raise SALMConfigError(
+            f"`trainer.aux_ctc_weight` must be >= 0 (0 turns it off), got {trainer.aux_ctc_weight}"
+        )
     if precision_of(cfg) not in ("32", "bf16", "16"):
         raise SALMConfigError(f"`trainer.precision` must be 32, bf16 or 16, got {trainer.precision!r}")
     if int(ds.zero_stage) not in (0, 1, 2, 3):

@@ -36,6 +36,7 @@ class StepMeter:
 
     def _reset(self) -> None:
         self.losses: list[torch.Tensor] = []
+        self.ctc_losses: list[torch.Tensor] = []  # the auxiliary encoder CTC loss, when it is on
         self.positions: list[torch.Tensor] = []
         self.padded_positions = 0
         self.audio_seconds = 0.0
@@ -44,7 +45,9 @@ class StepMeter:
 
     def add(self, out: dict, audio_seconds: float, seconds: float) -> None:
         """``audio_seconds`` is read from the host copy of the batch, so nothing here waits on the GPU."""
-        self.losses.append(out["loss"].detach())
+        self.losses.append(out.get("llm_loss", out["loss"]).detach())  # the LLM's cross-entropy, as NeMo logs
+        if "ctc_loss" in out:
+            self.ctc_losses.append(out["ctc_loss"])
         self.positions.append(out["num_positions"].detach())
         self.padded_positions += int(out["padded_positions"])
         self.audio_seconds += audio_seconds
@@ -67,6 +70,8 @@ class StepMeter:
             if torch.cuda.is_available()
             else 0.0,
         }
+        if self.ctc_losses:
+            metrics["ctc_loss"] = float(torch.stack(self.ctc_losses).float().mean())
         for name, gauge in self.gauges.items():
             gauge.set(metrics[name], tags=self.tags)
         self.last = metrics
@@ -75,9 +80,10 @@ class StepMeter:
 
     @staticmethod
     def describe(metrics: dict[str, float], max_steps: int) -> str:
+        ctc = f" | ctc {metrics['ctc_loss']:.3f}" if "ctc_loss" in metrics else ""
         return (
             f"step {metrics['step']:>6}/{max_steps} | loss {metrics['loss']:.4f} | lr {metrics['lr']:.2e} | "
             f"grad {metrics['grad_norm']:.3f} | {metrics['tokens_per_s']:.0f} tok/s | "
             f"{metrics['audio_s_per_s']:.1f} audio-s/s | pad {metrics['padding_ratio']:.1%} | "
-            f"{metrics['step_time_s']:.2f} s/step"
+            f"{metrics['step_time_s']:.2f} s/step{ctc}"
         )
