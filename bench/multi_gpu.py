@@ -117,7 +117,12 @@ def scaling_worker(config: dict) -> None:
         "audio_s_per_pass": sum(audio_seconds(step) for step in steps),
     }
     Path(config["result_dir"], f"rank{rank}.json").write_text(json.dumps(result))
-    print(f"rank {rank}/{world}: {seconds:.3f} s per pass, peak {result['peak_mem_gb']:.1f} GB", flush=True)
+    # Printed as well as written: a run cut short by a time limit still leaves its numbers in the log.
+    print(
+        f"rank {rank}/{world}: {seconds:.3f} s per pass, {result['audio_s_per_pass']:.0f} audio s per pass, "
+        f"peak {result['peak_mem_gb']:.1f} GB, step losses {[round(x, 5) for x in step_losses]}",
+        flush=True,
+    )
 
 
 def run_scaling(cfg, gpus: int, args, use_gpu: bool) -> list[dict]:

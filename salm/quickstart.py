@@ -78,7 +78,7 @@ class QuickstartSize:
         return cls(
             train_utterances=3000,
             heldout_utterances=200,
-            max_steps=2000,
+            max_steps=1500,
             val_check_interval=500,
             train_voices=FLITE_16K_VOICES,
             heldout_voices=FLITE_16K_VOICES,
@@ -318,7 +318,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     preset.add_argument(
         "--gpu",
         action="store_true",
-        help="one GPU: a small SALM (FastConformer 6x256, Qwen3 4x256) on 3000 flite utterances, 2000 steps",
+        help="one GPU: a small SALM (FastConformer 6x256, Qwen3 4x256) on 3000 flite utterances, 1500 steps",
     )
     parser.set_defaults(func=_run_from_args)
 
