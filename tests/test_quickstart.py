@@ -19,7 +19,10 @@ def test_quickstart_smoke_produces_every_artefact(tmp_path, ray_local, capsys) -
     )  # best by WER
     assert Path(summary["nemo"]).stat().st_size > 1_000_000
     assert Path(summary["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert [json.loads(line)["step"] for line in Path(summary["logs"]).read_text().splitlines()][-1] == 12
+    rows = [json.loads(line) for line in Path(summary["logs"]).read_text().splitlines()]
+    assert rows[-1]["step"] == 12
+    # the auxiliary encoder CTC loss runs inside the Ray Train + DeepSpeed workers and is logged apart
+    assert all(row["ctc_loss"] > 0 for row in rows if "loss" in row)
     assert summary["untrained_wer"] >= 0 and summary["heldout_wer"] >= 0 and summary["rtfx"] > 0
     assert isinstance(summary["served_answer"], str)
     assert "POST http://127.0.0.1:" in out and "-> 200" in out

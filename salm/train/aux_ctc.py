@@ -5,7 +5,7 @@ recipe has only the LLM's cross-entropy. With a *random* encoder that loss alone
 audio: the LLM learns the text prior and the encoder gets almost no signal. Measured on the
 quickstart grammar (tiny SALM, 300 flite utterances, 600 steps on CPU): held-out WER 82% without
 this loss, which is what a text-only model gets (feeding silence gives the same training loss), and
-28% with it at weight 0.5.
+32% with it at weight 0.5 (28% with a softmax over the full vocabulary, at 2.3x the step time).
 
 The head is a linear layer from the encoder's output (before the projection into the LLM) to the
 LLM's vocabulary plus a blank, so the targets are the transcript's own LLM tokens. It lives in the
@@ -39,19 +39,27 @@ class EncoderCTC(nn.Module):
         self._encoded = output  # (B, D, T) states, (B,) lengths
 
     def forward(self, texts: list[str]) -> torch.Tensor:
-        """Mean CTC loss per utterance (normalised by target length) for the last encoder forward."""
+        """Mean CTC loss per utterance (normalised by target length) for the last encoder forward.
+
+        The softmax runs over the batch's own target tokens plus blank (a sampled softmax), not
+        the LLM's whole ~152k vocabulary: the signal the encoder needs is which of the spoken
+        tokens sits where, and the full softmax made the tiny recipe's CPU step 2.3x slower.
+        """
         if self._encoded is None:
             raise RuntimeError("EncoderCTC needs the SALM forward to run first (it reads the encoder output)")
         encoded, lengths = self._encoded
         self._encoded = None
-        log_probs = self.head(encoded.transpose(1, 2)).float().log_softmax(dim=-1)  # (B, T, V+1)
         targets = [self.tokenizer.encode(text, add_special_tokens=False) for text in texts]
+        flat = torch.tensor([i for t in targets for i in t], dtype=torch.long, device=encoded.device)
+        vocab, flat_in_vocab = torch.unique(flat, return_inverse=True)  # batch tokens -> 0..K-1
+        rows = torch.cat([vocab, vocab.new_tensor([self.blank_id])])  # blank is the last class, K
+        logits = nn.functional.linear(encoded.transpose(1, 2), self.head.weight[rows], self.head.bias[rows])
         return nn.functional.ctc_loss(
-            log_probs.transpose(0, 1),  # (T, B, V+1)
-            torch.tensor([i for t in targets for i in t], dtype=torch.long, device=encoded.device),
+            logits.float().log_softmax(dim=-1).transpose(0, 1),  # (T, B, K+1)
+            flat_in_vocab,
             lengths.long(),
             torch.tensor([len(t) for t in targets], dtype=torch.long, device=encoded.device),
-            blank=self.blank_id,
+            blank=len(vocab),
             reduction="mean",
             zero_infinity=True,  # an utterance with more tokens than frames adds nothing, not inf
         )
