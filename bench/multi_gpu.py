@@ -14,9 +14,10 @@ one Ray Train run with N workers (1 GPU each) runs the production setup of
 - throughput is global audio seconds per wall second over the timed passes; scaling efficiency
   is ``throughput(N) / (N x throughput(1))`` at the same stage; peak memory is per GPU.
 
-Run on a machine with 2+ GPUs::
+Run on a machine with 2+ GPUs, one ZeRO stage per call (each Ray Train run spends ~75 s before its
+first step, and ZeRO-3 passes are slow: both stages do not fit one 10-minute device call)::
 
-    PYTHONPATH=$HOME/site:$PWD python3 -m bench.multi_gpu --out $OUT
+    PYTHONPATH=$HOME/site:$PWD python3 -m bench.multi_gpu --zero-stages 2 --out $OUT
 
 ``--tiny`` runs the tiny recipe with CPU workers (a smoke test of the whole script).
 """
