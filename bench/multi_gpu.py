@@ -239,7 +239,9 @@ def main() -> None:
     print_table(rows)
     device = torch.device("cuda" if use_gpu else "cpu")
     write_result(
-        "multi_gpu" + ("_tiny" if args.tiny else ""),
+        "multi_gpu_"
+        + "_".join(f"zero{stage}" for stage in args.zero_stages)
+        + ("_tiny" if args.tiny else ""),
         {
             "card": card(device),
             "gpus": sorted(args.gpus),
