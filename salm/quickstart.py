@@ -60,7 +60,7 @@ class QuickstartSize:
 
     train_utterances: int = 900
     heldout_utterances: int = 40
-    max_steps: int = 300
+    max_steps: int = 400
     val_check_interval: int = 100
     train_voices: tuple[str, ...] = TRAIN_VOICES
     heldout_voices: tuple[str, ...] = HELDOUT_VOICES
