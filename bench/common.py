@@ -80,11 +80,14 @@ def peak_gb(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
 
 
-def write_result(name: str, payload: dict, out_dir: Path | None) -> None:
-    """``bench/results/NAME.json`` (and a copy in ``out_dir``, e.g. the device machine's $OUT)."""
+def write_result(name: str, payload: dict, out_dir: Path | None, record: bool = True) -> None:
+    """``bench/results/NAME.json`` (and a copy in ``out_dir``, e.g. the device machine's $OUT).
+
+    ``record=False`` (smoke runs) writes only to ``out_dir``: a smoke test is not a result.
+    """
     payload = {**payload, "date": date.today().isoformat()}
     text = json.dumps(payload, indent=2, sort_keys=True)
-    for folder in [RESULTS, out_dir] if out_dir else [RESULTS]:
+    for folder in ([RESULTS] if record else []) + ([out_dir] if out_dir else []):
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{name}.json").write_text(text + "\n")
     print(text)

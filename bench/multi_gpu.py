@@ -250,6 +250,7 @@ def main() -> None:
             "runs": rows,
         },
         args.out,
+        record=not args.tiny,
     )
 
 
