@@ -35,7 +35,7 @@ import torch
 from omegaconf import OmegaConf
 
 from bench.common import card, peak_gb, recipe, timed, write_llm_dir, write_result
-from bench.train_throughput import audio_seconds, build_salm, make_batches, to_device
+from bench.train_throughput import audio_seconds, make_batches, production_engine, to_device
 
 
 def global_batches(model, budget_s: float, seed: int, tiny: bool, micro_per_step: int) -> list[list[dict]]:
@@ -57,13 +57,9 @@ def without_dropout(cfg) -> None:
 
 def scaling_worker(config: dict) -> None:
     """Ray Train worker: the production DeepSpeed setup over this rank's share of every global batch."""
-    import deepspeed
     import ray.train
     import ray.train.torch
     import torch.distributed as dist
-
-    from salm.train.deepspeed_setup import build_optimizer, deepspeed_config, warmup_cosine
-    from salm.train.loop import LossModule
 
     cfg = OmegaConf.create(config["recipe"])
     context = ray.train.get_context()
@@ -73,17 +69,7 @@ def scaling_worker(config: dict) -> None:
         torch.cuda.set_device(device)
     micro_per_step = int(config["micro_per_step"])
     cfg.trainer.accumulate_grad_batches = micro_per_step // world
-    model = build_salm(cfg, device)
-    preprocessor_state = {k: v.clone() for k, v in model.perception.preprocessor.state_dict().items()}
-    optimizer = build_optimizer(model.trainable_parameters(), cfg)
-    engine, _, _, _ = deepspeed.initialize(
-        model=LossModule(model),
-        optimizer=optimizer,
-        lr_scheduler=warmup_cosine(optimizer, cfg),
-        config=deepspeed_config(cfg),
-    )
-    model.perception.preprocessor.float().load_state_dict(preprocessor_state)
-    model.train()
+    model, engine = production_engine(cfg, device)
     steps = global_batches(model, config["budget_s"], config["seed"], config["tiny"], micro_per_step)
     share = micro_per_step // world
     mine = [step[rank * share : (rank + 1) * share] for step in steps]  # this rank's micro-batches per step

@@ -138,18 +138,13 @@ def set_encoder_sdpa(model, enabled: bool) -> None:
         layer.self_attn.use_pytorch_sdpa = enabled
 
 
-def ours_worker(config: dict) -> None:
-    """Ray Train worker: the production DeepSpeed setup, then timed passes per variant."""
+def production_engine(cfg, device: torch.device):
+    """Our SALM on ``device`` wrapped as ``salm/train/loop.py`` wraps it; returns (model, engine) in train mode."""
     import deepspeed
-    import ray.train.torch
 
     from salm.train.deepspeed_setup import build_optimizer, deepspeed_config, warmup_cosine
     from salm.train.loop import LossModule
 
-    cfg = OmegaConf.create(config["recipe"])
-    device = ray.train.torch.get_device()
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
     model = build_salm(cfg, device)
     preprocessor_state = {k: v.clone() for k, v in model.perception.preprocessor.state_dict().items()}
     optimizer = build_optimizer(model.trainable_parameters(), cfg)
@@ -161,6 +156,18 @@ def ours_worker(config: dict) -> None:
     )
     model.perception.preprocessor.float().load_state_dict(preprocessor_state)
     model.train()
+    return model, engine
+
+
+def ours_worker(config: dict) -> None:
+    """Ray Train worker: the production DeepSpeed setup, then timed passes per variant."""
+    import ray.train.torch
+
+    cfg = OmegaConf.create(config["recipe"])
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    model, engine = production_engine(cfg, device)
     batches = make_batches(model, config["budget_s"], config["seed"], config["tiny"])
 
     def step(batch: dict) -> None:
