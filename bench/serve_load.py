@@ -148,6 +148,30 @@ def build_random_model(workdir: Path, shape: str) -> Path:
     return model.save_pretrained(workdir / shape, dtype=torch.bfloat16 if device == "cuda" else None)
 
 
+def transcriber_stats() -> dict:
+    """The local server's per-batch record (requests, model seconds); one replica, as this script deploys."""
+    from ray import serve
+
+    return serve.get_deployment_handle("Transcriber", app_name="salm").stats.remote().result()
+
+
+def batch_summary(stats: dict, before: dict, wall_s: float) -> dict:
+    """Batches of one run: how many, requests per batch, and the share of the run the model was busy.
+
+    A busy share well below 1 at high concurrency means the path in front of the model (proxy,
+    ingress, handles) limits throughput, not the model.
+    """
+    requests = stats["batch_requests"][len(before["batch_requests"]) :]
+    seconds = stats["batch_seconds"][len(before["batch_seconds"]) :]
+    return {
+        "batches": len(requests),
+        "mean_requests_per_batch": round(float(np.mean(requests)), 2) if requests else 0.0,
+        "max_requests_per_batch": max(requests, default=0),
+        "model_busy_s": round(sum(seconds), 3),
+        "model_busy_fraction": round(sum(seconds) / wall_s, 3) if wall_s else 0.0,
+    }
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -199,6 +223,12 @@ def main() -> None:
     )
     parser.add_argument("--requests", type=int, default=128)
     parser.add_argument("--audio", type=Path, nargs="*", help="clips to send (default: 16 synthesised ones)")
+    parser.add_argument(
+        "--sentences-per-clip",
+        type=int,
+        default=1,
+        help="synthesised clips join this many sentences (1: ~3 s; 3: ~10 s, the GPU targets' clip length)",
+    )
     parser.add_argument("--api-key", default=os.environ.get("SALM_SERVE_API_KEY"))
     parser.add_argument("--max-new-tokens", type=int, default=32, help="local server and --offline only")
     parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray cluster")
@@ -213,7 +243,12 @@ def main() -> None:
     if not paths:
         from salm.assets.synthetic_speech import make_sentences, synthesize_corpus
 
-        paths = [u.path for u in synthesize_corpus(workdir / "speech", make_sentences(16, seed=11), VOICES)]
+        sentences = make_sentences(16 * args.sentences_per_clip, seed=11)
+        texts = [
+            ", and ".join(sentences[i : i + args.sentences_per_clip])
+            for i in range(0, len(sentences), args.sentences_per_clip)
+        ]
+        paths = [u.path for u in synthesize_corpus(workdir / "speech", texts, VOICES)]
     clips = load_clips(paths)
     if args.tiny or args.canary_shape:
         model_dir = build_random_model(workdir, "tiny" if args.tiny else "canary_qwen_2.5b_shape")
@@ -229,9 +264,14 @@ def main() -> None:
         ]
         url = start_local_server(model_dir, overrides, args.num_cpus)
     asyncio.run(run_load(url, clips, min(args.concurrency[0], args.warmup), args.warmup, args.api_key))
+    seen = transcriber_stats() if args.url is None else None
     runs = []
     for concurrency in args.concurrency:
         runs.append(asyncio.run(run_load(url, clips, concurrency, args.requests, args.api_key)))
+        if seen is not None:
+            stats = transcriber_stats()
+            runs[-1].update(batch_summary(stats, seen, runs[-1]["wall_s"]))
+            seen = stats
         print(json.dumps(runs[-1]), flush=True)
     result = dict(runs[0])  # the first concurrency's numbers at the top level; all of them in "runs"
     result.update(
@@ -248,8 +288,6 @@ def main() -> None:
         import ray
         from ray import serve
 
-        batches = serve.get_deployment_handle("Transcriber", app_name="salm").stats.remote().result()
-        result["mean_requests_per_batch"] = round(float(np.mean(batches["batch_requests"])), 2)
         serve.shutdown()
         ray.shutdown()
         result["max_new_tokens"] = args.max_new_tokens

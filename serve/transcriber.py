@@ -98,6 +98,7 @@ class Transcriber:
         self._waiting = 0
         self._last_rtfx: float | None = None
         self._recent_batch_requests: deque[int] = deque(maxlen=4096)
+        self._recent_batch_seconds: deque[float] = deque(maxlen=4096)
         self._pending: deque[tuple[list[TranscriptionJob], asyncio.Future]] = deque()
         self._model_lock = asyncio.Lock()
         self._gauge_task = asyncio.get_running_loop().create_task(self._refresh_gauges())
@@ -117,8 +118,13 @@ class Transcriber:
         }
 
     def stats(self) -> dict:
-        """Requests per recent batch, for tests and debugging (the same numbers feed the metrics)."""
-        return {"batch_requests": list(self._recent_batch_requests)}
+        """Requests and model seconds per recent batch, for tests, the load generator and debugging
+        (the same numbers feed the metrics): busy seconds over wall time says whether the model or
+        the path in front of it limits throughput."""
+        return {
+            "batch_requests": list(self._recent_batch_requests),
+            "batch_seconds": list(self._recent_batch_seconds),
+        }
 
     async def transcribe(self, job: TranscriptionJob) -> list[PieceResult]:
         """Transcribe one job's pieces (in one batch with whatever else is waiting)."""
@@ -217,6 +223,7 @@ class Transcriber:
     def _record(self, jobs: list[TranscriptionJob], elapsed_s: float) -> None:
         audio_s = sum(job.audio_s for job in jobs)
         self._recent_batch_requests.append(len(jobs))
+        self._recent_batch_seconds.append(elapsed_s)
         self.metrics.batch_requests.observe(len(jobs))
         self.metrics.batch_audio_s.observe(audio_s)
         self.metrics.audio_s.inc(audio_s)

@@ -1,9 +1,11 @@
 """The static-cache greedy decoder gives the tokens ``transformers.generate`` gives."""
 
+import pytest
 import torch
 from transformers import GenerationConfig
 
-from salm.model.llm import embedding_inside
+from salm.model.decoding import DecoderCache, GreedyDecoder, pad_rows, padded_batch_size
+from salm.model.llm import base_causal_lm, embedding_inside
 
 PROMPT = "Transcribe the following: <|audioplaceholder|>"
 
@@ -41,3 +43,46 @@ def test_greedy_decoder_pads_after_eos_and_stops_when_all_finished(tiny_salm, sp
     assert out.shape[1] < 40
     assert out[0, 0].item() == eos
     assert (out[0, 1:] == tiny_salm.text_pad_id).all()
+
+
+def test_padded_batch_sizes_are_few_and_waste_little() -> None:
+    sizes = {b: padded_batch_size(b) for b in range(1, 1025)}
+    assert [sizes[b] for b in (1, 2, 3, 5, 8, 9, 12, 13, 17, 25, 33, 49, 100, 129, 256)] == [
+        1, 2, 4, 8, 8, 12, 12, 16, 24, 32, 48, 64, 128, 192, 256,
+    ]  # fmt: skip
+    assert all(b <= padded <= 1.6 * b for b, padded in sizes.items())
+    assert len({sizes[b] for b in range(1, 257)}) == 14  # graphs a server at up to 256 clips captures
+    with pytest.raises(ValueError, match="batch must be >= 1"):
+        padded_batch_size(0)
+
+
+def test_padding_rows_leaves_the_real_rows_tokens_unchanged(tiny_salm, speech_clips) -> None:
+    prompts = [[{"role": "user", "content": PROMPT, "audio": u.path}] for u in speech_clips[:3]]
+    embeds, mask = tiny_salm.prepare_generation_inputs(prompts)
+    causal_lm = base_causal_lm(tiny_salm.llm)
+    parts = (causal_lm.model, causal_lm.lm_head, tiny_salm.embed_tokens)
+    results = []
+    with torch.no_grad():
+        for rows in (3, padded_batch_size(3)):
+            decoder = GreedyDecoder(*parts, rows, 128, 10, False)
+            decoder.prefill(*pad_rows(embeds, mask, rows), tiny_salm.text_eos_id, tiny_salm.text_pad_id)
+            results.append(decoder.decode())
+    assert results[1].shape[0] == 4
+    assert torch.equal(results[0], results[1][:3])
+    assert torch.equal(results[1][3], results[1][2])  # the padding repeats the last example
+
+
+def test_decoder_cache_keeps_recent_shapes_and_forgets_moved_weights(tiny_salm) -> None:
+    causal_lm = base_causal_lm(tiny_salm.llm)
+    parts = (causal_lm.model, causal_lm.lm_head, tiny_salm.embed_tokens)
+    cache = DecoderCache(max_entries=2)
+    first = cache.get(*parts, 4, 64, 8, weight_ptrs=(1,), use_graph=False)
+    assert cache.get(*parts, 4, 64, 8, weight_ptrs=(1,), use_graph=False) is first
+    second = cache.get(*parts, 8, 64, 8, weight_ptrs=(1,), use_graph=False)
+    cache.get(*parts, 4, 64, 8, weight_ptrs=(1,), use_graph=False)  # the 4-row decoder is now the newest
+    cache.get(*parts, 16, 64, 8, weight_ptrs=(1,), use_graph=False)  # evicts the 8-row one
+    assert len(cache) == 2
+    assert cache.get(*parts, 4, 64, 8, weight_ptrs=(1,), use_graph=False) is first
+    assert cache.get(*parts, 8, 64, 8, weight_ptrs=(1,), use_graph=False) is not second
+    assert cache.get(*parts, 4, 64, 8, weight_ptrs=(2,), use_graph=False) is not first  # weights moved
+    assert len(cache) == 1

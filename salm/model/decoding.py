@@ -8,6 +8,10 @@ allocated once, so the whole step -- embed, 28 layers, LM head on the last posit
 bookkeeping -- is captured once and replayed with one launch per token. The host looks at the
 tokens only every ``EOS_CHECK_EVERY`` steps to stop early.
 
+A server sees a different batch size in almost every call, and capturing a new graph (with a new
+KV cache) costs more than decoding a batch. So batches are padded up to a few sizes
+(``padded_batch_size``) and the captured decoders are kept per size in ``DecoderCache``.
+
 The cache is our own minimal class rather than ``transformers.StaticCache``: the LLM calls only
 ``cache.update(key, value, layer_idx, ...)``, and that call has kept its shape across transformers
 releases while ``StaticCache``'s constructor and bookkeeping have not. We pass the 4-D attention
@@ -17,11 +21,39 @@ mask ourselves (``{"full_attention": mask}``), so no mask-building code with hos
 from __future__ import annotations
 
 import inspect
+from collections import OrderedDict
 
 import torch
 from torch import nn
 
 EOS_CHECK_EVERY = 8  # decoding steps between host checks for "every row has finished"
+MAX_CACHED_DECODERS = 6  # captured decoders kept (each holds a KV cache for its batch and length)
+
+
+def padded_batch_size(batch: int) -> int:
+    """The batch size a captured decoder is built for: 1, 2, 4, 8, then 12, 16, 24, 32, 48, 64, ...
+
+    Steps of 1.5x-2x keep the padding under a third of the batch while a server's ever-changing
+    batch sizes reuse a handful of graphs. Decoding is bound by reading the weights, so padded rows
+    cost little there; only the prefill pays for them.
+    """
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    if batch <= 8:
+        return 1 << (batch - 1).bit_length()
+    power = 1 << (batch - 1).bit_length()
+    return power * 3 // 4 if batch <= power * 3 // 4 else power
+
+
+def pad_rows(embeds: torch.Tensor, attention_mask: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Repeat the last example up to ``rows``: real data, so the padding finishes when it does."""
+    extra = rows - embeds.shape[0]
+    if extra <= 0:
+        return embeds, attention_mask
+    return (
+        torch.cat([embeds, embeds[-1:].expand(extra, -1, -1)]),
+        torch.cat([attention_mask, attention_mask[-1:].expand(extra, -1)]),
+    )
 
 
 class StaticKVCache:
@@ -183,6 +215,54 @@ class GreedyDecoder:
                 self.step()
             emitted += 1
         return self.output[:, :emitted].clone()
+
+
+class DecoderCache:
+    """Decoders by ``(batch, max_len, max_new_tokens)``; the least recently used goes first.
+
+    All are dropped when the weights move (``weight_ptrs`` changes): a captured graph reads the
+    weights at the addresses it was recorded with.
+    """
+
+    def __init__(self, max_entries: int = MAX_CACHED_DECODERS) -> None:
+        self.max_entries = max_entries
+        self._entries: OrderedDict[tuple[int, int, int], GreedyDecoder] = OrderedDict()
+        self._weight_ptrs: tuple[int, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(
+        self,
+        decoder: nn.Module,
+        lm_head: nn.Module,
+        embed_tokens: nn.Embedding,
+        batch: int,
+        max_len: int,
+        max_new_tokens: int,
+        weight_ptrs: tuple[int, ...],
+        use_graph: bool = True,
+    ) -> GreedyDecoder:
+        if weight_ptrs != self._weight_ptrs:
+            self.clear()
+            self._weight_ptrs = weight_ptrs
+        key = (batch, max_len, max_new_tokens)
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            return self._entries[key]
+        while len(self._entries) >= self.max_entries:  # free before allocating the next cache
+            self._entries.popitem(last=False)
+        entry = GreedyDecoder(decoder, lm_head, embed_tokens, batch, max_len, max_new_tokens, use_graph)
+        self._entries[key] = entry
+        return entry
+
+    def discard(self, entry: GreedyDecoder) -> None:
+        for key, value in list(self._entries.items()):
+            if value is entry:
+                del self._entries[key]
+
+    def clear(self) -> None:
+        self._entries.clear()
 
 
 def weight_pointers(*modules: nn.Module) -> tuple[int, ...]:

@@ -26,7 +26,7 @@ from transformers import GenerationConfig
 from salm.audio import collate_audio, load_audio
 from salm.errors import PromptError, SALMConfigError
 from salm.model.config import model_config, trainable_patterns
-from salm.model.decoding import GreedyDecoder, weight_pointers
+from salm.model.decoding import DecoderCache, GreedyDecoder, pad_rows, padded_batch_size, weight_pointers
 from salm.model.freezing import apply_freezing
 from salm.model.llm import base_causal_lm, embedding_inside, install_lora, load_llm, validate_lora
 from salm.model.perception import AudioPerception
@@ -90,7 +90,7 @@ class SALM(nn.Module):
 
             load_asr_weights(self.perception, cfg.pretrained_asr)
         apply_freezing(self, list(cfg.freeze_params), trainable_patterns(cfg))
-        self._decoder: GreedyDecoder | None = None  # captured greedy decoder, reused across generate calls
+        self._decoders = DecoderCache()  # captured greedy decoders, reused across generate calls
 
     @classmethod
     def from_pretrained(
@@ -316,56 +316,34 @@ class SALM(nn.Module):
     def _greedy_decode(
         self, embeds: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int
     ) -> torch.Tensor:
-        """``(B, new)`` greedy token ids; the captured decoder is kept while batch, length and weights match.
+        """``(B, new)`` greedy token ids.
 
-        The cache length is rounded up to a multiple of ``CACHE_LENGTH_QUANTUM`` so that batches
-        of similar prompt lengths reuse one captured graph.
+        On a GPU the batch is padded to ``padded_batch_size`` and the cache length rounded up to a
+        multiple of ``CACHE_LENGTH_QUANTUM``, so that calls of similar shapes replay one of a few
+        captured decoders (``DecoderCache``) instead of capturing a new one.
         """
         batch, length, _ = embeds.shape
         max_len = -(-(length + max_new_tokens) // CACHE_LENGTH_QUANTUM) * CACHE_LENGTH_QUANTUM
-        use_graph = embeds.device.type == "cuda" and not self.training
-        pointers = weight_pointers(self.llm, self.embed_tokens) if use_graph else ()
-        decoder = self._decoder
-        if decoder is None or (
-            decoder.batch,
-            decoder.max_len,
-            decoder.max_new_tokens,
-            decoder.weight_ptrs,
-        ) != (
-            batch,
-            max_len,
-            max_new_tokens,
-            pointers,
-        ):
-            self._decoder = None  # free the old graph and cache before allocating new ones
-            causal_lm = base_causal_lm(self.llm)
-            decoder = GreedyDecoder(
-                causal_lm.model,
-                causal_lm.lm_head,
-                self.embed_tokens,
-                batch,
-                max_len,
-                max_new_tokens,
-                use_graph,
-            )
-            decoder.weight_ptrs = pointers
-            if use_graph:
-                self._decoder = decoder
-        decoder.prefill(embeds, attention_mask, self.text_eos_id, self.text_pad_id)
-        try:
+        causal_lm = base_causal_lm(self.llm)
+        parts = (causal_lm.model, causal_lm.lm_head, self.embed_tokens)
+        if embeds.device.type != "cuda" or self.training:  # nothing to capture: exact shapes, no padding
+            decoder = GreedyDecoder(*parts, batch, max_len, max_new_tokens, False)
+            decoder.prefill(embeds, attention_mask, self.text_eos_id, self.text_pad_id)
             return decoder.decode()
+        rows = padded_batch_size(batch)
+        decoder = self._decoders.get(
+            *parts, rows, max_len, max_new_tokens, weight_pointers(self.llm, self.embed_tokens)
+        )
+        decoder.prefill(*pad_rows(embeds, attention_mask, rows), self.text_eos_id, self.text_pad_id)
+        try:
+            return decoder.decode()[:batch]
         except RuntimeError as error:  # capture refused (an op that syncs): decode eagerly, still static
-            if not use_graph:
-                raise
             warnings.warn(
                 f"CUDA graph capture of the decoding step failed ({error}); decoding without graphs",
                 stacklevel=2,
             )
-            self._decoder = None
-            causal_lm = base_causal_lm(self.llm)
-            decoder = GreedyDecoder(
-                causal_lm.model, causal_lm.lm_head, self.embed_tokens, batch, max_len, max_new_tokens, False
-            )
+            self._decoders.discard(decoder)
+            decoder = GreedyDecoder(*parts, batch, max_len, max_new_tokens, False)
             decoder.prefill(embeds, attention_mask, self.text_eos_id, self.text_pad_id)
             return decoder.decode()
 
