@@ -6,7 +6,9 @@ seconds per batch, as a duration-bucketing sampler makes them):
 
 - ours: Ray Train ``TorchTrainer`` with 1 GPU worker, ``deepspeed.initialize`` with our
   ``deepspeed_config`` (bf16, ZeRO-2), ``build_optimizer``, ``warmup_cosine`` and ``LossModule``
-  (the production path of ``salm/train/loop.py``), optionally in variants (``--variants``);
+  (the production path of ``salm/train/loop.py``), optionally in model variants (``--variants``)
+  and DeepSpeed config variants (``--ds-variants``, each with its own engine; ``--profile`` adds
+  one profiled pass each: device busy share, host syncs, top host ops);
 - NeMo: NeMo 3.0's ``SALM.training_step`` -> backward -> AdamW step, bf16 weights;
 - plain: our model in fp32 under bf16 autocast, full-vocabulary logits + cross-entropy, AdamW,
   no Ray and no DeepSpeed.
@@ -159,30 +161,75 @@ def production_engine(cfg, device: torch.device):
     return model, engine
 
 
+# DeepSpeed config variants (`deepspeed.config` of the recipe) measured against the default, each
+# with its own engine: the throughput timer's 2 device syncs per step; the bf16 overflow scan
+# (1 `.item()` plus a pass over every gradient); gradients copied into one contiguous buffer.
+DS_VARIANTS: dict[str, dict] = {
+    "default": {},
+    "no_timers": {"timers": {"throughput": {"enabled": False}}},
+    "lean": {
+        "timers": {"throughput": {"enabled": False}},
+        "bf16": {"check_grad_overflow": False},
+        "zero_optimization": {"contiguous_gradients": False},
+    },
+}
+
+
+def profile_pass(step, batches: list[dict], device: torch.device) -> dict:
+    """One pass under ``torch.profiler``: the device's busy share of the wall and the top host ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        wall_s = timed(lambda: [step(b) for b in batches], device)
+    averages = prof.key_averages()
+    device_s = sum(getattr(e, "self_device_time_total", 0.0) for e in averages) / 1e6
+    table = averages.table(sort_by="self_cpu_time_total", row_limit=25)
+    print(table, flush=True)
+    syncs = sum(e.count for e in averages if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize"))
+    return {
+        "wall_s": round(wall_s, 3),
+        "device_busy_s": round(device_s, 3),
+        "device_busy_fraction": round(device_s / wall_s, 3),
+        "host_syncs": syncs,
+        "top_host_ops": table,
+    }
+
+
 def ours_worker(config: dict) -> None:
-    """Ray Train worker: the production DeepSpeed setup, then timed passes per variant."""
+    """Ray Train worker: per DeepSpeed variant the production setup, then timed passes per model variant."""
     import ray.train.torch
 
-    cfg = OmegaConf.create(config["recipe"])
     device = ray.train.torch.get_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    model, engine = production_engine(cfg, device)
-    batches = make_batches(model, config["budget_s"], config["seed"], config["tiny"])
-
-    def step(batch: dict) -> None:
-        out = engine(to_device(batch, device))
-        engine.backward(out["loss"])
-        engine.step()
-
     results = {}
-    for variant in config["variants"]:
-        set_encoder_sdpa(model, variant == "encoder_sdpa")
+    for ds_variant in config["ds_variants"]:
+        cfg = OmegaConf.create(config["recipe"])
+        cfg.deepspeed.config = OmegaConf.merge(cfg.deepspeed.get("config") or {}, DS_VARIANTS[ds_variant])
+        model, engine = production_engine(cfg, device)
+        batches = make_batches(model, config["budget_s"], config["seed"], config["tiny"])
+
+        def step(batch: dict) -> None:
+            out = engine(to_device(batch, device))
+            engine.backward(out["loss"])
+            engine.step()
+
+        for variant in config["variants"]:
+            name = variant if ds_variant == "default" else f"{variant},ds={ds_variant}"
+            set_encoder_sdpa(model, variant == "encoder_sdpa")
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            seconds = run_epochs(step, batches, device, config["warmup"], config["repeats"])
+            results[name] = {"seconds": seconds, "peak_mem_gb": peak_gb(device)}
+            print(f"ours[{name}]: {seconds:.3f} s per pass", flush=True)
+            if config["profile"]:
+                results[name]["profile"] = profile_pass(step, batches, device)
+                print(f"ours[{name}] profiled: {json.dumps({k: v for k, v in results[name]['profile'].items() if k != 'top_host_ops'})}", flush=True)
+        del model, engine, step
+        gc.collect()
         if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        seconds = run_epochs(step, batches, device, config["warmup"], config["repeats"])
-        results[variant] = {"seconds": seconds, "peak_mem_gb": peak_gb(device)}
-        print(f"ours[{variant}]: {seconds:.3f} s per pass", flush=True)
+            torch.cuda.empty_cache()
     Path(config["result_file"]).write_text(json.dumps(results))
 
 
@@ -202,6 +249,8 @@ def run_ours(cfg, args, use_gpu: bool) -> dict:
                 "seed": args.seed,
                 "tiny": args.tiny,
                 "variants": args.variants,
+                "ds_variants": args.ds_variants,
+                "profile": args.profile,
                 "warmup": args.warmup,
                 "repeats": args.repeats,
                 "result_file": str(result_file),
@@ -323,7 +372,13 @@ def main() -> None:
     )
     parser.add_argument("--warmup", type=int, default=1, help="untimed passes over the buckets")
     parser.add_argument("--repeats", type=int, default=2, help="timed passes (median)")
-    parser.add_argument("--variants", nargs="+", default=["default", "encoder_sdpa"])
+    parser.add_argument(
+        "--variants", nargs="+", default=["default"], choices=["default", "encoder_sdpa"], help="model variants"
+    )
+    parser.add_argument(
+        "--ds-variants", nargs="+", default=["default"], choices=list(DS_VARIANTS), help="DeepSpeed configs"
+    )
+    parser.add_argument("--profile", action="store_true", help="also profile one pass of each variant of ours")
     parser.add_argument("--zero-stages", type=int, nargs="+", default=[2], help="one Ray Train run per stage")
     parser.add_argument("--skip", nargs="*", default=[], choices=["ours", "plain", "nemo"])
     parser.add_argument("--seed", type=int, default=0)
@@ -403,6 +458,7 @@ def main() -> None:
                 "paths": rows,
             },
             args.out,
+            record=not args.tiny,
         )
 
 

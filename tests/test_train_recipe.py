@@ -77,6 +77,27 @@ def test_deepspeed_config_reflects_the_recipe() -> None:
     assert ds["zero_allow_untested_optimizer"] is True
 
 
+def test_deepspeed_config_passes_extra_keys_through_and_refuses_owned_ones() -> None:
+    cfg = load_recipe(
+        "tiny",
+        [
+            *FILLED,
+            "trainer.precision=bf16",
+            "deepspeed.config.timers.throughput.enabled=false",
+            "deepspeed.config.bf16.check_grad_overflow=false",
+            "deepspeed.config.zero_optimization.reduce_bucket_size=50000000",
+        ],
+    )
+    ds = deepspeed_config(cfg)
+    assert ds["timers"] == {"throughput": {"enabled": False}}
+    assert ds["bf16"] == {"enabled": True, "check_grad_overflow": False}  # merged, not replaced
+    assert ds["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 50000000}
+    with pytest.raises(SALMConfigError, match=r"deepspeed.config.zero_optimization.stage.*deepspeed.zero_stage"):
+        load_recipe("tiny", [*FILLED, "deepspeed.config.zero_optimization.stage=3"])
+    with pytest.raises(SALMConfigError, match="must be a mapping"):
+        load_recipe("tiny", [*FILLED, "deepspeed.config=5"])
+
+
 def test_warmup_then_cosine_to_min_lr() -> None:
     cfg = load_recipe(
         "tiny",

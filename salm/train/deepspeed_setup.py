@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from salm.train.recipe import precision_of
 
@@ -16,6 +16,8 @@ def deepspeed_config(cfg: DictConfig) -> dict:
     ``zero_allow_untested_optimizer``: we hand DeepSpeed torch's AdamW (not its fused Adam), which
     works on CPU and GPU; ``zero_force_ds_cpu_optimizer: false`` keeps it with optimizer offload.
     Our batches vary in size (bucketing), so ``train_micro_batch_size_per_gpu`` is only nominal.
+    ``deepspeed.config`` holds any other DeepSpeed keys (timers, bucket sizes, ...), deep-merged
+    last; the recipe refuses the keys other fields own.
     """
     ds, trainer = cfg.deepspeed, cfg.trainer
     precision = precision_of(cfg)
@@ -24,7 +26,7 @@ def deepspeed_config(cfg: DictConfig) -> dict:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": bool(trainer.use_gpu)}
     if ds.offload_param:
         zero["offload_param"] = {"device": "cpu", "pin_memory": bool(trainer.use_gpu)}
-    return {
+    generated = {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": int(trainer.accumulate_grad_batches),
         "gradient_clipping": float(trainer.gradient_clip_val or 0.0),
@@ -36,6 +38,8 @@ def deepspeed_config(cfg: DictConfig) -> dict:
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+    extra = ds.get("config")
+    return OmegaConf.to_container(OmegaConf.merge(generated, extra if extra is not None else {}), resolve=True)
 
 
 def build_optimizer(parameters: list[torch.nn.Parameter], cfg: DictConfig) -> torch.optim.Optimizer:

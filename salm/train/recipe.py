@@ -30,7 +30,19 @@ TRAINER_DEFAULTS = {
     "log_prediction_valid_samples": 2,
     "max_new_tokens": 64,
 }
-DEEPSPEED_DEFAULTS = {"zero_stage": 2, "offload_optimizer": False, "offload_param": False}
+DEEPSPEED_DEFAULTS = {"zero_stage": 2, "offload_optimizer": False, "offload_param": False, "config": {}}
+# DeepSpeed keys that other recipe fields set: `deepspeed.config` may not set them a second way.
+RECIPE_OWNED_DEEPSPEED_KEYS = {
+    "train_batch_size": "data.train_ds.batch_size",
+    "train_micro_batch_size_per_gpu": "data.train_ds.batch_size",
+    "gradient_accumulation_steps": "trainer.accumulate_grad_batches",
+    "gradient_clipping": "trainer.gradient_clip_val",
+    "bf16.enabled": "trainer.precision",
+    "fp16.enabled": "trainer.precision",
+    "zero_optimization.stage": "deepspeed.zero_stage",
+    "zero_optimization.offload_optimizer": "deepspeed.offload_optimizer",
+    "zero_optimization.offload_param": "deepspeed.offload_param",
+}
 EXP_MANAGER_DEFAULTS = {
     "exp_dir": "runs",
     "name": "salm",
@@ -109,6 +121,16 @@ def validate_recipe(cfg: DictConfig) -> None:
         raise SALMConfigError("`deepspeed.offload_param` needs `deepspeed.zero_stage=3`")
     if ds.offload_optimizer and int(ds.zero_stage) == 0:
         raise SALMConfigError("`deepspeed.offload_optimizer` needs `deepspeed.zero_stage` >= 1")
+    extra = ds.get("config")
+    if extra is None:
+        extra = OmegaConf.create({})
+    if not isinstance(extra, DictConfig):
+        raise SALMConfigError(
+            f"`deepspeed.config` must be a mapping of DeepSpeed config keys, got {extra!r}"
+        )
+    for dotted, owner in RECIPE_OWNED_DEEPSPEED_KEYS.items():
+        if OmegaConf.select(extra, dotted) is not None:
+            raise SALMConfigError(f"`deepspeed.config.{dotted}` is set by `{owner}`; set it there instead")
     if float(cfg.model.optimizer.lr) <= 0:
         raise SALMConfigError(f"`model.optimizer.lr` must be > 0, got {cfg.model.optimizer.lr}")
     if int(cfg.exp_manager.save_top_k) < 1:
