@@ -169,6 +169,8 @@ def batch_summary(stats: dict, before: dict, wall_s: float) -> dict:
         "max_requests_per_batch": max(requests, default=0),
         "model_busy_s": round(sum(seconds), 3),
         "model_busy_fraction": round(sum(seconds) / wall_s, 3) if wall_s else 0.0,
+        # new greedy decoders (on a GPU: a KV cache and a CUDA graph capture each) during the run
+        "decoder_captures": stats["decoder_cache"]["misses"] - before["decoder_cache"]["misses"],
     }
 
 

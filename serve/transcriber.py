@@ -124,6 +124,7 @@ class Transcriber:
         return {
             "batch_requests": list(self._recent_batch_requests),
             "batch_seconds": list(self._recent_batch_seconds),
+            "decoder_cache": self.model.decoder_cache_stats(),
         }
 
     async def transcribe(self, job: TranscriptionJob) -> list[PieceResult]:

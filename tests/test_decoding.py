@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-from salm.model.decoding import DecoderCache, GreedyDecoder, pad_rows, padded_batch_size
+from salm.model.decoding import DecoderCache, GreedyDecoder, cache_bytes, pad_rows, padded_batch_size
 from salm.model.llm import base_causal_lm, embedding_inside
 
 PROMPT = "Transcribe the following: <|audioplaceholder|>"
@@ -86,3 +86,17 @@ def test_decoder_cache_keeps_recent_shapes_and_forgets_moved_weights(tiny_salm) 
     assert cache.get(*parts, 8, 64, 8, weight_ptrs=(1,), use_graph=False) is not second
     assert cache.get(*parts, 4, 64, 8, weight_ptrs=(2,), use_graph=False) is not first  # weights moved
     assert len(cache) == 1
+
+
+def test_decoder_cache_stays_within_its_byte_budget(tiny_salm) -> None:
+    causal_lm = base_causal_lm(tiny_salm.llm)
+    parts = (causal_lm.model, causal_lm.lm_head, tiny_salm.embed_tokens)
+    one = cache_bytes(causal_lm.model.config, 4, 64, tiny_salm.embed_tokens.weight.dtype)
+    cache = DecoderCache(max_entries=16, max_bytes=int(2.5 * one))
+    first = cache.get(*parts, 4, 64, 8, weight_ptrs=(1,), use_graph=False)
+    assert first.cache.nbytes() == one
+    for max_len in (128, 192):  # 2x and 3x the bytes of the first: each evicts what came before
+        cache.get(*parts, 4, max_len, 8, weight_ptrs=(1,), use_graph=False)
+        assert len(cache) == 1
+    assert cache.bytes() == 3 * one  # the newest is kept even over budget
+    assert (cache.hits, cache.misses) == (0, 3)

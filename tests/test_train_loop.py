@@ -231,3 +231,12 @@ def test_ray_job_submit_runs_the_training_entrypoint(shar_corpus, tiny_llm_dir, 
     checkpoints = list((tmp_path / "job").glob("checkpoint_*/train_state.json"))
     assert checkpoints and json.loads(checkpoints[0].read_text())["step"] == 4
     assert (checkpoints[0].parent / "model.nemo").stat().st_size > 1_000_000  # exp_manager.always_save_nemo
+
+
+@pytest.mark.parametrize("loss", [float("nan"), float("inf")])
+def test_a_non_finite_loss_stops_training_with_what_to_change(loss: float) -> None:
+    from salm.train.loop import check_finite_loss
+
+    check_finite_loss({"loss": 0.25}, step=10)  # a finite loss passes
+    with pytest.raises(FloatingPointError, match=r"at step 10: the run diverged.*model.optimizer.lr"):
+        check_finite_loss({"loss": loss}, step=10)

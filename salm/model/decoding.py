@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 EOS_CHECK_EVERY = 8  # decoding steps between host checks for "every row has finished"
-MAX_CACHED_DECODERS = 6  # captured decoders kept (each holds a KV cache for its batch and length)
+MAX_CACHED_DECODERS = 16  # captured decoders kept (each holds a KV cache for its batch and length)
+MAX_CACHED_DECODER_BYTES = 8 * 2**30  # their KV caches together; the newest is kept whatever its size
 
 
 def padded_batch_size(batch: int) -> int:
@@ -76,6 +77,9 @@ class StaticKVCache:
 
     def get_seq_length(self, layer_idx: int = 0) -> torch.Tensor:
         return self.position
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
 
 class GreedyDecoder:
@@ -218,14 +222,17 @@ class GreedyDecoder:
 
 
 class DecoderCache:
-    """Decoders by ``(batch, max_len, max_new_tokens)``; the least recently used goes first.
+    """Decoders by ``(batch, max_len, max_new_tokens)``; the least recently used go first when there
+    are ``max_entries`` or their KV caches would pass ``max_bytes``.
 
     All are dropped when the weights move (``weight_ptrs`` changes): a captured graph reads the
-    weights at the addresses it was recorded with.
+    weights at the addresses it was recorded with. ``hits``/``misses`` count reuses and new
+    decoders (each miss on a GPU is a new KV cache and a graph capture).
     """
 
-    def __init__(self, max_entries: int = MAX_CACHED_DECODERS) -> None:
-        self.max_entries = max_entries
+    def __init__(self, max_entries: int = MAX_CACHED_DECODERS, max_bytes: int = MAX_CACHED_DECODER_BYTES) -> None:
+        self.max_entries, self.max_bytes = max_entries, max_bytes
+        self.hits = self.misses = 0
         self._entries: OrderedDict[tuple[int, int, int], GreedyDecoder] = OrderedDict()
         self._weight_ptrs: tuple[int, ...] = ()
 
@@ -248,13 +255,22 @@ class DecoderCache:
             self._weight_ptrs = weight_ptrs
         key = (batch, max_len, max_new_tokens)
         if key in self._entries:
+            self.hits += 1
             self._entries.move_to_end(key)
             return self._entries[key]
-        while len(self._entries) >= self.max_entries:  # free before allocating the next cache
+        self.misses += 1
+        needed = cache_bytes(decoder.config, batch, max_len, embed_tokens.weight.dtype)
+        while self._entries and (  # free before allocating the next cache
+            len(self._entries) >= self.max_entries or self.bytes() + needed > self.max_bytes
+        ):
             self._entries.popitem(last=False)
         entry = GreedyDecoder(decoder, lm_head, embed_tokens, batch, max_len, max_new_tokens, use_graph)
         self._entries[key] = entry
         return entry
+
+    def bytes(self) -> int:
+        """KV cache bytes held by the kept decoders."""
+        return sum(entry.cache.nbytes() for entry in self._entries.values())
 
     def discard(self, entry: GreedyDecoder) -> None:
         for key, value in list(self._entries.items()):
@@ -263,6 +279,13 @@ class DecoderCache:
 
     def clear(self) -> None:
         self._entries.clear()
+
+
+def cache_bytes(config, batch: int, max_len: int, dtype: torch.dtype) -> int:
+    """Bytes of a ``StaticKVCache`` for ``batch`` x ``max_len`` (keys and values of every layer)."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_layer = batch * config.num_key_value_heads * max_len * head_dim * torch.finfo(dtype).bits // 8
+    return 2 * config.num_hidden_layers * per_layer
 
 
 def weight_pointers(*modules: nn.Module) -> tuple[int, ...]:

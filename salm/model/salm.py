@@ -347,6 +347,15 @@ class SALM(nn.Module):
             decoder.prefill(embeds, attention_mask, self.text_eos_id, self.text_pad_id)
             return decoder.decode()
 
+    def decoder_cache_stats(self) -> dict[str, int]:
+        """Reuses and new captures of the greedy decoder (GPU), and the KV cache bytes they hold."""
+        return {
+            "hits": self._decoders.hits,
+            "misses": self._decoders.misses,
+            "entries": len(self._decoders),
+            "bytes": self._decoders.bytes(),
+        }
+
     def transcribe(self, audios: list[AudioInput], prompt: str | None = None, **generate_kwargs) -> list[str]:
         """One-liner ASR: the canary-qwen prompt around each audio; returns the texts."""
         prompt = prompt or f"Transcribe the following: {self.audio_locator_tag}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -144,6 +145,7 @@ def train_loop_per_worker(config: dict) -> None:
             metrics = meter.flush(
                 step, lr=scheduler.get_last_lr()[0], grad_norm=engine.get_global_grad_norm()
             )
+            check_finite_loss(metrics, step)
             if is_chief:
                 print(meter.describe(metrics, max_steps), flush=True)
         else:
@@ -188,6 +190,22 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report(metrics)
     if last_checkpoint_step != step and is_chief:
         print(f"finished at step {step} without a final checkpoint", flush=True)
+
+
+def check_finite_loss(metrics: dict[str, float], step: int) -> None:
+    """Stop a diverged run at the first logged step with a non-finite loss.
+
+    The recipes may turn off DeepSpeed's per-step bf16 overflow scan (``deepspeed.config.bf16.
+    check_grad_overflow: false``, as torch and Lightning bf16 do: it costs a pass over every
+    gradient); this check, on numbers already on the host, is what notices divergence instead.
+    """
+    loss = metrics.get("loss", 0.0)
+    if not math.isfinite(loss):
+        raise FloatingPointError(
+            f"the training loss is {loss} at step {step}: the run diverged. Resume from the last "
+            "checkpoint with a lower `model.optimizer.lr`, more `model.lr_scheduler.warmup_steps` "
+            "or `trainer.gradient_clip_val` set"
+        )
 
 
 def log_training_predictions(model: SALM, batch: dict, out: dict, samples: int) -> None:
