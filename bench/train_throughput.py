@@ -202,6 +202,35 @@ def profile_pass(step, batches: list[dict], device: torch.device) -> dict:
     }
 
 
+def time_ds_variant(cfg, device: torch.device, config: dict, ds_variant: str) -> dict:
+    """Build the production engine with ``ds_variant``'s DeepSpeed config; time (and profile) each model variant."""
+    if DS_VARIANTS[ds_variant] is not None:
+        cfg.deepspeed.config = DS_VARIANTS[ds_variant]
+    model, engine = production_engine(cfg, device)
+    batches = make_batches(model, config["budget_s"], config["seed"], config["tiny"])
+
+    def step(batch: dict) -> None:
+        out = engine(to_device(batch, device))
+        engine.backward(out["loss"])
+        engine.step()
+
+    results = {}
+    for variant in config["variants"]:
+        name = variant if ds_variant == "recipe" else f"{variant},ds={ds_variant}"
+        set_encoder_sdpa(model, variant == "encoder_sdpa")
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        seconds = run_epochs(step, batches, device, config["warmup"], config["repeats"])
+        results[name] = {"seconds": seconds, "peak_mem_gb": peak_gb(device)}
+        print(f"ours[{name}]: {seconds:.3f} s per pass", flush=True)
+        if config["profile"]:
+            profiled = profile_pass(step, batches, device)
+            results[name]["profile"] = profiled
+            summary = {k: v for k, v in profiled.items() if k != "top_host_ops"}
+            print(f"ours[{name}] profiled: {json.dumps(summary)}", flush=True)
+    return results
+
+
 def ours_worker(config: dict) -> None:
     """Ray Train worker: per DeepSpeed variant the production setup, then timed passes per model variant."""
     import ray.train.torch
@@ -211,30 +240,8 @@ def ours_worker(config: dict) -> None:
         torch.cuda.set_device(device)
     results = {}
     for ds_variant in config["ds_variants"]:
-        cfg = OmegaConf.create(config["recipe"])
-        if DS_VARIANTS[ds_variant] is not None:
-            cfg.deepspeed.config = DS_VARIANTS[ds_variant]
-        model, engine = production_engine(cfg, device)
-        batches = make_batches(model, config["budget_s"], config["seed"], config["tiny"])
-
-        def step(batch: dict) -> None:
-            out = engine(to_device(batch, device))
-            engine.backward(out["loss"])
-            engine.step()
-
-        for variant in config["variants"]:
-            name = variant if ds_variant == "recipe" else f"{variant},ds={ds_variant}"
-            set_encoder_sdpa(model, variant == "encoder_sdpa")
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            seconds = run_epochs(step, batches, device, config["warmup"], config["repeats"])
-            results[name] = {"seconds": seconds, "peak_mem_gb": peak_gb(device)}
-            print(f"ours[{name}]: {seconds:.3f} s per pass", flush=True)
-            if config["profile"]:
-                results[name]["profile"] = profile_pass(step, batches, device)
-                print(f"ours[{name}] profiled: {json.dumps({k: v for k, v in results[name]['profile'].items() if k != 'top_host_ops'})}", flush=True)
-        del model, engine, step
-        gc.collect()
+        results.update(time_ds_variant(OmegaConf.create(config["recipe"]), device, config, ds_variant))
+        gc.collect()  # the previous engine's memory back before the next one is built
         if device.type == "cuda":
             torch.cuda.empty_cache()
     Path(config["result_file"]).write_text(json.dumps(results))
@@ -380,12 +387,18 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed passes over the buckets")
     parser.add_argument("--repeats", type=int, default=2, help="timed passes (median)")
     parser.add_argument(
-        "--variants", nargs="+", default=["default"], choices=["default", "encoder_sdpa"], help="model variants"
+        "--variants",
+        nargs="+",
+        default=["default"],
+        choices=["default", "encoder_sdpa"],
+        help="model variants",
     )
     parser.add_argument(
         "--ds-variants", nargs="+", default=["recipe"], choices=list(DS_VARIANTS), help="DeepSpeed configs"
     )
-    parser.add_argument("--profile", action="store_true", help="also profile one pass of each variant of ours")
+    parser.add_argument(
+        "--profile", action="store_true", help="also profile one pass of each variant of ours"
+    )
     parser.add_argument("--zero-stages", type=int, nargs="+", default=[2], help="one Ray Train run per stage")
     parser.add_argument("--skip", nargs="*", default=[], choices=["ours", "plain", "nemo"])
     parser.add_argument("--seed", type=int, default=0)

@@ -59,3 +59,10 @@ def test_from_dict_accepts_an_omegaconf_node() -> None:
     node = OmegaConf.create({"shar_path": [["a", 2.0]], "batch_duration": 30.0, "use_bucketing": True})
     cfg = DataConfig.from_dict(node)
     assert cfg.sources == [SharSourceSpec("a", 2.0)] and cfg.batch_duration == 30.0
+
+
+def test_errors_name_the_recipe_section_the_keys_live_in() -> None:
+    with pytest.raises(SALMConfigError, match=r"`data\.train_ds\.batch_size` must be > 0"):
+        DataConfig.from_dict({"shar_path": "a", "batch_size": 0}, section="data.train_ds")
+    with pytest.raises(SALMConfigError, match=r"`data\.validation_ds\.datasets\.dev\.bogus`"):
+        DataConfig.from_dict({"shar_path": "a", "bogus": 1}, section="data.validation_ds.datasets.dev")

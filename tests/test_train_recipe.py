@@ -92,7 +92,9 @@ def test_deepspeed_config_passes_extra_keys_through_and_refuses_owned_ones() -> 
     assert ds["timers"] == {"throughput": {"enabled": False}}
     assert ds["bf16"] == {"enabled": True, "check_grad_overflow": False}  # merged, not replaced
     assert ds["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 50000000}
-    with pytest.raises(SALMConfigError, match=r"deepspeed.config.zero_optimization.stage.*deepspeed.zero_stage"):
+    with pytest.raises(
+        SALMConfigError, match=r"deepspeed.config.zero_optimization.stage.*deepspeed.zero_stage"
+    ):
         load_recipe("tiny", [*FILLED, "deepspeed.config.zero_optimization.stage=3"])
     with pytest.raises(SALMConfigError, match="must be a mapping"):
         load_recipe("tiny", [*FILLED, "deepspeed.config=5"])

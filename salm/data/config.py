@@ -78,14 +78,27 @@ class DataConfig:
         _validate(self)
 
     @classmethod
-    def from_dict(cls, values: Any) -> DataConfig:
-        """Build from a dict or OmegaConf node; unknown keys raise instead of being silently ignored."""
+    def from_dict(cls, values: Any, section: str = "data") -> DataConfig:
+        """Build from a dict or OmegaConf node; unknown keys raise instead of being silently ignored.
+
+        ``section`` is where these keys live in the user's file (``data.train_ds`` in a recipe):
+        errors name ``<section>.<field>``, the line to change.
+        """
+        try:
+            return cls._from_dict(values)
+        except SALMConfigError as error:
+            if section == "data":
+                raise
+            raise SALMConfigError(str(error).replace("`data.", f"`{section}.")) from None
+
+    @classmethod
+    def _from_dict(cls, values: Any) -> DataConfig:
         if hasattr(values, "items") and not isinstance(values, dict):  # DictConfig
             from omegaconf import OmegaConf
 
             values = OmegaConf.to_container(values, resolve=True)
         if not isinstance(values, dict):
-            raise SALMConfigError(f"the `data` section must be a mapping, got {type(values).__name__}")
+            raise SALMConfigError(f"the `data.` section must be a mapping, got {type(values).__name__}")
         known = {f.name for f in dataclasses.fields(cls) if f.init}
         unknown = sorted(set(values) - known)
         if unknown:

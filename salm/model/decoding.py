@@ -46,7 +46,9 @@ def padded_batch_size(batch: int) -> int:
     return power * 3 // 4 if batch <= power * 3 // 4 else power
 
 
-def pad_rows(embeds: torch.Tensor, attention_mask: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_rows(
+    embeds: torch.Tensor, attention_mask: torch.Tensor, rows: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Repeat the last example up to ``rows``: real data, so the padding finishes when it does."""
     extra = rows - embeds.shape[0]
     if extra <= 0:
@@ -230,7 +232,9 @@ class DecoderCache:
     decoders (each miss on a GPU is a new KV cache and a graph capture).
     """
 
-    def __init__(self, max_entries: int = MAX_CACHED_DECODERS, max_bytes: int = MAX_CACHED_DECODER_BYTES) -> None:
+    def __init__(
+        self, max_entries: int = MAX_CACHED_DECODERS, max_bytes: int = MAX_CACHED_DECODER_BYTES
+    ) -> None:
         self.max_entries, self.max_bytes = max_entries, max_bytes
         self.hits = self.misses = 0
         self._entries: OrderedDict[tuple[int, int, int], GreedyDecoder] = OrderedDict()

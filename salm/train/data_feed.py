@@ -13,11 +13,13 @@ import ray.train
 from omegaconf import DictConfig, OmegaConf
 
 
-def _data_config(cfg: DictConfig, section: DictConfig, **extra):
+def _data_config(cfg: DictConfig, key: str, **extra):
+    """The DataConfig of recipe section ``key`` (e.g. ``data.train_ds``); its errors name ``key.<field>``."""
     from salm.data.config import DataConfig
 
+    section = OmegaConf.select(cfg, key)
     values = {"prompt": str(cfg.data.prompt), **OmegaConf.to_container(section, resolve=True), **extra}
-    return DataConfig.from_dict(values)
+    return DataConfig.from_dict(values, section=key)
 
 
 def build_datasets(cfg: DictConfig) -> dict[str, ray.data.Dataset]:
@@ -34,16 +36,18 @@ def build_datasets(cfg: DictConfig) -> dict[str, ray.data.Dataset]:
         "prompt_format": str(cfg.model.prompt_format),
         "audio_locator_tag": str(cfg.model.audio_locator_tag),
     }
-    datasets = {"train": build_dataset(_data_config(cfg, cfg.data.train_ds), **text, infinite=True)}
-    for name, section in (cfg.data.validation_ds.get("datasets") or {}).items():
-        datasets[f"val_{name}"] = build_dataset(_validation_config(cfg, section), **text, infinite=False)
+    datasets = {"train": build_dataset(_data_config(cfg, "data.train_ds"), **text, infinite=True)}
+    for name in cfg.data.validation_ds.get("datasets") or {}:
+        datasets[f"val_{name}"] = build_dataset(_validation_config(cfg, name), **text, infinite=False)
     return datasets
 
 
-def _validation_config(cfg: DictConfig, section: DictConfig):
-    """A validation set: fixed-size batches (``data.validation_ds.batch_size``) in dataset order."""
+def _validation_config(cfg: DictConfig, name: str):
+    """Validation set ``name``: fixed-size batches (``data.validation_ds.batch_size``) in dataset order."""
     batch_size = int(cfg.data.validation_ds.get("batch_size", 8))
-    return _data_config(cfg, section, batch_size=batch_size, use_bucketing=False, shuffle=False)
+    return _data_config(
+        cfg, f"data.validation_ds.datasets.{name}", batch_size=batch_size, use_bucketing=False, shuffle=False
+    )
 
 
 def train_batches(
@@ -54,7 +58,7 @@ def train_batches(
 
     seed = int(cfg.data.train_ds.get("seed", cfg.trainer.seed)) + seed_offset
     data_cfg = _data_config(
-        cfg, cfg.data.train_ds, token_equivalent_duration=token_equivalent_duration, seed=seed
+        cfg, "data.train_ds", token_equivalent_duration=token_equivalent_duration, seed=seed
     )
     rows = ray.train.get_dataset_shard("train").iter_rows()
     return iter(iterate_batches(rows, data_cfg, pad_id))
@@ -77,7 +81,7 @@ def validation_batches(cfg: DictConfig, pad_id: int) -> dict[str, Iterable[dict]
     sets = cfg.data.validation_ds.get("datasets") or {}
     return {
         name: _ValidationBatches(
-            ray.train.get_dataset_shard(f"val_{name}"), _validation_config(cfg, section), pad_id
+            ray.train.get_dataset_shard(f"val_{name}"), _validation_config(cfg, name), pad_id
         )
-        for name, section in sets.items()
+        for name in sets
     }

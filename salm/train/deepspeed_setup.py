@@ -39,7 +39,9 @@ def deepspeed_config(cfg: DictConfig) -> dict:
         "wall_clock_breakdown": False,
     }
     extra = ds.get("config")
-    return OmegaConf.to_container(OmegaConf.merge(generated, extra if extra is not None else {}), resolve=True)
+    return OmegaConf.to_container(
+        OmegaConf.merge(generated, extra if extra is not None else {}), resolve=True
+    )
 
 
 def build_optimizer(parameters: list[torch.nn.Parameter], cfg: DictConfig) -> torch.optim.Optimizer:

@@ -125,9 +125,7 @@ def validate_recipe(cfg: DictConfig) -> None:
     if extra is None:
         extra = OmegaConf.create({})
     if not isinstance(extra, DictConfig):
-        raise SALMConfigError(
-            f"`deepspeed.config` must be a mapping of DeepSpeed config keys, got {extra!r}"
-        )
+        raise SALMConfigError(f"`deepspeed.config` must be a mapping of DeepSpeed config keys, got {extra!r}")
     for dotted, owner in RECIPE_OWNED_DEEPSPEED_KEYS.items():
         if OmegaConf.select(extra, dotted) is not None:
             raise SALMConfigError(f"`deepspeed.config.{dotted}` is set by `{owner}`; set it there instead")
