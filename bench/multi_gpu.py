@@ -35,7 +35,8 @@ import torch
 from omegaconf import OmegaConf
 
 from bench.common import card, peak_gb, recipe, timed, write_llm_dir, write_result
-from bench.train_throughput import audio_seconds, make_batches, production_engine, to_device
+from bench.train_throughput import audio_seconds, make_batches, production_engine
+from salm.train.batch_device import to_device
 
 
 def global_batches(model, budget_s: float, seed: int, tiny: bool, micro_per_step: int) -> list[list[dict]]:

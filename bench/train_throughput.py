@@ -48,6 +48,7 @@ from bench.common import (
     write_llm_dir,
     write_result,
 )
+from salm.train.batch_device import to_device
 
 BUCKETS = [(5.0, 10.0), (10.0, 15.0), (15.0, 20.0), (20.0, 30.0), (30.0, 40.0)]  # audio seconds
 SAMPLE_RATE = 16000
@@ -102,10 +103,6 @@ def make_batches(model, budget_s: float, seed: int, tiny: bool) -> list[dict]:
             }
         )
     return batches
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def audio_seconds(batches: list[dict]) -> float:
