@@ -11,9 +11,9 @@ Small sets run in this process; ``--ray`` runs Ray Data ``map_batches`` over mod
 GPU each when the cluster has GPUs, CPU actors otherwise). The model path must be readable
 from every node.
 
-Input is a NeMo manifest for now. Lhotse Shar input will come from ``salm.data`` (being built):
-it only has to produce the same rows (``audio_filepath`` or samples, ``duration``, ``text``),
-see ``read_rows``.
+Input is a NeMo manifest (``--manifest``) or a Lhotse Shar directory (``--shar``, e.g. the
+output of ``salm data prepare``). Shar rows keep their audio encoded, as stored in the shard tars,
+and are decoded batch by batch; broken cuts are skipped with one log line each, as in training.
 """
 
 from __future__ import annotations
@@ -86,11 +86,25 @@ class EvalReport:
 
 
 # ----- one batch (runs in this process or inside a Ray actor) -----
+def row_audio(row: dict, sampling_rate: int):
+    """A row's waveform: encoded bytes from a Shar shard, or the manifest's audio file."""
+    if "audio_bytes" in row:
+        from salm.data.processing import decode_audio
+
+        return decode_audio(row["audio_bytes"], sampling_rate)
+    return load_audio(row["audio_filepath"], sampling_rate)
+
+
+def row_key(row: dict) -> str:
+    """What identifies a row in the input: the manifest's audio path or the Shar cut id."""
+    return row["audio_filepath"] if "audio_filepath" in row else row["id"]
+
+
 @torch.inference_mode()
 def score_batch(model, rows: list[dict], options: GenerationOptions, compute_loss: bool = True) -> list[dict]:
     """Transcribe ``rows`` in one batch; add ``pred_text``, ``transcribe_seconds`` and loss stats."""
     started = time.perf_counter()
-    audios, audio_lens = collate_audio([load_audio(r["audio_filepath"], model.sampling_rate) for r in rows])
+    audios, audio_lens = collate_audio([row_audio(r, model.sampling_rate) for r in rows])
     prompt = options.prompt_for(model.audio_locator_tag)
     prompts = [[{"role": "user", "content": prompt}] for _ in rows]
     texts = model.generate(prompts, audios=audios, audio_lens=audio_lens, **options.generate_kwargs()).texts
@@ -233,7 +247,7 @@ def summarize(scored: list[dict], normalize: bool, wall_seconds: float) -> tuple
     """Corpus metrics, and the rows with per-utterance ``wer`` (and ``loss``) added."""
     rows = []
     for row in scored:
-        row = dict(row)
+        row = {k: v for k, v in row.items() if k != "audio_bytes"}  # predictions.jsonl holds text only
         row["wer"] = word_error_rate([row["text"]], [row["pred_text"]], normalize).wer
         if normalize:
             row["pred_text_normalized"] = normalize_text(row["pred_text"])
@@ -258,7 +272,9 @@ def summarize(scored: list[dict], normalize: bool, wall_seconds: float) -> tuple
 
 
 def read_rows(args: argparse.Namespace) -> list[dict]:
-    """Labelled rows to evaluate. The hook for Shar input (``salm.data``) goes here."""
+    """Labelled rows to evaluate, from ``--manifest`` or ``--shar``."""
+    if args.shar:
+        return read_shar_rows(args.shar)
     rows = read_manifest(args.manifest)
     unlabelled = [r["audio_filepath"] for r in rows if not isinstance(r.get("text"), str)]
     if unlabelled:
@@ -269,15 +285,49 @@ def read_rows(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def read_shar_rows(shar_dir: str) -> list[dict]:
+    """``id``, encoded ``audio_bytes``, ``duration`` and ``text`` of every readable cut, in shard order.
+
+    The shards are read with the training pipeline's reader (``salm.data.shar_source``), so the
+    same cuts count as broken: they are logged, counted and left out, and never stop the run.
+    """
+    from salm.data.shar_source import SkipLog, iter_shard, list_shards
+
+    try:
+        shards = list_shards(shar_dir)
+    except SALMConfigError as error:
+        raise SALMConfigError(str(error).replace("`data.shar_path` entry", "`--shar`")) from None
+    skips = SkipLog()
+    rows, skipped = [], 0
+    for shard in tqdm(shards, unit="shard", desc="reading Shar", disable=len(shards) < 2):
+        for raw in iter_shard(shard, skips):
+            skipped += raw["skipped"]  # cuts skipped since the previous row
+            rows.append({key: raw[key] for key in ("id", "audio_bytes", "duration", "text")})
+    skipped += skips.take()[0]
+    if skipped:
+        print(
+            f"skipped {skipped} broken cut(s) in {shar_dir} (logged above); evaluating the other {len(rows)}"
+        )
+    if not rows:
+        raise SALMConfigError(f"`--shar` {shar_dir!r} holds no readable labelled cut; see the warnings above")
+    return rows
+
+
 def register(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("eval", help="WER, token accuracy, loss and RTFx on a labelled manifest")
+    parser = commands.add_parser(
+        "eval", help="WER, token accuracy, loss and RTFx on a labelled manifest or Shar directory"
+    )
     add_eval_arguments(parser)
     parser.set_defaults(func=run)
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
-    parser.add_argument("--manifest", required=True, help="NeMo manifest: audio_filepath, duration, text")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--manifest", help="NeMo manifest: audio_filepath, duration, text")
+    source.add_argument(
+        "--shar", help="Lhotse Shar directory with transcripts (e.g. from `salm data prepare`)"
+    )
     parser.add_argument("--out-dir", default="runs/eval", help="where predictions.jsonl and metrics.json go")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument(
@@ -321,8 +371,8 @@ def run(args: argparse.Namespace) -> EvalReport:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with (out_dir / "predictions.jsonl").open("w") as sink:
-        position = {row["audio_filepath"]: index for index, row in enumerate(rows)}
-        write_jsonl(sorted(predictions, key=lambda r: position[r["audio_filepath"]]), sink)  # manifest order
+        position = {row_key(row): index for index, row in enumerate(rows)}
+        write_jsonl(sorted(predictions, key=lambda r: position[row_key(r)]), sink)  # input order
     (out_dir / "metrics.json").write_text(json.dumps(report.as_dict(), indent=2))
     print(report.describe())
     print(f"predictions -> {out_dir / 'predictions.jsonl'}; metrics -> {out_dir / 'metrics.json'}")

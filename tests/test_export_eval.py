@@ -144,6 +144,34 @@ def test_eval_without_references_says_to_use_generate(exported, tmp_path, speech
     assert "Use `salm generate`" in capsys.readouterr().err
 
 
+def test_eval_on_shar_matches_eval_on_the_manifest_and_skips_broken_cuts(
+    exported, manifest, speech_clips, tmp_path, ray_local, capsys
+) -> None:
+    from salm.data.prepare import prepare_shar
+
+    shar = tmp_path / "shar"
+    prepare_shar([str(manifest)], str(shar), shard_size=len(speech_clips) - 1, progress=False)
+    last_tar = sorted(shar.glob("recording.*.tar"))[-1]
+    last_tar.write_bytes(last_tar.read_bytes()[:100])  # the last shard (one cut) is truncated
+    results = {}
+    for name, source in (("manifest", ["--manifest", str(manifest)]), ("shar", ["--shar", str(shar)])):
+        out = tmp_path / name
+        args = ["eval", str(exported / "hf"), *source, "--out-dir", str(out), "--max-new-tokens", "6"]
+        assert main(args) == 0
+        results[name] = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert "skipped 1 broken cut(s)" in capsys.readouterr().out
+    from_manifest = {p["text"]: p["pred_text"] for p in results["manifest"]}
+    from_shar = {p["text"]: p["pred_text"] for p in results["shar"]}
+    assert len(from_shar) == len(speech_clips) - 1
+    assert all(from_shar[text] == from_manifest[text] for text in from_shar)  # same audio, same decoding
+    assert all("audio_bytes" not in p and p["id"] for p in results["shar"])
+
+
+def test_eval_on_a_missing_shar_dir_is_one_error_line(exported, tmp_path, capsys) -> None:
+    assert main(["eval", str(exported / "hf"), "--shar", str(tmp_path / "nowhere")]) == 2
+    assert "`--shar`" in capsys.readouterr().err
+
+
 def test_eval_on_ray_data_actors_matches_the_local_run(tiny_salm, exported, manifest, ray_local) -> None:
     rows = read_manifest(manifest)
     options = GenerationOptions(max_new_tokens=4)
