@@ -4,9 +4,9 @@ One command, three ways through the same model (same seed, same random weights) 
 bucketed synthetic batches (5-40 s of noise, ~30-120 target tokens, about ``--budget-s`` audio
 seconds per batch, as a duration-bucketing sampler makes them):
 
-- ours: Ray Train ``TorchTrainer`` with 1 GPU worker, ``deepspeed.initialize`` with our
-  ``deepspeed_config`` (bf16, ZeRO-2), ``build_optimizer``, ``warmup_cosine`` and ``LossModule``
-  (the production path of ``salm/train/loop.py``), optionally in model variants (``--variants``)
+- ours: Ray Train ``TorchTrainer`` with 1 GPU worker, the model and DeepSpeed engine built by
+  ``salm.train.engine`` as ``salm/train/loop.py`` builds them (the recipe's ``deepspeed_config``:
+  bf16, ZeRO-2; AdamW; warmup+cosine; ``LossModule``), optionally in model variants (``--variants``)
   and DeepSpeed config variants (``--ds-variants``, each with its own engine; ``--profile`` adds
   one profiled pass each: device busy share, host syncs, top host ops);
 - NeMo: NeMo 3.0's ``SALM.training_step`` -> backward -> AdamW step, bf16 weights;
@@ -120,16 +120,6 @@ def run_epochs(step, batches: list[dict], device: torch.device, warmup: int, rep
     return sorted(times)[len(times) // 2]
 
 
-def build_salm(cfg, device: torch.device):
-    """Our SALM built directly on ``device`` (random init on the GPU takes seconds, on CPU minutes)."""
-    from salm.model.salm import SALM
-
-    torch.manual_seed(int(cfg.trainer.seed))
-    with torch.device(device):
-        model = SALM(cfg.model)
-    return model.to(device)  # NeMo's legacy ``torch.FloatTensor(...)`` parameters ignore torch.device()
-
-
 # ----- ours: Ray Train + DeepSpeed -----
 def set_encoder_sdpa(model, enabled: bool) -> None:
     """NeMo's Conformer attention reads ``use_pytorch_sdpa`` at every forward: toggle it per variant."""
@@ -138,23 +128,11 @@ def set_encoder_sdpa(model, enabled: bool) -> None:
 
 
 def production_engine(cfg, device: torch.device):
-    """Our SALM on ``device`` wrapped as ``salm/train/loop.py`` wraps it; returns (model, engine) in train mode."""
-    import deepspeed
+    """Our SALM on ``device`` wrapped exactly as ``salm/train/loop.py`` wraps it: (model, engine), train mode."""
+    from salm.train.engine import build_model, wrap_in_deepspeed
 
-    from salm.train.deepspeed_setup import build_optimizer, deepspeed_config, warmup_cosine
-    from salm.train.loop import LossModule
-
-    model = build_salm(cfg, device)
-    preprocessor_state = {k: v.clone() for k, v in model.perception.preprocessor.state_dict().items()}
-    optimizer = build_optimizer(model.trainable_parameters(), cfg)
-    engine, _, _, _ = deepspeed.initialize(
-        model=LossModule(model),
-        optimizer=optimizer,
-        lr_scheduler=warmup_cosine(optimizer, cfg),
-        config=deepspeed_config(cfg),
-    )
-    model.perception.preprocessor.float().load_state_dict(preprocessor_state)
-    model.train()
+    model = build_model(cfg, device)
+    engine, _ = wrap_in_deepspeed(cfg, model, device)
     return model, engine
 
 
@@ -288,8 +266,9 @@ def run_plain(cfg, batches: list[dict], device: torch.device, args) -> tuple[dic
     from torch.utils.flop_counter import FlopCounterMode
 
     from salm.model.placeholders import IGNORE_INDEX
+    from salm.train.engine import build_model
 
-    model = build_salm(cfg, device)
+    model = build_model(cfg, device)
     model.train()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16)
     counts = []

@@ -9,7 +9,7 @@ import torch
 from salm.audio import load_audio
 from salm.data.collate import collate_rows
 from salm.errors import SALMConfigError
-from salm.train.loop import LossModule
+from salm.train.engine import LossModule
 
 PROMPT = "Transcribe the following: <|audioplaceholder|>"
 

@@ -15,43 +15,19 @@ import math
 import time
 from pathlib import Path
 
-import deepspeed
 import ray.train
 import ray.train.torch
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
 
 from salm.model.salm import SALM
 from salm.train import checkpointing
-from salm.train.aux_ctc import EncoderCTC
 from salm.train.batch_device import to_device
 from salm.train.data_feed import train_batches, validation_batches
-from salm.train.deepspeed_setup import build_optimizer, deepspeed_config, warmup_cosine
+from salm.train.engine import build_model, wrap_in_deepspeed
 from salm.train.prediction_log import SampleTokens, format_block
 from salm.train.step_metrics import StepMeter
 from salm.train.validation import validate
-
-
-class LossModule(nn.Module):
-    """What DeepSpeed wraps: ``forward(batch)`` is the SALM loss, so the engine's hooks see it.
-
-    With ``aux_ctc_weight > 0`` the loss adds that weight x an encoder CTC loss (``aux_ctc``, for
-    encoders trained from scratch); ``out["llm_loss"]`` keeps the LLM's own cross-entropy.
-    """
-
-    def __init__(self, salm: SALM, aux_ctc_weight: float = 0.0) -> None:
-        super().__init__()
-        self.salm = salm
-        self.aux_ctc = EncoderCTC(salm, aux_ctc_weight) if aux_ctc_weight > 0 else None
-
-    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        out = self.salm.loss(batch)
-        if self.aux_ctc is not None:
-            ctc = self.aux_ctc(batch["texts"])
-            out["llm_loss"], out["ctc_loss"] = out["loss"].detach(), ctc.detach()
-            out["loss"] = out["loss"] + self.aux_ctc.weight * ctc
-        return out
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -67,13 +43,7 @@ def train_loop_per_worker(config: dict) -> None:
         torch.cuda.set_device(device)
     zero_stage = int(cfg.deepspeed.zero_stage)
 
-    torch.manual_seed(int(cfg.trainer.seed))  # identical random init on every rank
-    # Built on the GPU when there is one: random init of a 2.5B model takes seconds there and
-    # minutes on the host. NeMo's legacy ``torch.FloatTensor`` parameters ignore the device
-    # context, hence the ``.to``.
-    with torch.device(device):
-        model = SALM(cfg.model).to(device)
-    preprocessor_state = {k: v.clone() for k, v in model.perception.preprocessor.state_dict().items()}
+    model = build_model(cfg, device)
 
     step, exact_resume_dir = 0, None
     checkpoint = ray.train.get_checkpoint()  # this run's latest (after a restart or a re-run)
@@ -97,21 +67,11 @@ def train_loop_per_worker(config: dict) -> None:
             checkpointing.load_model_weights(model, checkpoint_dir)
             step = int(state["step"])
 
-    loss_module = LossModule(model, float(cfg.trainer.get("aux_ctc_weight") or 0.0)).to(device)
-    optimizer = build_optimizer([p for p in loss_module.parameters() if p.requires_grad], cfg)
-    scheduler = warmup_cosine(optimizer, cfg)
-    for _ in range(step):
-        scheduler.step()
-    engine, _, _, _ = deepspeed.initialize(
-        model=loss_module, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg)
-    )
-    # DeepSpeed casts the whole module for bf16/fp16; the mel front end stays fp32 (no weights, only buffers).
-    model.perception.preprocessor.float().load_state_dict(preprocessor_state)
+    engine, scheduler = wrap_in_deepspeed(cfg, model, device, start_step=step)
     if exact_resume_dir is not None:
         step = checkpointing.load_engine_state(engine, exact_resume_dir)
         if is_chief:
             print(f"resumed from step {step} (DeepSpeed state: module, optimizer, LR schedule)", flush=True)
-    model.train()
 
     trainer_cfg, exp = cfg.trainer, cfg.exp_manager
     max_steps = int(trainer_cfg.max_steps)
