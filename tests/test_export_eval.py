@@ -9,7 +9,7 @@ from safetensors import safe_open
 
 from salm.audio import collate_audio, load_audio
 from salm.cli import main
-from salm.evaluate import evaluate_on_ray, evaluate_rows
+from salm.evaluate import evaluate_on_ray, evaluate_rows, read_shar_rows
 from salm.generate import GenerationOptions, read_manifest
 from salm.model import SALM
 
@@ -165,6 +165,10 @@ def test_eval_on_shar_matches_eval_on_the_manifest_and_skips_broken_cuts(
     assert len(from_shar) == len(speech_clips) - 1
     assert all(from_shar[text] == from_manifest[text] for text in from_shar)  # same audio, same decoding
     assert all("audio_bytes" not in p and p["id"] for p in results["shar"])
+    on_ray = evaluate_on_ray(  # encoded audio travels through Ray Data to the model actors
+        str(exported / "hf"), read_shar_rows(str(shar)), GenerationOptions(max_new_tokens=6), batch_size=3
+    )
+    assert {r["text"]: r["pred_text"] for r in on_ray} == from_shar
 
 
 def test_eval_on_a_missing_shar_dir_is_one_error_line(exported, tmp_path, capsys) -> None:
