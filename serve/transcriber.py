@@ -9,6 +9,7 @@ one long recording travel as one job, so they are always transcribed in the same
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections import deque
@@ -22,6 +23,7 @@ from serve.audio import AudioTooLongError
 from serve.metrics import TranscriberMetrics
 
 GAUGE_REFRESH_S = 5.0
+logger = logging.getLogger("ray.serve")
 MERGEABLE_BATCHES = 256  # Serve batches admitted at once so that they can be merged (see transcribe_batch)
 
 
@@ -74,6 +76,21 @@ def batch_audio_seconds(jobs: list[TranscriptionJob]) -> int:
     return math.ceil(sum(job.audio_s for job in jobs))
 
 
+def missing_gpu_warning(device: str, cluster_gpus: float) -> str | None:
+    """Why a replica runs on the CPU of a cluster that has GPUs, and what to change (else None).
+
+    A deployment's ``ray_actor_options`` in the Serve config file replace the ones the code sets
+    (Ray Serve does not merge them), so setting e.g. only ``num_cpus`` there drops the GPU.
+    """
+    if device != "cpu" or cluster_gpus <= 0:
+        return None
+    return (
+        f"this Transcriber replica has no GPU although the cluster has {cluster_gpus:g}: it will transcribe "
+        "on the CPU, slowly. If serve/config.yaml sets `ray_actor_options` for the Transcriber, they replace "
+        "the ones serve/app.py sets: add `num_gpus: 1` there"
+    )
+
+
 @serve.deployment(name="Transcriber")
 class Transcriber:
     """Loads the model once per replica, then turns batches of jobs into transcripts.
@@ -88,6 +105,9 @@ class Transcriber:
 
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        warning = missing_gpu_warning(device, _cluster_gpus())
+        if warning:
+            logger.warning(warning)
         if dtype == "auto":  # bf16 where it is fast (GPU); CPUs run fp32 faster than bf16
             dtype = "bfloat16" if device == "cuda" else "float32"
         self.model = SALM.from_pretrained(model_path).eval().to(device=device, dtype=getattr(torch, dtype))
@@ -239,3 +259,9 @@ class Transcriber:
             if self._last_rtfx is not None:
                 self.metrics.rtfx.set(self._last_rtfx)
             await asyncio.sleep(GAUGE_REFRESH_S)
+
+
+def _cluster_gpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0.0

@@ -318,3 +318,12 @@ def test_metrics_reach_prometheus(server: Server) -> None:
     total = re.findall(r"^ray_salm_serve_batch_requests_count\{.* ([\d.]+)$", text, re.MULTILINE)
     assert single and total
     assert sum(map(float, total)) > sum(map(float, single))
+
+
+def test_a_cpu_replica_on_a_gpu_cluster_says_how_to_get_its_gpu_back() -> None:
+    from serve.transcriber import missing_gpu_warning
+
+    warning = missing_gpu_warning("cpu", cluster_gpus=2.0)
+    assert warning is not None and "add `num_gpus: 1`" in warning and "has 2" in warning
+    assert missing_gpu_warning("cuda", cluster_gpus=2.0) is None  # got its GPU
+    assert missing_gpu_warning("cpu", cluster_gpus=0.0) is None  # a CPU-only cluster is fine
