@@ -12,6 +12,7 @@ on this corpus, so a run without CTC ending near it has not learned to listen. O
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -53,11 +54,8 @@ def main() -> None:
             runs.append(json.loads(done.read_text()))
             print(f"aux_ctc_weight {weight:g}: reusing {done}", flush=True)
             continue
-        size = QuickstartSize(
-            **{
-                **corpus.__dict__,
-                "overrides": (f"trainer.aux_ctc_weight={weight}", f"exp_manager.name={name}"),
-            }
+        size = dataclasses.replace(
+            corpus, overrides=(f"trainer.aux_ctc_weight={weight}", f"exp_manager.name={name}")
         )
         started = time.perf_counter()
         run_training(recipe(workdir, llm_dir, paths, size))

@@ -21,6 +21,7 @@ mask ourselves (``{"full_attention": mask}``), so no mask-building code with hos
 from __future__ import annotations
 
 import inspect
+import math
 from collections import OrderedDict
 
 import torch
@@ -40,10 +41,8 @@ def padded_batch_size(batch: int) -> int:
     """
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
-    if batch <= 8:
-        return 1 << (batch - 1).bit_length()
     power = 1 << (batch - 1).bit_length()
-    return power * 3 // 4 if batch <= power * 3 // 4 else power
+    return power * 3 // 4 if batch > 8 and batch <= power * 3 // 4 else power
 
 
 def pad_rows(
@@ -59,12 +58,17 @@ def pad_rows(
     )
 
 
+def kv_shape(config, batch: int, max_len: int) -> tuple[int, int, int, int]:
+    """One layer's key (or value) cache: ``(batch, kv_heads, max_len, head_dim)``."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return (batch, config.num_key_value_heads, max_len, head_dim)
+
+
 class StaticKVCache:
     """Per-layer key/value tensors ``(B, kv_heads, max_len, head_dim)`` written at ``position``."""
 
     def __init__(self, config, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> None:
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        shape = (batch, config.num_key_value_heads, max_len, head_dim)
+        shape = kv_shape(config, batch, max_len)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.values = [
             torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)
@@ -123,7 +127,6 @@ class GreedyDecoder:
         self.pass_cache_position = "cache_position" in params
         self.use_graph = use_graph
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.weight_ptrs: tuple[int, ...] = ()
 
     def _forward(self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         kwargs = {self.cache_arg: self.cache}
@@ -287,8 +290,7 @@ class DecoderCache:
 
 def cache_bytes(config, batch: int, max_len: int, dtype: torch.dtype) -> int:
     """Bytes of a ``StaticKVCache`` for ``batch`` x ``max_len`` (keys and values of every layer)."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    per_layer = batch * config.num_key_value_heads * max_len * head_dim * torch.finfo(dtype).bits // 8
+    per_layer = math.prod(kv_shape(config, batch, max_len)) * torch.finfo(dtype).bits // 8
     return 2 * config.num_hidden_layers * per_layer
 
 

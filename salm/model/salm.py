@@ -326,10 +326,14 @@ class SALM(nn.Module):
         max_len = -(-(length + max_new_tokens) // CACHE_LENGTH_QUANTUM) * CACHE_LENGTH_QUANTUM
         causal_lm = base_causal_lm(self.llm)
         parts = (causal_lm.model, causal_lm.lm_head, self.embed_tokens)
-        if embeds.device.type != "cuda" or self.training:  # nothing to capture: exact shapes, no padding
+
+        def decode_eagerly() -> torch.Tensor:  # exact shapes, no padding, no graph
             decoder = GreedyDecoder(*parts, batch, max_len, max_new_tokens, False)
             decoder.prefill(embeds, attention_mask, self.text_eos_id, self.text_pad_id)
             return decoder.decode()
+
+        if embeds.device.type != "cuda" or self.training:  # nothing to capture
+            return decode_eagerly()
         rows = padded_batch_size(batch)
         decoder = self._decoders.get(
             *parts, rows, max_len, max_new_tokens, weight_pointers(self.llm, self.embed_tokens)
@@ -343,9 +347,7 @@ class SALM(nn.Module):
                 stacklevel=2,
             )
             self._decoders.discard(decoder)
-            decoder = GreedyDecoder(*parts, batch, max_len, max_new_tokens, False)
-            decoder.prefill(embeds, attention_mask, self.text_eos_id, self.text_pad_id)
-            return decoder.decode()
+            return decode_eagerly()
 
     def decoder_cache_stats(self) -> dict[str, int]:
         """Reuses and new captures of the greedy decoder (GPU), and the KV cache bytes they hold."""
