@@ -1,6 +1,8 @@
 #!/bin/bash
-# Build the two ignored folders that GPU calls carry besides ../shared/gpu-wheelhouse.sh's .whl/:
+# Build the ignored folders that GPU calls carry besides ../shared/gpu-wheelhouse.sh's .whl/:
 #   .whl_nemo/  (~22 MB) NeMo 3.0 + Lhotse + the audio/text deps the GPU image lacks;
+#   .whl_hf/    (~27 MB) our pinned transformers 5.24 / peft 0.21.2 and their deps (the image has 5.17,
+#               whose decoding step copies the whole KV cache per layer for grouped-query attention);
 #   .tts_debs/  (~14 MB) flite and its libraries as Debian packages, for the offline speech corpus.
 # Why a script: the folders are ignored (too big for git) and a fresh checkout has neither; both are
 # rebuilt from the package registries in a few minutes. Run from the repo root on x86-64 Linux:
@@ -15,7 +17,7 @@ PLAT=(--only-binary=:all: --python-version 3.12 --implementation cp
 
 if [ -d .git ]; then
   mkdir -p .git/info
-  for folder in .whl_nemo .tts_debs; do
+  for folder in .whl_nemo .whl_hf .tts_debs; do
     grep -qx "/$folder/" .git/info/exclude 2>/dev/null || echo "/$folder/" >> .git/info/exclude
   done
 fi
@@ -34,7 +36,16 @@ rm -rf .whl_nemo && mkdir -p .whl_nemo
 # Only an sdist exists for the antlr runtime (omegaconf's parser): build the pure-Python wheel here.
 "$PY" -m pip wheel -q --no-deps -w .whl_nemo antlr4-python3-runtime==4.9.3
 
+rm -rf .whl_hf && mkdir -p .whl_hf
+# pyproject.toml's transformers/peft pins; their deps that the image lacks or has too old (click >= 8.4.2,
+# idna >= 3.18, regex >= 2025.10.22, the httpx2 stack of huggingface_hub 2.x).
+"$PY" -m pip download -q --no-deps "${PLAT[@]}" -d .whl_hf \
+  transformers==5.24.0 peft==0.21.2 tokenizers==0.23.3 huggingface_hub==2.4.0 safetensors==0.8.0 \
+  hf-xet==1.8.0 httpx2==2.16.2 httpcore2==2.16.2 truststore==0.10.5 idna==3.20 click==8.5.1 \
+  typer==0.29.2 rich==15.0.0 pygments==2.21.0 markdown_it_py==4.3.0 mdurl==0.1.2 shellingham==1.5.4 \
+  annotated_doc==0.0.7 regex==2026.11.19
+
 rm -rf .tts_debs && mkdir -p .tts_debs
 (cd .tts_debs && apt-get download flite libflite1 libasound2 libasound2-data)
 
-du -sh .whl_nemo .tts_debs
+du -sh .whl_nemo .whl_hf .tts_debs

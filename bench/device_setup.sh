@@ -1,8 +1,8 @@
-# Source on the GPU machine: installs the carried folders (.whl_nemo: NeMo + audio deps; .whl: Ray +
-# DeepSpeed; .tts_debs: flite) into $HOME/site and $HOME/tts, which survive between calls while the
+# Source on the GPU machine: installs the carried folders (.whl_nemo: NeMo + audio deps; .whl_hf: the
+# pinned transformers/peft; .whl: Ray + DeepSpeed; .tts_debs: flite) into $HOME/site and $HOME/tts, which survive between calls while the
 # machine is warm, and sets the environment the benchmarks need. See BENCHMARKS.md for how the folders are made.
 mkdir -p "$HOME/site"
-for folder in .whl_nemo .whl; do
+for folder in .whl_nemo .whl_hf .whl; do
   if ls "$folder"/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target "$HOME/site" "$folder"/*.whl 2>&1 | grep -v -i "warning" || true

@@ -10,7 +10,27 @@ Same model (canary-qwen-2.5b shapes, random weights, bf16, eval) and the same cl
 Every path makes exactly ``--new-tokens`` tokens: the EOS row of the tied embedding / LM head is
 zeroed, so with random weights EOS never wins the argmax (a real model stops at its own EOS).
 RTFx = audio seconds / wall seconds of one call (prompt encoding, encoder, prefill, decoding,
-detokenising), median of ``--repeats`` calls after one warm-up call per batch size. Run::
+detokenising), median of ``--repeats`` calls after one warm-up call per batch size.
+
+What each optimisation of ours buys is measured in the same run with ``--ours-variants``:
+
+- ``kv_repeat``: ours with the decoding step's attention as transformers < 5.2x ran it (the whole
+  KV cache copied per layer per token for grouped-query attention, ``repeat_kv``); 5.24, our pin,
+  attends on the key/value heads directly (``pack_gqa``);
+- ``merged_lora``: ours with LoRA folded into the LLM weights (what the Serve replica does at load,
+  and ``salm export --merge-lora``);
+- ``compiled``: ours with every Conformer and LLM decoder layer compiled (``salm.model.compile``;
+  decoding runs the LLM eagerly, so only the encoder is affected).
+
+Variants change the model in place and run in this order after the other paths, so each one
+includes the ones before it (``compiled`` is on the merged model).
+
+``--serve-load`` then frees the GPU and runs ``bench/serve_load.py`` on the same model shape (random
+weights saved and served by Ray Serve, flite clips of ~9 s, 1/16/64/256 concurrent clients):
+throughput and p50/p99 latency over HTTP, ``p99_s_at_64`` in the JSON.
+
+``--phases`` adds one call per batch size of each ``ours`` path with the device drained at each
+phase boundary (forward hooks): where the time goes. Run::
 
     PYTHONPATH=$HOME/site:$PWD python3 -m bench.serve_throughput --out $OUT
 
@@ -20,14 +40,19 @@ detokenising), median of ``--repeats`` calls after one warm-up call per batch si
 from __future__ import annotations
 
 import argparse
+import gc
+import json
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 from transformers import GenerationConfig
 
-from bench.common import PROMPT, card, peak_gb, recipe, timed, write_llm_dir, write_result
+from bench.common import PROMPT, card, peak_gb, recipe, sync, timed, write_llm_dir, write_result
 from salm.model.llm import base_causal_lm, embedding_inside
 
 SAMPLE_RATE = 16000
@@ -105,6 +130,94 @@ def paths(ours, nemo, new_tokens: int) -> dict:
     return named
 
 
+# Serve limits above the concurrency tested, so the load test measures batching, not admission control.
+SERVE_LIMITS = [
+    "Transcriber.max_ongoing_requests=256",
+    "Transcriber.max_queued_requests=512",
+    "Ingress.max_ongoing_requests=512",
+    "Ingress.max_queued_requests=1024",
+    "Transcriber.user_config.max_batch_audio_s=2560",
+]
+OURS_VARIANTS = ("kv_repeat", "merged_lora", "compiled")
+
+
+def repeat_kv_in_decoding(enabled: bool) -> None:
+    """Make transformers' SDPA attention copy the KV cache per key/value group even for one query
+    (as releases before ``pack_gqa`` did): the ``kv_repeat`` variant's before/after."""
+    from transformers.integrations import sdpa_attention
+
+    if not hasattr(sdpa_attention, "pack_gqa"):
+        raise RuntimeError(
+            f"this transformers ({sdpa_attention.__name__}) has no pack_gqa: it always repeats"
+        )
+    if not hasattr(sdpa_attention, "_real_is_compiling"):
+        sdpa_attention._real_is_compiling = sdpa_attention.is_torchdynamo_compiling
+    # pack_gqa is skipped while compiling; saying "compiling" makes the step take the repeat_kv branch.
+    sdpa_attention.is_torchdynamo_compiling = (lambda: True) if enabled else sdpa_attention._real_is_compiling
+
+
+def phase_seconds(model, fn, audios: torch.Tensor, lens: torch.Tensor, device: torch.device) -> dict:
+    """One call of ``fn`` split at module boundaries, the device drained at each (forward hooks).
+
+    prompts: tokenising the chat prompts (until the mel front end starts); mel: the front end;
+    encoder: Conformer + adapter + projection; splice: text embeddings and placeholder splicing;
+    prefill: the LLM over the prompts; decode: the remaining tokens and detokenising.
+    """
+    marks: dict[str, float] = {}
+
+    def mark(name: str):
+        def hook(*_):
+            if name not in marks:  # decoding steps call the LLM again: keep the first (prefill)
+                sync(device)
+                marks[name] = time.perf_counter()
+
+        return hook
+
+    decoder = base_causal_lm(model.llm).model
+    handles = [
+        model.perception.preprocessor.register_forward_pre_hook(mark("prompts")),
+        model.perception.preprocessor.register_forward_hook(mark("mel")),
+        model.perception.register_forward_hook(mark("encoder")),
+        decoder.register_forward_pre_hook(mark("splice")),
+        decoder.register_forward_hook(mark("prefill")),
+    ]
+    try:
+        sync(device)
+        start = time.perf_counter()
+        fn(audios, lens)
+        sync(device)
+        marks["decode"] = time.perf_counter()
+    finally:
+        for handle in handles:
+            handle.remove()
+    names = ["prompts", "mel", "encoder", "splice", "prefill", "decode"]
+    times = [start] + [marks[n] for n in names]
+    return {name: round(b - a, 4) for name, a, b in zip(names, times[:-1], times[1:], strict=True)}
+
+
+def served_latency(tiny: bool, new_tokens: int, requests: int, out_dir: Path) -> dict:
+    """``bench/serve_load.py`` in a subprocess (its own Ray cluster): one run per concurrency."""
+    out = out_dir / "serve_load.json"
+    command = [sys.executable, "-m", "bench.serve_load", "--tiny" if tiny else "--canary-shape"]
+    command += [
+        "--sentences-per-clip",
+        "3",
+        "--concurrency",
+        "1",
+        "16",
+        "64",
+        "256",
+        "--requests",
+        str(requests),
+    ]
+    command += ["--max-new-tokens", str(new_tokens), "--num-cpus", "4" if tiny else "12", "--out", str(out)]
+    command += ["--set", *SERVE_LIMITS]
+    subprocess.run(command, check=True)
+    runs = json.loads(out.read_text())["runs"]
+    keep = ("audio_s_per_s", "p50_s", "p99_s", "errors", "mean_requests_per_batch", "model_busy_fraction")
+    return {str(run["concurrency"]): {k: run.get(k) for k in keep} for run in runs}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -115,6 +228,15 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-nemo", action="store_true")
+    parser.add_argument("--skip-generate", action="store_true")
+    parser.add_argument(
+        "--ours-variants", nargs="*", default=[], choices=OURS_VARIANTS, help="before/after variants of ours"
+    )
+    parser.add_argument("--phases", action="store_true", help="time the phases of each ours path")
+    parser.add_argument(
+        "--serve-load", action="store_true", help="then the Ray Serve load test (bench/serve_load.py)"
+    )
+    parser.add_argument("--serve-requests", type=int, default=128, help="requests per concurrency")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args()
 
@@ -122,63 +244,119 @@ def main() -> None:
     cfg = recipe(write_llm_dir(Path(tempfile.mkdtemp()) / "llm", tiny=args.tiny), tiny=args.tiny)
     ours, nemo = build_models(cfg, device, with_nemo=not args.skip_nemo)
     named = paths(ours, nemo, args.new_tokens)
+    if args.skip_generate:
+        del named["generate"]
+    for variant in sorted(args.ours_variants, key=OURS_VARIANTS.index):  # "compiled" last: it is in place
+        named[f"ours_{variant}"] = named["ours"]
     print(f"card: {card(device)}", flush=True)
 
     generator = torch.Generator().manual_seed(0)
-    rows: dict[int, dict] = {}
+    inputs = {}
     for batch in args.batch_sizes:
         audios = 0.1 * torch.randn(batch, int(args.clip_s * SAMPLE_RATE), generator=generator)
-        lens = torch.full((batch,), audios.shape[1])
-        audios, lens = audios.to(device), lens.to(device)
-        row, outputs = {}, {}
-        for name, fn in named.items():
-            outputs[name] = fn(audios, lens)  # warm-up (ours: captures the graph for this batch size)
-            times = sorted(
-                timed(lambda fn=fn, a=audios, n=lens: fn(a, n), device) for _ in range(args.repeats)
-            )
-            seconds = times[len(times) // 2]
-            row[name] = {"seconds": seconds, "rtfx": batch * args.clip_s / seconds}
-            print(f"B={batch:<4} {name:<9} {seconds:7.3f} s  RTFx {row[name]['rtfx']:8.0f}", flush=True)
-        lengths = {name: len(ids[0]) for name, ids in outputs.items()}
+        inputs[batch] = (audios.to(device), torch.full((batch,), audios.shape[1]).to(device))
+
+    rows: dict[int, dict] = {batch: {} for batch in args.batch_sizes}
+    outputs: dict[str, dict[int, list]] = {}
+    errors: dict[str, str] = {}
+    for name, fn in named.items():  # path-major: a variant changes the model for the paths after it
+        try:
+            if name == "ours_kv_repeat":
+                repeat_kv_in_decoding(True)
+            if name == "ours_merged_lora":
+                from salm.io.nemo_file import merge_lora_into_llm
+
+                merge_lora_into_llm(ours)  # new parameters: the decoder cache recaptures
+            if name == "ours_compiled":
+                from salm.model.compile import compile_repeated_layers
+
+                compile_repeated_layers(ours)
+            outputs[name] = {}
+            for batch, (audios, lens) in inputs.items():
+                sync(device)
+                started = time.perf_counter()
+                outputs[name][batch] = fn(audios, lens)  # warm-up: captures (and compiles) for this size
+                sync(device)
+                first_s = time.perf_counter() - started
+                times = sorted(
+                    timed(lambda fn=fn, a=audios, n=lens: fn(a, n), device) for _ in range(args.repeats)
+                )
+                seconds = times[len(times) // 2]
+                row = rows[batch][name] = {
+                    "seconds": seconds,
+                    "rtfx": batch * args.clip_s / seconds,
+                    "first_call_s": round(first_s, 3),
+                }
+                if args.phases and name.startswith("ours"):
+                    row["phases"] = phase_seconds(ours, fn, audios, lens, device)
+                print(
+                    f"B={batch:<4} {name:<15} {seconds:7.3f} s  RTFx {row['rtfx']:8.0f}  (first call {first_s:.1f} s)"
+                    + (f"  phases {row['phases']}" if "phases" in row else ""),
+                    flush=True,
+                )
+        except Exception as error:  # one failing variant must not lose the others' numbers
+            errors[name] = f"{type(error).__name__}: {error}"
+            print(f"{name} FAILED: {errors[name]}", flush=True)
+        finally:
+            if name == "ours_kv_repeat":
+                repeat_kv_in_decoding(False)
+
+    for batch in args.batch_sizes:
+        lengths = {name: len(out[batch][0]) for name, out in outputs.items() if batch in out}
         assert all(n == args.new_tokens for n in lengths.values()), f"tokens made per path: {lengths}"
-        # bf16 kernels differ between paths (mask layout, cache shapes): near-ties in the argmax can flip.
-        row["same_tokens_as_generate"] = sum(
-            a == b
-            for x, y in zip(outputs["ours"], outputs["generate"], strict=True)
-            for a, b in zip(x, y, strict=True)
-        ) / (batch * args.new_tokens)
-        rows[batch] = row
+        if all(batch in outputs.get(n, {}) for n in ("ours", "generate")):
+            # bf16 kernels differ between paths (mask layout, cache shapes): near-ties in the argmax can flip.
+            rows[batch]["same_tokens_as_generate"] = sum(
+                a == b
+                for x, y in zip(outputs["ours"][batch], outputs["generate"][batch], strict=True)
+                for a, b in zip(x, y, strict=True)
+            ) / (batch * args.new_tokens)
 
     print(
         f"\n{args.clip_s:.0f} s clips, {args.new_tokens} new tokens, card {card(device)}, peak {peak_gb(device):.1f} GB"
     )
-    names = list(named)
-    print(
-        f"{'batch':>6}"
-        + "".join(f"{'RTFx ' + n:>15}" for n in names)
-        + f"{'x generate':>12}{'x NeMo':>9}{'same tok':>10}"
-    )
+    names = [n for n in named if n not in errors]
+    print(f"{'batch':>6}" + "".join(f"{'RTFx ' + n:>21}" for n in names) + f"{'x generate':>12}{'x NeMo':>9}")
     for batch, row in rows.items():
-        line = f"{batch:>6}" + "".join(f"{row[n]['rtfx']:>15.0f}" for n in names)
-        line += f"{row['ours']['rtfx'] / row['generate']['rtfx']:>12.2f}"
+        line = f"{batch:>6}" + "".join(
+            f"{row[n]['rtfx']:>21.0f}" if n in row else f"{'-':>21}" for n in names
+        )
+        line += (
+            f"{row['ours']['rtfx'] / row['generate']['rtfx']:>12.2f}" if "generate" in row else f"{'-':>12}"
+        )
         line += f"{row['ours']['rtfx'] / row['nemo']['rtfx']:>9.2f}" if "nemo" in row else f"{'-':>9}"
-        print(line + f"{row['same_tokens_as_generate']:>10.1%}")
+        print(line)
+
+    served = None
+    if args.serve_load:
+        del ours, nemo, named
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        served = served_latency(args.tiny, args.new_tokens, args.serve_requests, Path(tempfile.mkdtemp()))
+        print(f"served over HTTP: {json.dumps(served)}", flush=True)
 
     largest = max(rows)
+    best = max((n for n in rows[largest] if n.startswith("ours")), key=lambda n: rows[largest][n]["rtfx"])
+    top = rows[largest]
     write_result(
         "serve_throughput" + ("_tiny" if args.tiny else ""),
         {
             "card": card(device),
             "batch_size": largest,
-            "rtfx": rows[largest]["ours"]["rtfx"],
-            "ratio_vs_generate": rows[largest]["ours"]["rtfx"] / rows[largest]["generate"]["rtfx"],
-            "ratio_vs_nemo": rows[largest]["ours"]["rtfx"] / rows[largest]["nemo"]["rtfx"] if nemo else None,
+            "best_path": best,
+            "rtfx": top[best]["rtfx"],
+            "ratio_vs_generate": top[best]["rtfx"] / top["generate"]["rtfx"] if "generate" in top else None,
+            "ratio_vs_nemo": top[best]["rtfx"] / top["nemo"]["rtfx"] if "nemo" in top else None,
             "clip_s": args.clip_s,
             "new_tokens": args.new_tokens,
             "by_batch_size": {str(b): r for b, r in rows.items()},
-            "serve_p99": "not measured: Ray Serve load test not run in this benchmark",
+            "errors": errors,
+            "p99_s_at_64": served["64"]["p99_s"] if served else None,
+            "served_by_concurrency": served,
         },
         args.out,
+        record=not args.tiny,
     )
 
 

@@ -110,7 +110,12 @@ class Transcriber:
             logger.warning(warning)
         if dtype == "auto":  # bf16 where it is fast (GPU); CPUs run fp32 faster than bf16
             dtype = "bfloat16" if device == "cuda" else "float32"
-        self.model = SALM.from_pretrained(model_path).eval().to(device=device, dtype=getattr(torch, dtype))
+        from salm.io.nemo_file import merge_lora_into_llm
+
+        model = SALM.from_pretrained(model_path).eval().to(device=device, dtype=getattr(torch, dtype))
+        # A replica never trains or saves: LoRA folded into the LLM weights drops the adapter matmuls
+        # from every prefill and decoding step (bench/serve_throughput.py, variant merged_lora).
+        self.model = merge_lora_into_llm(model)
         self.model.perception.preprocessor.float()  # log-mel features stay fp32 (cast for the encoder)
         self.default_prompt = f"Transcribe the following: {self.model.audio_locator_tag}"
         self.config = BatchingConfig()

@@ -20,6 +20,7 @@ import ray.train.torch
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from salm.model.compile import compile_repeated_layers
 from salm.model.salm import SALM
 from salm.train import checkpointing
 from salm.train.batch_device import to_device
@@ -68,6 +69,13 @@ def train_loop_per_worker(config: dict) -> None:
             step = int(state["step"])
 
     engine, scheduler = wrap_in_deepspeed(cfg, model, device, start_step=step)
+    if cfg.trainer.compile_layers:
+        compiled = compile_repeated_layers(model)
+        if is_chief:
+            print(
+                f"compiling {compiled} repeated layers (torch.compile): the first step takes minutes",
+                flush=True,
+            )
     if exact_resume_dir is not None:
         step = checkpointing.load_engine_state(engine, exact_resume_dir)
         if is_chief:

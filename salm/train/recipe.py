@@ -29,6 +29,7 @@ TRAINER_DEFAULTS = {
     "log_prediction_valid": True,
     "log_prediction_valid_samples": 2,
     "max_new_tokens": 64,
+    "compile_layers": False,
 }
 DEEPSPEED_DEFAULTS = {"zero_stage": 2, "offload_optimizer": False, "offload_param": False, "config": {}}
 # DeepSpeed keys that other recipe fields set: `deepspeed.config` may not set them a second way.
@@ -112,6 +113,10 @@ def validate_recipe(cfg: DictConfig) -> None:
     if float(trainer.get("aux_ctc_weight") or 0.0) < 0:
         raise SALMConfigError(
             f"`trainer.aux_ctc_weight` must be >= 0 (0 turns it off), got {trainer.aux_ctc_weight}"
+        )
+    if not isinstance(trainer.compile_layers, bool):
+        raise SALMConfigError(
+            f"`trainer.compile_layers` must be true or false, got {trainer.compile_layers!r}"
         )
     if precision_of(cfg) not in ("32", "bf16", "16"):
         raise SALMConfigError(f"`trainer.precision` must be 32, bf16 or 16, got {trainer.precision!r}")
