@@ -19,6 +19,8 @@ What each optimisation of ours buys is measured in the same run with ``--ours-va
   attends on the key/value heads directly (``pack_gqa``);
 - ``merged_lora``: ours with LoRA folded into the LLM weights (what the Serve replica does at load,
   and ``salm export --merge-lora``);
+- ``compiled_decode``: ours with the greedy decoding step compiled (``SALM.compile_decoding``, what
+  the Serve replica's ``compile_decoding`` option turns on), then captured as before;
 - ``compiled``: ours with every Conformer and LLM decoder layer compiled (``salm.model.compile``;
   decoding runs the LLM eagerly, so only the encoder is affected).
 
@@ -138,7 +140,7 @@ SERVE_LIMITS = [
     "Ingress.max_queued_requests=1024",
     "Transcriber.user_config.max_batch_audio_s=2560",
 ]
-OURS_VARIANTS = ("kv_repeat", "merged_lora", "compiled")
+OURS_VARIANTS = ("kv_repeat", "merged_lora", "compiled_decode", "compiled")
 
 
 def repeat_kv_in_decoding(enabled: bool) -> None:
@@ -195,7 +197,7 @@ def phase_seconds(model, fn, audios: torch.Tensor, lens: torch.Tensor, device: t
     return {name: round(b - a, 4) for name, a, b in zip(names, times[:-1], times[1:], strict=True)}
 
 
-def served_latency(tiny: bool, new_tokens: int, requests: int, out_dir: Path) -> dict:
+def served_latency(tiny: bool, new_tokens: int, requests: int, extra: list[str], out_dir: Path) -> dict:
     """``bench/serve_load.py`` in a subprocess (its own Ray cluster): one run per concurrency."""
     out = out_dir / "serve_load.json"
     command = [sys.executable, "-m", "bench.serve_load", "--tiny" if tiny else "--canary-shape"]
@@ -211,7 +213,7 @@ def served_latency(tiny: bool, new_tokens: int, requests: int, out_dir: Path) ->
         str(requests),
     ]
     command += ["--max-new-tokens", str(new_tokens), "--num-cpus", "4" if tiny else "12", "--out", str(out)]
-    command += ["--set", *SERVE_LIMITS]
+    command += ["--set", *SERVE_LIMITS, *extra]
     subprocess.run(command, check=True)
     runs = json.loads(out.read_text())["runs"]
     keep = ("audio_s_per_s", "p50_s", "p99_s", "errors", "mean_requests_per_batch", "model_busy_fraction")
@@ -237,6 +239,7 @@ def main() -> None:
         "--serve-load", action="store_true", help="then the Ray Serve load test (bench/serve_load.py)"
     )
     parser.add_argument("--serve-requests", type=int, default=128, help="requests per concurrency")
+    parser.add_argument("--serve-set", nargs="*", default=[], help="more server overrides for --serve-load")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args()
 
@@ -267,6 +270,8 @@ def main() -> None:
                 from salm.io.nemo_file import merge_lora_into_llm
 
                 merge_lora_into_llm(ours)  # new parameters: the decoder cache recaptures
+            if name == "ours_compiled_decode":
+                ours.compile_decoding = True
             if name == "ours_compiled":
                 from salm.model.compile import compile_repeated_layers
 
@@ -333,7 +338,9 @@ def main() -> None:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        served = served_latency(args.tiny, args.new_tokens, args.serve_requests, Path(tempfile.mkdtemp()))
+        served = served_latency(
+            args.tiny, args.new_tokens, args.serve_requests, args.serve_set, Path(tempfile.mkdtemp())
+        )
         print(f"served over HTTP: {json.dumps(served)}", flush=True)
 
     largest = max(rows)

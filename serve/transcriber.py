@@ -59,6 +59,7 @@ class BatchingConfig:
     max_batch_audio_s: int = 640
     batch_wait_timeout_s: float = 0.05
     max_new_tokens: int = 128
+    compile_decoding: bool = False  # torch.compile the greedy decoding step (GPU; compiles on first use)
 
     def __post_init__(self) -> None:
         if self.max_batch_audio_s < 1:
@@ -69,6 +70,10 @@ class BatchingConfig:
             )
         if self.max_new_tokens < 1:
             raise ValueError(f"`user_config.max_new_tokens` must be >= 1, got {self.max_new_tokens}")
+        if not isinstance(self.compile_decoding, bool):
+            raise ValueError(
+                f"`user_config.compile_decoding` must be true or false, got {self.compile_decoding!r}"
+            )
 
 
 def batch_audio_seconds(jobs: list[TranscriptionJob]) -> int:
@@ -130,8 +135,23 @@ class Transcriber:
 
     def reconfigure(self, user_config: dict) -> None:
         self.config = BatchingConfig(**user_config)
+        if self.config.compile_decoding and not self.model.compile_decoding:
+            self.model.compile_decoding = True
+            self._compile_decoding_now()
+        self.model.compile_decoding = self.config.compile_decoding
         self.transcribe_batch.set_max_batch_size(self.config.max_batch_audio_s)
         self.transcribe_batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
+
+    def _compile_decoding_now(self) -> None:
+        """Compile the decoding step before the first request instead of during it: one batch of
+        one clip and one of two (a batch of one is compiled apart from the rest, which share one
+        dynamic-shape compile). Takes a minute or two on a GPU, once per replica."""
+        logger.info("compiling the greedy decoding step (compile_decoding: true), once per replica")
+        started = time.perf_counter()
+        silence = np.zeros(self.model.sampling_rate, dtype=np.float32)
+        for batch in (1, 2):
+            self.model.transcribe([silence] * batch, max_new_tokens=self.config.max_new_tokens)
+        logger.info(f"decoding step compiled in {time.perf_counter() - started:.0f} s")
 
     def info(self) -> dict:
         """What the ingress needs to prepare jobs; answering at all means the model is loaded."""

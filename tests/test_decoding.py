@@ -100,3 +100,21 @@ def test_decoder_cache_stays_within_its_byte_budget(tiny_salm) -> None:
         assert len(cache) == 1
     assert cache.bytes() == 3 * one  # the newest is kept even over budget
     assert (cache.hits, cache.misses) == (0, 3)
+
+
+def test_compiled_decoding_step_gives_the_eager_tokens_at_several_batch_sizes(
+    tiny_salm, speech_clips
+) -> None:
+    """``compile_step`` (torch.compile of the whole step) must not change a single token."""
+    prompts = [[{"role": "user", "content": PROMPT, "audio": u.path}] for u in speech_clips[:3]]
+    embeds, mask = tiny_salm.prepare_generation_inputs(prompts)
+    causal_lm = base_causal_lm(tiny_salm.llm)
+    parts = (causal_lm.model, causal_lm.lm_head, tiny_salm.embed_tokens)
+    with torch.no_grad():
+        for rows in (2, 3):  # the second shape takes the dynamic-shape code path
+            tokens = []
+            for compile_step in (False, True):
+                decoder = GreedyDecoder(*parts, rows, 128, 10, False, compile_step)
+                decoder.prefill(embeds[:rows], mask[:rows], tiny_salm.text_eos_id, tiny_salm.text_pad_id)
+                tokens.append(decoder.decode())
+            assert torch.equal(tokens[0], tokens[1])

@@ -35,6 +35,10 @@ def test_unset_mandatory_values_are_named() -> None:
         ("deepspeed.offload_param=true", "`deepspeed.offload_param` needs `deepspeed.zero_stage=3`"),
         ("trainer.precision=fp8", "`trainer.precision` must be 32, bf16 or 16"),
         ("trainer.max_steps=0", "`trainer.max_steps` must be >= 1, got 0"),
+        (
+            "trainer.compile_layers=sometimes",
+            "`trainer.compile_layers` must be true or false, got 'sometimes'",
+        ),
         ("model.optimizer.lr=0", "`model.optimizer.lr` must be > 0"),
         ("trainer.max_steps", "overrides must look like key.path=value"),
     ],

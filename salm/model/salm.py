@@ -91,6 +91,9 @@ class SALM(nn.Module):
             load_asr_weights(self.perception, cfg.pretrained_asr)
         apply_freezing(self, list(cfg.freeze_params), trainable_patterns(cfg))
         self._decoders = DecoderCache()  # captured greedy decoders, reused across generate calls
+        # Greedy decoding on a GPU through the compiled step (decoding.compiled_step): faster per
+        # token, but the first call compiles for about a minute. Set by servers, off by default.
+        self.compile_decoding = False
 
     @classmethod
     def from_pretrained(
@@ -352,7 +355,12 @@ class SALM(nn.Module):
             return decode_eagerly()
         rows = padded_batch_size(batch)
         decoder = self._decoders.get(
-            *parts, rows, max_len, max_new_tokens, weight_pointers(self.llm, self.embed_tokens)
+            *parts,
+            rows,
+            max_len,
+            max_new_tokens,
+            weight_pointers(self.llm, self.embed_tokens),
+            compile_step=self.compile_decoding,
         )
         decoder.prefill(*pad_rows(embeds, attention_mask, rows), self.text_eos_id, self.text_pad_id)
         try:
