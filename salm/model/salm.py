@@ -36,6 +36,9 @@ from salm.text.tokenizer import load_tokenizer, padding_id
 
 AudioInput = str | Path | np.ndarray | torch.Tensor
 CACHE_LENGTH_QUANTUM = 64  # decoder cache lengths are rounded up to this (graph reuse)
+# Larger batches decode eagerly even with ``compile_decoding``: measured on an H200 (BENCHMARKS.md),
+# the compiled step cut decoding by 45% at batch 1-16 and 22% at 64 but was 16% slower at 256.
+COMPILED_STEP_MAX_ROWS = 64
 
 
 @dataclass
@@ -91,8 +94,9 @@ class SALM(nn.Module):
             load_asr_weights(self.perception, cfg.pretrained_asr)
         apply_freezing(self, list(cfg.freeze_params), trainable_patterns(cfg))
         self._decoders = DecoderCache()  # captured greedy decoders, reused across generate calls
-        # Greedy decoding on a GPU through the compiled step (decoding.compiled_step): faster per
-        # token, but the first call compiles for about a minute. Set by servers, off by default.
+        # Greedy decoding on a GPU through the compiled step (decoding.compiled_step) for batches of
+        # up to COMPILED_STEP_MAX_ROWS: faster per token, but the first calls compile for a minute
+        # or two. Set by servers, off by default.
         self.compile_decoding = False
 
     @classmethod
@@ -360,7 +364,7 @@ class SALM(nn.Module):
             max_len,
             max_new_tokens,
             weight_pointers(self.llm, self.embed_tokens),
-            compile_step=self.compile_decoding,
+            compile_step=self.compile_decoding and rows <= COMPILED_STEP_MAX_ROWS,
         )
         decoder.prefill(*pad_rows(embeds, attention_mask, rows), self.text_eos_id, self.text_pad_id)
         try:
