@@ -66,3 +66,19 @@ def test_salm_serve_dry_run_prints_a_config_serve_run_accepts(tmp_path: Path, ca
 def test_salm_serve_names_a_missing_model(capsys) -> None:
     assert main(["serve", "/nonexistent/model", "--dry-run"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("user_config", "message"),
+    [
+        ({"max_batch_audio_s": 0}, "`user_config.max_batch_audio_s` must be >= 1"),
+        ({"max_new_tokens": 0}, "`user_config.max_new_tokens` must be >= 1"),
+        ({"compile_decoding": "yes"}, "`user_config.compile_decoding` must be true or false"),
+    ],
+)
+def test_bad_transcriber_user_config_is_refused_with_the_field(user_config: dict, message: str) -> None:
+    from serve.transcriber import BatchingConfig
+
+    with pytest.raises(ValueError, match=message):
+        BatchingConfig(**user_config)
+    assert BatchingConfig().compile_decoding is False  # off unless asked: it compiles for minutes
