@@ -170,6 +170,7 @@ class Transcriber:
             "batch_requests": list(self._recent_batch_requests),
             "batch_seconds": list(self._recent_batch_seconds),
             "decoder_cache": self.model.decoder_cache_stats(),
+            "compile_decoding": self.model.compile_decoding,
         }
 
     async def transcribe(self, job: TranscriptionJob) -> list[PieceResult]:

@@ -66,6 +66,9 @@ def server(ray_local, tiny_salm, tmp_path_factory):
             f"Transcriber.user_config.max_new_tokens={MAX_NEW_TOKENS}",
             "Transcriber.user_config.batch_wait_timeout_s=0.2",
             "Transcriber.user_config.max_batch_audio_s=120",
+            # The replica warms the compiled decoding step up at start (a no-op on CPU, which decodes
+            # eagerly): the option must not keep the replica from serving.
+            "Transcriber.user_config.compile_decoding=true",
         ],
     )
     deploy_and_wait(config, ray_local.dashboard_url, timeout_s=START_TIMEOUT_S)
@@ -164,6 +167,10 @@ def test_sixteen_concurrent_requests_are_served_in_batches(server: Server, speec
     assert len({r.json()["text"] for r in responses}) == 1  # batching does not change the transcript
     assert sum(batches) == 16
     assert max(batches) > 1, f"requests per batch: {batches}"
+
+
+def test_user_config_reaches_the_model(server: Server) -> None:
+    assert transcriber_call("stats")["compile_decoding"] is True  # set by the fixture's overrides
 
 
 def test_long_audio_is_split_at_quiet_points_and_joined(server: Server, speech_clips) -> None:

@@ -21,6 +21,7 @@ def test_bundled_recipes_load_and_overrides_apply() -> None:
     assert canary.model.perception.encoder.n_layers == 32 and canary.model.perception.output_dim == 2048
     assert canary.model.optimizer.lr == 5e-4 and list(canary.model.optimizer.betas) == [0.9, 0.98]
     assert canary.model.lr_scheduler.warmup_steps == 1000 and canary.trainer.precision == "bf16"
+    assert canary.trainer.compile_layers is True and cfg.trainer.compile_layers is False
 
 
 def test_unset_mandatory_values_are_named() -> None:
@@ -127,3 +128,10 @@ def test_warmup_then_cosine_to_min_lr() -> None:
     assert lrs[60] == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-5)
     assert all(b <= a + 1e-12 for a, b in zip(lrs[9:], lrs[10:], strict=False))
+
+
+def test_compiled_layers_are_refused_under_zero3() -> None:
+    with pytest.raises(
+        SALMConfigError, match="`trainer.compile_layers` works with `deepspeed.zero_stage` 0-2"
+    ):
+        load_recipe("tiny", [*FILLED, "trainer.compile_layers=true", "deepspeed.zero_stage=3"])

@@ -122,6 +122,11 @@ def validate_recipe(cfg: DictConfig) -> None:
         raise SALMConfigError(f"`trainer.precision` must be 32, bf16 or 16, got {trainer.precision!r}")
     if int(ds.zero_stage) not in (0, 1, 2, 3):
         raise SALMConfigError(f"`deepspeed.zero_stage` must be 0, 1, 2 or 3, got {ds.zero_stage}")
+    if trainer.compile_layers and int(ds.zero_stage) == 3:
+        raise SALMConfigError(
+            "`trainer.compile_layers` works with `deepspeed.zero_stage` 0-2 only: ZeRO-3 gathers each "
+            "layer's weights in module hooks that torch.compile would trace; set trainer.compile_layers=false"
+        )
     if ds.offload_param and int(ds.zero_stage) != 3:
         raise SALMConfigError("`deepspeed.offload_param` needs `deepspeed.zero_stage=3`")
     if ds.offload_optimizer and int(ds.zero_stage) == 0:
