@@ -290,31 +290,16 @@ def run_plain(cfg, batches: list[dict], device: torch.device, args) -> tuple[dic
         counts.append({"flops": counter.get_total_flops(), "positions": int(out["num_positions"])})
         model.zero_grad(set_to_none=True)
 
-    opt = cfg.model.optimizer
-    optimizer = torch.optim.AdamW(
-        model.trainable_parameters(),
-        lr=float(opt.lr),
-        betas=tuple(opt.betas),
-        weight_decay=float(opt.weight_decay),
-    )
-
-    def step(batch: dict) -> None:
+    def plain_loss(batch: dict) -> torch.Tensor:
         batch = to_device(batch, device)
         with autocast:
             inputs = model.prepare_inputs(batch)
             logits = model(inputs["input_embeds"], inputs["attention_mask"])  # (B, T, V): full vocabulary
-        loss = torch.nn.functional.cross_entropy(
+        return torch.nn.functional.cross_entropy(
             logits.float().flatten(0, 1), inputs["target_ids"].flatten(), ignore_index=IGNORE_INDEX
         )
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    seconds = run_epochs(step, batches, device, args.warmup, args.repeats)
-    result = {"seconds": seconds, "peak_mem_gb": peak_gb(device)}
-    print(f"plain: {seconds:.3f} s per pass", flush=True)
+    result = time_eager_path("plain", plain_loss, model.trainable_parameters(), cfg, batches, device, args)
     state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     return result, counts, state
 
@@ -339,25 +324,33 @@ def run_nemo(cfg, batches: list[dict], device: torch.device, state: dict, args) 
     nemo.to(device=device, dtype=dtype)
     nemo.perception.preprocessor.float()  # as in our path: the mel front end stays fp32
     nemo.train()
+
+    def nemo_loss(batch: dict) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            return nemo.training_step(to_device(batch, device), 0)["loss"]
+
+    trainable = [p for p in nemo.parameters() if p.requires_grad]
+    return time_eager_path("nemo", nemo_loss, trainable, cfg, batches, device, args)
+
+
+def time_eager_path(
+    name: str, loss_fn, params: list, cfg, batches: list[dict], device: torch.device, args
+) -> dict:
+    """Seconds per pass (and peak memory) of ``loss_fn(batch).backward()`` + a plain AdamW step."""
     opt = cfg.model.optimizer
     optimizer = torch.optim.AdamW(
-        [p for p in nemo.parameters() if p.requires_grad],
-        lr=float(opt.lr),
-        betas=tuple(opt.betas),
-        weight_decay=float(opt.weight_decay),
+        params, lr=float(opt.lr), betas=tuple(opt.betas), weight_decay=float(opt.weight_decay)
     )
 
     def step(batch: dict) -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = nemo.training_step(to_device(batch, device), 0)["loss"]
-        loss.backward()
+        loss_fn(batch).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     seconds = run_epochs(step, batches, device, args.warmup, args.repeats)
-    print(f"nemo: {seconds:.3f} s per pass", flush=True)
+    print(f"{name}: {seconds:.3f} s per pass", flush=True)
     return {"seconds": seconds, "peak_mem_gb": peak_gb(device)}
 
 
