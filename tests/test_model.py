@@ -166,6 +166,24 @@ def test_prompt_with_wrong_number_of_placeholders(tiny_salm, speech_clips) -> No
         tiny_salm.generate(prompt)
 
 
+def test_repeated_prompts_are_tokenised_once_and_give_the_same_ids(tiny_salm) -> None:
+    model = copy.deepcopy(tiny_salm)
+    model._prompt_cache.clear()  # other tests' prompts
+    text = "Transcribe the following: <|audioplaceholder|>"
+    prompts = [
+        [{"role": "user", "content": text}],
+        [{"role": "user", "content": "Say hello"}],
+        [{"role": "user", "slots": {"message": text}}],  # NeMo's form: unhashable, encoded every time
+    ] * 3
+    tokens, _ = model.encode_prompts(prompts)
+    expected = [model.prompt_format.encode_dialog(p).input_ids for p in prompts]
+    assert len(model._prompt_cache) == 2  # one entry per distinct hashable prompt text
+    for row, ids in zip(tokens, expected, strict=True):
+        assert torch.equal(row[row.shape[0] - ids.shape[0] :], ids)  # left-padded rows end with the ids
+    with pytest.raises(PromptError, match="placeholder"):  # the cached count still checks the audios
+        model.encode_prompts([[{"role": "user", "content": "Say hello", "audio": torch.zeros(160)}]])
+
+
 def test_missing_audio_file(tiny_salm, tmp_path) -> None:
     with pytest.raises(AudioLoadError, match="does not exist"):
         tiny_salm.transcribe([tmp_path / "nope.wav"])

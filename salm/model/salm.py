@@ -14,6 +14,7 @@ the training loop, process groups and precision belong to Ray Train + DeepSpeed.
 from __future__ import annotations
 
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,7 @@ CACHE_LENGTH_QUANTUM = 64  # decoder cache lengths are rounded up to this (graph
 # Larger batches decode eagerly even with ``compile_decoding``: measured on an H200 (BENCHMARKS.md),
 # the compiled step cut decoding by 45% at batch 1-16 and 22% at 64 but was 16% slower at 256.
 COMPILED_STEP_MAX_ROWS = 64
+PROMPT_CACHE_SIZE = 1024  # distinct prompt texts remembered by ``_encoded_prompt``
 
 
 @dataclass
@@ -94,6 +96,7 @@ class SALM(nn.Module):
             load_asr_weights(self.perception, cfg.pretrained_asr)
         apply_freezing(self, list(cfg.freeze_params), trainable_patterns(cfg))
         self._decoders = DecoderCache()  # captured greedy decoders, reused across generate calls
+        self._prompt_cache: OrderedDict[tuple, tuple[torch.Tensor, int]] = OrderedDict()  # _encoded_prompt
         # Greedy decoding on a GPU through the compiled step (decoding.compiled_step) for batches of
         # up to COMPILED_STEP_MAX_ROWS: faster per token, but the first calls compile for a minute
         # or two. Set by servers, off by default.
@@ -218,21 +221,43 @@ class SALM(nn.Module):
             for turn in conversation:
                 turn_audio = turn.get("audio", [])
                 conversation_audios += turn_audio if isinstance(turn_audio, (list, tuple)) else [turn_audio]
-            encoded = self.prompt_format.encode_dialog(
+            input_ids, placeholders = self._encoded_prompt(
                 [{k: v for k, v in t.items() if k != "audio"} for t in conversation]
             )
-            placeholders = int((encoded.input_ids == self.audio_locator_tag_id).sum())
             if conversation_audios and placeholders != len(conversation_audios):
                 raise PromptError(
                     f"prompt #{index} has {placeholders} {self.audio_locator_tag} placeholder(s) but "
                     f"{len(conversation_audios)} audio(s); put one placeholder in the text per audio"
                 )
-            ids.append(encoded.input_ids)
+            ids.append(input_ids)
             audios += conversation_audios
         tokens = nn.utils.rnn.pad_sequence(
             ids, batch_first=True, padding_value=self.text_pad_id, padding_side="left"
         )
         return tokens, audios
+
+    def _encoded_prompt(self, turns: list[dict]) -> tuple[torch.Tensor, int]:
+        """Token ids of a prompt's text turns and its placeholder count, remembered per text.
+
+        A server sends the same prompt with nearly every clip: tokenising 256 of them took 25-45 ms
+        of a batch's host time (``bench/serve_throughput.py --phases``). Turns whose values cannot
+        be hashed (NeMo's ``{"slots": {...}}`` form) are encoded every time.
+        """
+        try:
+            key = tuple(tuple(sorted(turn.items())) for turn in turns)
+            hash(key)
+        except TypeError:
+            key = None
+        if key is not None and key in self._prompt_cache:
+            self._prompt_cache.move_to_end(key)
+            return self._prompt_cache[key]
+        input_ids = self.prompt_format.encode_dialog(turns).input_ids
+        encoded = (input_ids, int((input_ids == self.audio_locator_tag_id).sum()))
+        if key is not None:
+            self._prompt_cache[key] = encoded
+            if len(self._prompt_cache) > PROMPT_CACHE_SIZE:
+                self._prompt_cache.popitem(last=False)
+        return encoded
 
     def load_audios(self, audios: list[AudioInput]) -> tuple[torch.Tensor, torch.Tensor]:
         """Paths (decoded and resampled) or waveforms at the model's rate -> ``(N, S)`` and lengths."""
