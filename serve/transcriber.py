@@ -135,10 +135,10 @@ class Transcriber:
 
     def reconfigure(self, user_config: dict) -> None:
         self.config = BatchingConfig(**user_config)
-        if self.config.compile_decoding and not self.model.compile_decoding:
-            self.model.compile_decoding = True
-            self._compile_decoding_now()
+        newly_compiled = self.config.compile_decoding and not self.model.compile_decoding
         self.model.compile_decoding = self.config.compile_decoding
+        if newly_compiled and self.model.device.type == "cuda":  # CPUs decode eagerly: nothing to compile
+            self._compile_decoding_now()
         self.transcribe_batch.set_max_batch_size(self.config.max_batch_audio_s)
         self.transcribe_batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
 

@@ -66,8 +66,8 @@ def server(ray_local, tiny_salm, tmp_path_factory):
             f"Transcriber.user_config.max_new_tokens={MAX_NEW_TOKENS}",
             "Transcriber.user_config.batch_wait_timeout_s=0.2",
             "Transcriber.user_config.max_batch_audio_s=120",
-            # The replica warms the compiled decoding step up at start (a no-op on CPU, which decodes
-            # eagerly): the option must not keep the replica from serving.
+            # On a GPU the replica compiles the decoding step at start; on CPU (eager decoding) the
+            # option must still reach the model and not keep the replica from serving.
             "Transcriber.user_config.compile_decoding=true",
         ],
     )

@@ -182,7 +182,15 @@ class GreedyDecoder:
             with torch.compiler.set_stance("default"):  # generate() holds the LLM eager otherwise
                 compiled_step()(self)
         else:
-            _step(self)
+            self._eager_step()
+
+    def _eager_step(self) -> None:
+        self.mask.index_fill_(-1, self.cache.position, 0.0)
+        self.positions += 1
+        embeds = self.embed_tokens(self.token).unsqueeze(1)  # (B, 1, H)
+        hidden = self._forward(embeds, self.mask, self.positions)
+        self.cache.position += 1
+        self._emit(hidden[:, -1])
 
     def capture(self) -> None:
         """Record ``step`` as a CUDA graph. Call after ``prefill``; restores the state it warmed up on."""
@@ -228,18 +236,9 @@ class GreedyDecoder:
         return self.output[:, :emitted].clone()
 
 
-def _step(decoder: GreedyDecoder) -> None:
-    decoder.mask.index_fill_(-1, decoder.cache.position, 0.0)
-    decoder.positions += 1
-    embeds = decoder.embed_tokens(decoder.token).unsqueeze(1)  # (B, 1, H)
-    hidden = decoder._forward(embeds, decoder.mask, decoder.positions)
-    decoder.cache.position += 1
-    decoder._emit(hidden[:, -1])
-
-
 @functools.cache
 def compiled_step():
-    """``_step`` under ``torch.compile``, made once per process and shared by every decoder.
+    """``GreedyDecoder._eager_step`` under ``torch.compile``, made once per process, shared by every decoder.
 
     Why: replaying a CUDA graph removes the launch cost but not the kernels themselves, and an eager
     step of a 28-layer LLM is ~65 small kernels per layer (norms, RoPE, casts, residual adds), a few
@@ -248,7 +247,7 @@ def compiled_step():
     ``dynamic=True`` lets every batch size and cache length share the code (one recompile after the
     first shape). The compiled step is then captured like the eager one.
     """
-    return torch.compile(_step, dynamic=True)
+    return torch.compile(GreedyDecoder._eager_step, dynamic=True)
 
 
 class DecoderCache:

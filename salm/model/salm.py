@@ -324,42 +324,27 @@ class SALM(nn.Module):
         """
         embeds, attention_mask = self.prepare_generation_inputs(prompts, audios, audio_lens)
         with torch.compiler.set_stance("force_eager"):  # see salm.model.compile: the LLM decodes eagerly
-            generated = self._decode(
-                embeds, attention_mask, max_new_tokens, do_sample, temperature, top_p, num_beams, synced_gpus
-            )
+            if not do_sample and num_beams == 1 and not synced_gpus:
+                generated = self._greedy_decode(embeds, attention_mask, max_new_tokens)
+            else:
+                config = GenerationConfig(
+                    max_new_tokens=max_new_tokens,
+                    do_sample=do_sample,
+                    temperature=temperature if do_sample else None,
+                    top_p=top_p if do_sample else None,
+                    top_k=None,
+                    num_beams=num_beams,
+                    eos_token_id=self.text_eos_id,
+                    pad_token_id=self.text_pad_id,
+                    bos_token_id=None,
+                )
+                with embedding_inside(self.llm, self.embed_tokens):
+                    generated = self.llm.generate(
+                        inputs_embeds=embeds, attention_mask=attention_mask, generation_config=config
+                    )
         token_ids = [_until_eos(row.tolist(), self.text_eos_id) for row in generated]
         texts = [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in token_ids]
         return GenerationResult(token_ids=token_ids, texts=texts)
-
-    def _decode(
-        self,
-        embeds: torch.Tensor,
-        attention_mask: torch.Tensor,
-        max_new_tokens: int,
-        do_sample: bool,
-        temperature: float,
-        top_p: float,
-        num_beams: int,
-        synced_gpus: bool,
-    ) -> torch.Tensor:
-        """``(B, new)`` token ids: our static greedy decoder, or ``transformers.generate`` otherwise."""
-        if not do_sample and num_beams == 1 and not synced_gpus:
-            return self._greedy_decode(embeds, attention_mask, max_new_tokens)
-        config = GenerationConfig(
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            temperature=temperature if do_sample else None,
-            top_p=top_p if do_sample else None,
-            top_k=None,
-            num_beams=num_beams,
-            eos_token_id=self.text_eos_id,
-            pad_token_id=self.text_pad_id,
-            bos_token_id=None,
-        )
-        with embedding_inside(self.llm, self.embed_tokens):
-            return self.llm.generate(
-                inputs_embeds=embeds, attention_mask=attention_mask, generation_config=config
-            )
 
     def _greedy_decode(
         self, embeds: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int
