@@ -1,8 +1,12 @@
 """Load generator for a salm-ray server: audio-s/s, latency percentiles and errors at a concurrency.
 
 Each of ``--concurrency`` workers posts clips to ``/v1/audio/transcriptions`` back to back until
-``--requests`` have been sent; throughput counts the audio of successful requests over the wall
-time of the whole run. Run it against a server that is up::
+the run's requests have been sent; throughput counts the audio of successful requests over the
+wall time of the whole run. A run measures the steady state at its concurrency: it is preceded by
+``--warmup-rounds`` x concurrency requests that are not counted (the server captures the decoders
+for that load's batch sizes and its queues fill), and sends at least ``--rounds`` requests per
+client (``--requests`` is the minimum in all), so that p99 is not the cold start of a handful of
+batches. Run it against a server that is up::
 
     python bench/serve_load.py --url http://127.0.0.1:8000 --concurrency 16 --requests 256
 
@@ -223,7 +227,16 @@ def main() -> None:
     parser.add_argument(
         "--concurrency", type=int, nargs="+", default=[16], help="one load run per value, same server"
     )
-    parser.add_argument("--requests", type=int, default=128)
+    parser.add_argument("--requests", type=int, default=128, help="at least this many per concurrency")
+    parser.add_argument(
+        "--rounds", type=int, default=8, help="and at least this many per client (concurrency x rounds)"
+    )
+    parser.add_argument(
+        "--warmup-rounds",
+        type=int,
+        default=2,
+        help="before each run, concurrency x this many requests that are not counted",
+    )
     parser.add_argument("--audio", type=Path, nargs="*", help="clips to send (default: 16 synthesised ones)")
     parser.add_argument(
         "--sentences-per-clip",
@@ -236,7 +249,6 @@ def main() -> None:
     parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray cluster")
     parser.add_argument("--set", nargs="*", default=[], help="config overrides for the local server")
     parser.add_argument("--offline", action="store_true", help="also time offline batched generation")
-    parser.add_argument("--warmup", type=int, default=4, help="requests sent (and not counted) first")
     parser.add_argument("--out", type=Path, default=None, help="write the result JSON here")
     args = parser.parse_args()
 
@@ -265,15 +277,17 @@ def main() -> None:
             *args.set,
         ]
         url = start_local_server(model_dir, overrides, args.num_cpus)
-    asyncio.run(run_load(url, clips, min(args.concurrency[0], args.warmup), args.warmup, args.api_key))
-    seen = transcriber_stats() if args.url is None else None
     runs = []
     for concurrency in args.concurrency:
-        runs.append(asyncio.run(run_load(url, clips, concurrency, args.requests, args.api_key)))
+        warmup = asyncio.run(
+            run_load(url, clips, concurrency, args.warmup_rounds * concurrency, args.api_key)
+        )
+        seen = transcriber_stats() if args.url is None else None
+        requests = max(args.requests, args.rounds * concurrency)
+        runs.append(asyncio.run(run_load(url, clips, concurrency, requests, args.api_key)))
+        runs[-1]["warmup"] = {k: warmup[k] for k in ("requests", "errors", "wall_s", "p99_s")}
         if seen is not None:
-            stats = transcriber_stats()
-            runs[-1].update(batch_summary(stats, seen, runs[-1]["wall_s"]))
-            seen = stats
+            runs[-1].update(batch_summary(transcriber_stats(), seen, runs[-1]["wall_s"]))
         print(json.dumps(runs[-1]), flush=True)
     result = dict(runs[0])  # the first concurrency's numbers at the top level; all of them in "runs"
     result.update(

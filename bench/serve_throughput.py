@@ -216,7 +216,16 @@ def served_latency(tiny: bool, new_tokens: int, requests: int, extra: list[str],
     command += ["--set", *SERVE_LIMITS, *extra]
     subprocess.run(command, check=True)
     runs = json.loads(out.read_text())["runs"]
-    keep = ("audio_s_per_s", "p50_s", "p99_s", "errors", "mean_requests_per_batch", "model_busy_fraction")
+    keep = (
+        "requests",
+        "audio_s_per_s",
+        "p50_s",
+        "p99_s",
+        "errors",
+        "mean_requests_per_batch",
+        "model_busy_fraction",
+        "decoder_captures",
+    )
     return {str(run["concurrency"]): {k: run.get(k) for k in keep} for run in runs}
 
 
@@ -238,7 +247,12 @@ def main() -> None:
     parser.add_argument(
         "--serve-load", action="store_true", help="then the Ray Serve load test (bench/serve_load.py)"
     )
-    parser.add_argument("--serve-requests", type=int, default=128, help="requests per concurrency")
+    parser.add_argument(
+        "--serve-requests",
+        type=int,
+        default=128,
+        help="at least this many per concurrency (and 8 per client), after 2 uncounted rounds",
+    )
     parser.add_argument("--serve-set", nargs="*", default=[], help="more server overrides for --serve-load")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args()

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-from salm.model.decoding import DecoderCache, GreedyDecoder, cache_bytes, pad_rows, padded_batch_size
+from salm.model.decoding import DecoderCache, GreedyDecoder, cache_bytes, padded_batch_size
 from salm.model.llm import base_causal_lm, embedding_inside
 
 PROMPT = "Transcribe the following: <|audioplaceholder|>"
@@ -57,6 +57,7 @@ def test_padded_batch_sizes_are_few_and_waste_little() -> None:
 
 
 def test_padding_rows_leaves_the_real_rows_tokens_unchanged(tiny_salm, speech_clips) -> None:
+    """A decoder for 4 rows given 3 prompts: the same tokens as a decoder for 3, padding rows emit only padding."""
     prompts = [[{"role": "user", "content": PROMPT, "audio": u.path}] for u in speech_clips[:3]]
     embeds, mask = tiny_salm.prepare_generation_inputs(prompts)
     causal_lm = base_causal_lm(tiny_salm.llm)
@@ -65,11 +66,14 @@ def test_padding_rows_leaves_the_real_rows_tokens_unchanged(tiny_salm, speech_cl
     with torch.no_grad():
         for rows in (3, padded_batch_size(3)):
             decoder = GreedyDecoder(*parts, rows, 128, 10, False)
-            decoder.prefill(*pad_rows(embeds, mask, rows), tiny_salm.text_eos_id, tiny_salm.text_pad_id)
+            decoder.cache.keys[0].normal_()  # stale cache contents (an earlier batch's) must not leak in
+            decoder.prefill(embeds, mask, tiny_salm.text_eos_id, tiny_salm.text_pad_id)
             results.append(decoder.decode())
-    assert results[1].shape[0] == 4
-    assert torch.equal(results[0], results[1][:3])
-    assert torch.equal(results[1][3], results[1][2])  # the padding repeats the last example
+        assert results[1].shape == (4, results[0].shape[1])
+        assert torch.equal(results[0], results[1][:3])
+        assert (results[1][3] == tiny_salm.text_pad_id).all()
+        with pytest.raises(ValueError, match="3 prompts do not fit a decoder for 2"):
+            GreedyDecoder(*parts, 2, 128, 10, False).prefill(embeds, mask, 0, 0)
 
 
 def test_decoder_cache_keeps_recent_shapes_and_forgets_moved_weights(tiny_salm) -> None:

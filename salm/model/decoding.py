@@ -37,26 +37,13 @@ def padded_batch_size(batch: int) -> int:
     """The batch size a captured decoder is built for: 1, 2, 4, 8, then 12, 16, 24, 32, 48, 64, ...
 
     Steps of 1.5x-2x keep the padding under a third of the batch while a server's ever-changing
-    batch sizes reuse a handful of graphs. Decoding is bound by reading the weights, so padded rows
-    cost little there; only the prefill pays for them.
+    batch sizes reuse a handful of graphs. Only the decoding steps carry the padded rows, and they
+    are bound by reading the weights, so those rows cost little; the prefill skips them.
     """
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
     power = 1 << (batch - 1).bit_length()
     return power * 3 // 4 if batch > 8 and batch <= power * 3 // 4 else power
-
-
-def pad_rows(
-    embeds: torch.Tensor, attention_mask: torch.Tensor, rows: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Repeat the last example up to ``rows``: real data, so the padding finishes when it does."""
-    extra = rows - embeds.shape[0]
-    if extra <= 0:
-        return embeds, attention_mask
-    return (
-        torch.cat([embeds, embeds[-1:].expand(extra, -1, -1)]),
-        torch.cat([attention_mask, attention_mask[-1:].expand(extra, -1)]),
-    )
 
 
 def kv_shape(config, batch: int, max_len: int) -> tuple[int, int, int, int]:
@@ -68,13 +55,25 @@ def kv_shape(config, batch: int, max_len: int) -> tuple[int, int, int, int]:
 class StaticKVCache:
     """Per-layer key/value tensors ``(B, kv_heads, max_len, head_dim)`` written at ``position``."""
 
-    def __init__(self, config, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], position: torch.Tensor) -> None:
+        self.keys, self.values, self.position = keys, values, position  # position: first slot written next
+
+    @classmethod
+    def allocate(
+        cls, config, batch: int, max_len: int, dtype: torch.dtype, device: torch.device
+    ) -> StaticKVCache:
         shape = kv_shape(config, batch, max_len)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.values = [
-            torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)
-        ]
-        self.position = torch.zeros(1, dtype=torch.long, device=device)  # first slot the next step writes
+        layers = range(config.num_hidden_layers)
+        return cls(
+            [torch.zeros(shape, dtype=dtype, device=device) for _ in layers],
+            [torch.zeros(shape, dtype=dtype, device=device) for _ in layers],
+            torch.zeros(1, dtype=torch.long, device=device),
+        )
+
+    def first_rows(self, rows: int) -> StaticKVCache:
+        """The first ``rows`` rows of every layer (views, and the same ``position``): what a prefill
+        of fewer prompts than the decoder's batch writes into."""
+        return StaticKVCache([k[:rows] for k in self.keys], [v[:rows] for v in self.values], self.position)
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         slots = self.position + torch.arange(key.shape[-2], device=key.device)
@@ -110,7 +109,7 @@ class GreedyDecoder:
         weight = embed_tokens.weight
         self.decoder, self.lm_head, self.embed_tokens = decoder, lm_head, embed_tokens
         self.batch, self.max_len, self.max_new_tokens = batch, max_len, max_new_tokens
-        self.cache = StaticKVCache(decoder.config, batch, max_len, weight.dtype, weight.device)
+        self.cache = StaticKVCache.allocate(decoder.config, batch, max_len, weight.dtype, weight.device)
         device = weight.device
         self.blocked = torch.finfo(weight.dtype).min
         self.mask = torch.full((batch, 1, 1, max_len), self.blocked, dtype=weight.dtype, device=device)
@@ -131,12 +130,12 @@ class GreedyDecoder:
         self.compile_step = compile_step
         self.graph: torch.cuda.CUDAGraph | None = None
 
-    def _forward(self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        kwargs = {self.cache_arg: self.cache}
+    def _forward(
+        self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: StaticKVCache
+    ) -> torch.Tensor:
+        kwargs = {self.cache_arg: cache}
         if self.pass_cache_position:
-            kwargs["cache_position"] = self.cache.position + torch.arange(
-                embeds.shape[1], device=embeds.device
-            )
+            kwargs["cache_position"] = cache.position + torch.arange(embeds.shape[1], device=embeds.device)
         return self.decoder(
             inputs_embeds=embeds,
             attention_mask={"full_attention": mask},
@@ -155,26 +154,38 @@ class GreedyDecoder:
         self.step_index += 1
 
     def prefill(self, embeds: torch.Tensor, attention_mask: torch.Tensor, eos_id: int, pad_id: int) -> None:
-        """Run the prompt ``(B, T, H)`` (left-padded, ``attention_mask`` (B, T)) and emit the first token."""
+        """Run the prompts ``(B, T, H)`` (left-padded, ``attention_mask`` (B, T)) and emit the first token.
+
+        ``B`` may be smaller than the decoder's batch (a server's batch padded up to a captured
+        size): the prefill runs on the ``B`` real rows only, since it costs in proportion to its
+        rows, and the padding rows start finished, so they emit ``pad_id`` and never hold up the
+        early stop.
+        """
         batch, length, _ = embeds.shape
+        if batch > self.batch:
+            raise ValueError(f"{batch} prompts do not fit a decoder for {self.batch}")
         self.eos_id.fill_(eos_id)
         self.pad_id.fill_(pad_id)
         self.finished.zero_()
+        self.finished[batch:] = True
         self.step_index.zero_()
         self.cache.position.zero_()
         valid = attention_mask.bool()
         self.mask.fill_(self.blocked)
-        self.mask[:, 0, 0, :length].masked_fill_(valid, 0.0)
+        self.mask[:batch, 0, 0, :length].masked_fill_(valid, 0.0)
         causal = torch.ones(length, length, dtype=torch.bool, device=embeds.device).tril()
         prompt_mask = torch.full(
             (batch, 1, length, self.max_len), self.blocked, dtype=embeds.dtype, device=embeds.device
         )
         prompt_mask[..., :length].masked_fill_(causal & valid[:, None, None, :], 0.0)
         positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, T): left padding shifts positions
-        hidden = self._forward(embeds, prompt_mask, positions)
+        hidden = self._forward(embeds, prompt_mask, positions, self.cache.first_rows(batch))
         self.cache.position.fill_(length)
-        self.positions.copy_(positions[:, -1:])
-        self._emit(hidden[:, -1])
+        self.positions.zero_()
+        self.positions[:batch].copy_(positions[:, -1:])
+        last = hidden.new_zeros(self.batch, hidden.shape[-1])
+        last[:batch] = hidden[:, -1]
+        self._emit(last)
 
     def step(self) -> None:
         """Feed ``token`` at slot ``cache.position``; emit the next token. No host syncs."""
@@ -188,7 +199,7 @@ class GreedyDecoder:
         self.mask.index_fill_(-1, self.cache.position, 0.0)
         self.positions += 1
         embeds = self.embed_tokens(self.token).unsqueeze(1)  # (B, 1, H)
-        hidden = self._forward(embeds, self.mask, self.positions)
+        hidden = self._forward(embeds, self.mask, self.positions, self.cache)
         self.cache.position += 1
         self._emit(hidden[:, -1])
 

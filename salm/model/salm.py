@@ -27,7 +27,7 @@ from transformers import GenerationConfig
 from salm.audio import collate_audio, load_audio
 from salm.errors import PromptError, SALMConfigError
 from salm.model.config import model_config, trainable_patterns
-from salm.model.decoding import DecoderCache, GreedyDecoder, pad_rows, padded_batch_size, weight_pointers
+from salm.model.decoding import DecoderCache, GreedyDecoder, padded_batch_size, weight_pointers
 from salm.model.freezing import apply_freezing
 from salm.model.llm import base_causal_lm, embedding_inside, install_lora, load_llm, validate_lora
 from salm.model.perception import AudioPerception
@@ -376,7 +376,7 @@ class SALM(nn.Module):
             weight_pointers(self.llm, self.embed_tokens),
             compile_step=self.compile_decoding and rows <= COMPILED_STEP_MAX_ROWS,
         )
-        decoder.prefill(*pad_rows(embeds, attention_mask, rows), self.text_eos_id, self.text_pad_id)
+        decoder.prefill(embeds, attention_mask, self.text_eos_id, self.text_pad_id)  # real rows only
         try:
             return decoder.decode()[:batch]
         except RuntimeError as error:  # capture refused (an op that syncs): decode eagerly, still static
