@@ -29,8 +29,11 @@ import torch
 from torch import nn
 
 EOS_CHECK_EVERY = 8  # decoding steps between host checks for "every row has finished"
-MAX_CACHED_DECODERS = 16  # captured decoders kept (each holds a KV cache for its batch and length)
-MAX_CACHED_DECODER_BYTES = 8 * 2**30  # their KV caches together; the newest is kept whatever its size
+MAX_CACHED_DECODERS = 64  # captured decoders kept (each holds a KV cache for its batch and length)
+# Their KV caches together, as a share of the GPU's memory (the newest is kept whatever its size). A
+# server at 256 clients meets ~14 batch sizes x 2-3 cache lengths: a fixed 8 GiB held one 256-row
+# decoder (7.5 GB) and recaptured 56 times in 2048 requests; a quarter of an H200 holds them all.
+DECODER_CACHE_MEMORY_SHARE = 0.25
 
 
 def padded_batch_size(batch: int) -> int:
@@ -263,16 +266,15 @@ def compiled_step():
 
 class DecoderCache:
     """Decoders by ``(batch, max_len, max_new_tokens, compile_step)``; the least recently used go
-    first when there are ``max_entries`` or their KV caches would pass ``max_bytes``.
+    first when there are ``max_entries`` or their KV caches would pass ``max_bytes`` (default:
+    ``DECODER_CACHE_MEMORY_SHARE`` of the memory of the GPU the first decoder is made on).
 
     All are dropped when the weights move (``weight_ptrs`` changes): a captured graph reads the
     weights at the addresses it was recorded with. ``hits``/``misses`` count reuses and new
     decoders (each miss on a GPU is a new KV cache and a graph capture).
     """
 
-    def __init__(
-        self, max_entries: int = MAX_CACHED_DECODERS, max_bytes: int = MAX_CACHED_DECODER_BYTES
-    ) -> None:
+    def __init__(self, max_entries: int = MAX_CACHED_DECODERS, max_bytes: int | None = None) -> None:
         self.max_entries, self.max_bytes = max_entries, max_bytes
         self.hits = self.misses = 0
         self._entries: OrderedDict[tuple[int, int, int, bool], GreedyDecoder] = OrderedDict()
@@ -302,6 +304,8 @@ class DecoderCache:
             self._entries.move_to_end(key)
             return self._entries[key]
         self.misses += 1
+        if self.max_bytes is None:
+            self.max_bytes = memory_share(embed_tokens.weight.device, DECODER_CACHE_MEMORY_SHARE)
         needed = cache_bytes(decoder.config, batch, max_len, embed_tokens.weight.dtype)
         while self._entries and (  # free before allocating the next cache
             len(self._entries) >= self.max_entries or self.bytes() + needed > self.max_bytes
@@ -324,6 +328,14 @@ class DecoderCache:
 
     def clear(self) -> None:
         self._entries.clear()
+
+
+def memory_share(device: torch.device, share: float) -> int:
+    """``share`` of a GPU's total memory in bytes; on other devices ``share`` of 32 GiB (they decode
+    eagerly and keep no decoders, so this only bounds tests)."""
+    if device.type == "cuda":
+        return int(share * torch.cuda.get_device_properties(device).total_memory)
+    return int(share * 32 * 2**30)
 
 
 def cache_bytes(config, batch: int, max_len: int, dtype: torch.dtype) -> int:
