@@ -14,9 +14,9 @@ detokenising), median of ``--repeats`` calls after one warm-up call per batch si
 
 What each optimisation of ours buys is measured in the same run with ``--ours-variants``:
 
-- ``kv_repeat``: ours with the decoding step's attention as transformers < 5.2x ran it (the whole
-  KV cache copied per layer per token for grouped-query attention, ``repeat_kv``); 5.24, our pin,
-  attends on the key/value heads directly (``pack_gqa``);
+- ``transformers_sdpa``: ours with transformers' own ``sdpa`` attention in the decoder instead of
+  ``sdpa_on_kv_heads`` (``salm/model/decoding.py``): with a mask it copies the KV cache per query
+  group in the prefill (``repeat_kv``) and packs the groups for one eager query (``pack_gqa``);
 - ``merged_lora``: ours with LoRA folded into the LLM weights (what the Serve replica does at load,
   and ``salm export --merge-lora``);
 - ``compiled_decode``: ours with the greedy decoding step compiled (``SALM.compile_decoding``, what
@@ -140,22 +140,18 @@ SERVE_LIMITS = [
     "Ingress.max_queued_requests=1024",
     "Transcriber.user_config.max_batch_audio_s=2560",
 ]
-OURS_VARIANTS = ("kv_repeat", "merged_lora", "compiled_decode", "compiled")
+OURS_VARIANTS = ("transformers_sdpa", "merged_lora", "compiled_decode", "compiled")
 
 
-def repeat_kv_in_decoding(enabled: bool) -> None:
-    """Make transformers' SDPA attention copy the KV cache per key/value group even for one query
-    (as releases before ``pack_gqa`` did): the ``kv_repeat`` variant's before/after."""
-    from transformers.integrations import sdpa_attention
+def transformers_sdpa_in_decoding(enabled: bool) -> None:
+    """Make the greedy decoder run transformers' ``sdpa`` attention (what it ran before
+    ``sdpa_on_kv_heads``): the ``transformers_sdpa`` variant's before/after."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if not hasattr(sdpa_attention, "pack_gqa"):
-        raise RuntimeError(
-            f"this transformers ({sdpa_attention.__name__}) has no pack_gqa: it always repeats"
-        )
-    if not hasattr(sdpa_attention, "_real_is_compiling"):
-        sdpa_attention._real_is_compiling = sdpa_attention.is_torchdynamo_compiling
-    # pack_gqa is skipped while compiling; saying "compiling" makes the step take the repeat_kv branch.
-    sdpa_attention.is_torchdynamo_compiling = (lambda: True) if enabled else sdpa_attention._real_is_compiling
+    from salm.model.decoding import KV_HEAD_ATTENTION, sdpa_on_kv_heads
+
+    AttentionInterface.register(KV_HEAD_ATTENTION, sdpa_attention_forward if enabled else sdpa_on_kv_heads)
 
 
 def phase_seconds(model, fn, audios: torch.Tensor, lens: torch.Tensor, device: torch.device) -> dict:
@@ -278,8 +274,9 @@ def main() -> None:
     errors: dict[str, str] = {}
     for name, fn in named.items():  # path-major: a variant changes the model for the paths after it
         try:
-            if name == "ours_kv_repeat":
-                repeat_kv_in_decoding(True)
+            if name == "ours_transformers_sdpa":
+                transformers_sdpa_in_decoding(True)
+                ours._decoders.clear()  # captured graphs hold the attention they were captured with
             if name == "ours_merged_lora":
                 from salm.io.nemo_file import merge_lora_into_llm
 
@@ -317,8 +314,9 @@ def main() -> None:
             errors[name] = f"{type(error).__name__}: {error}"
             print(f"{name} FAILED: {errors[name]}", flush=True)
         finally:
-            if name == "ours_kv_repeat":
-                repeat_kv_in_decoding(False)
+            if name == "ours_transformers_sdpa":
+                transformers_sdpa_in_decoding(False)
+                ours._decoders.clear()
 
     for batch in args.batch_sizes:
         lengths = {name: len(out[batch][0]) for name, out in outputs.items() if batch in out}

@@ -122,3 +122,30 @@ def test_compiled_decoding_step_gives_the_eager_tokens_at_several_batch_sizes(
                 decoder.prefill(embeds[:rows], mask[:rows], tiny_salm.text_eos_id, tiny_salm.text_pad_id)
                 tokens.append(decoder.decode())
             assert torch.equal(tokens[0], tokens[1])
+
+
+def test_greedy_decoding_attends_on_the_kv_heads_and_restores_the_llm_attention(
+    tiny_salm, speech_clips, monkeypatch
+) -> None:
+    """The decoder runs ``sdpa_on_kv_heads`` (no per-group copy of the cache); training keeps its own."""
+    from transformers import AttentionInterface
+
+    from salm.model.decoding import KV_HEAD_ATTENTION, sdpa_on_kv_heads
+
+    calls = []
+
+    def counting(module, query, key, value, *args, **kwargs):
+        calls.append((query.shape[1], key.shape[1]))
+        return sdpa_on_kv_heads(module, query, key, value, *args, **kwargs)
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, KV_HEAD_ATTENTION, counting)
+    config = base_causal_lm(tiny_salm.llm).model.config
+    before = config._attn_implementation
+    embeds, mask = tiny_salm.prepare_generation_inputs(
+        [[{"role": "user", "content": PROMPT, "audio": speech_clips[0].path}]]
+    )
+    tiny_salm._greedy_decode(embeds, mask, max_new_tokens=4)
+    layers = config.num_hidden_layers
+    assert len(calls) == 4 * layers  # prefill + 3 steps, every layer
+    assert calls[0] == (config.num_attention_heads, config.num_key_value_heads)  # cache not repeated
+    assert config._attn_implementation == before

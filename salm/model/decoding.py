@@ -20,13 +20,16 @@ mask ourselves (``{"full_attention": mask}``), so no mask-building code with hos
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
 from collections import OrderedDict
+from collections.abc import Iterator
 
 import torch
 from torch import nn
+from transformers import AttentionInterface
 
 EOS_CHECK_EVERY = 8  # decoding steps between host checks for "every row has finished"
 MAX_CACHED_DECODERS = 64  # captured decoders kept (each holds a KV cache for its batch and length)
@@ -34,6 +37,48 @@ MAX_CACHED_DECODERS = 64  # captured decoders kept (each holds a KV cache for it
 # server at 256 clients meets ~14 batch sizes x 2-3 cache lengths: a fixed 8 GiB held one 256-row
 # decoder (7.5 GB) and recaptured 56 times in 2048 requests; a quarter of an H200 holds them all.
 DECODER_CACHE_MEMORY_SHARE = 0.25
+
+
+KV_HEAD_ATTENTION = "salm_sdpa_on_kv_heads"  # the attention the greedy decoder runs (registered below)
+
+
+def sdpa_on_kv_heads(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """SDPA on the cached key/value heads as they are (``enable_gqa``), with the decoder's 4-D mask.
+
+    transformers' ``sdpa`` copies the keys and values once per query group whenever a mask is given
+    (``repeat_kv``; its ``pack_gqa`` avoids that only for one query outside ``torch.compile``),
+    because older torch fell back to the math kernel for grouped heads with a mask. Current torch's
+    fused kernels take both: decoding attention of 256 rows over 256 slots went 121 -> 71 us per
+    layer on an H200, and the prefill no longer copies the cache per layer (BENCHMARKS.md).
+    """
+    output = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, enable_gqa=True
+    )
+    return output.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(KV_HEAD_ATTENTION, sdpa_on_kv_heads)
+
+
+@contextlib.contextmanager
+def attention_on_kv_heads(config) -> Iterator[None]:
+    """The LLM runs ``sdpa_on_kv_heads`` inside (the greedy decoder always passes a mask); training
+    and ``transformers.generate`` keep the configured attention."""
+    saved = config._attn_implementation
+    config._attn_implementation = KV_HEAD_ATTENTION
+    try:
+        yield
+    finally:
+        config._attn_implementation = saved
 
 
 def padded_batch_size(batch: int) -> int:

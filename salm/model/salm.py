@@ -27,7 +27,13 @@ from transformers import GenerationConfig
 from salm.audio import collate_audio, load_audio
 from salm.errors import PromptError, SALMConfigError
 from salm.model.config import model_config, trainable_patterns
-from salm.model.decoding import DecoderCache, GreedyDecoder, padded_batch_size, weight_pointers
+from salm.model.decoding import (
+    DecoderCache,
+    GreedyDecoder,
+    attention_on_kv_heads,
+    padded_batch_size,
+    weight_pointers,
+)
 from salm.model.freezing import apply_freezing
 from salm.model.llm import base_causal_lm, embedding_inside, install_lora, load_llm, validate_lora
 from salm.model.perception import AudioPerception
@@ -359,6 +365,19 @@ class SALM(nn.Module):
         max_len = -(-(length + max_new_tokens) // CACHE_LENGTH_QUANTUM) * CACHE_LENGTH_QUANTUM
         causal_lm = base_causal_lm(self.llm)
         parts = (causal_lm.model, causal_lm.lm_head, self.embed_tokens)
+
+        with attention_on_kv_heads(causal_lm.model.config):
+            return self._decode_with_cache(parts, embeds, attention_mask, max_len, max_new_tokens)
+
+    def _decode_with_cache(
+        self,
+        parts: tuple[nn.Module, nn.Module, nn.Embedding],
+        embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        max_len: int,
+        max_new_tokens: int,
+    ) -> torch.Tensor:
+        batch = embeds.shape[0]
 
         def decode_eagerly() -> torch.Tensor:  # exact shapes, no padding, no graph
             decoder = GreedyDecoder(*parts, batch, max_len, max_new_tokens, False)
