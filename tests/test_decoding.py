@@ -149,3 +149,27 @@ def test_greedy_decoding_attends_on_the_kv_heads_and_restores_the_llm_attention(
     assert len(calls) == 4 * layers  # prefill + 3 steps, every layer
     assert calls[0] == (config.num_attention_heads, config.num_key_value_heads)  # cache not repeated
     assert config._attn_implementation == before
+
+
+def test_compiled_step_is_not_recompiled_when_the_cache_length_changes(tiny_salm) -> None:
+    """A cache length equal to another size (here head_dim, 16) must not be baked into the compiled step.
+
+    On an H200, a Serve replica warmed up on 1 s clips (cache length 128 = Qwen3's head_dim) spent
+    119 s recompiling on its first batches of real clips.
+    """
+    from torch._dynamo.utils import counters
+
+    causal_lm = base_causal_lm(tiny_salm.llm)
+    parts = (causal_lm.model, causal_lm.lm_head, tiny_salm.embed_tokens)
+    head_dim = causal_lm.model.config.head_dim
+    hidden = tiny_salm.embed_tokens.weight.shape[1]
+    torch._dynamo.reset()
+    new_graphs = []
+    with torch.no_grad():
+        for rows, max_len in ((1, head_dim), (2, head_dim), (3, 2 * head_dim), (5, 3 * head_dim)):
+            decoder = GreedyDecoder(*parts, rows, max_len, 4, False, compile_step=True)
+            before = counters["stats"]["unique_graphs"]
+            decoder.prefill(torch.randn(rows, 6, hidden), torch.ones(rows, 6, dtype=torch.long), 0, 0)
+            decoder.decode()
+            new_graphs.append(counters["stats"]["unique_graphs"] - before)
+    assert new_graphs == [1, 1, 0, 0]  # batch 1 is specialised; every later shape shares one graph

@@ -28,6 +28,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 
 import torch
+import torch.fx.experimental._config as fx_config
 from torch import nn
 from transformers import AttentionInterface
 
@@ -238,7 +239,10 @@ class GreedyDecoder:
     def step(self) -> None:
         """Feed ``token`` at slot ``cache.position``; emit the next token. No host syncs."""
         if self.compile_step:
-            with torch.compiler.set_stance("default"):  # generate() holds the LLM eager otherwise
+            # generate() holds the LLM eager otherwise. Without duck sizing, a cache length that
+            # happens to equal another size (128 = Qwen3's head_dim: a warm-up on 1 s clips) is not
+            # assumed equal to it, which cost a ~2-minute recompile on the first real batch.
+            with torch.compiler.set_stance("default"), fx_config.patch(use_duck_shape=False):
                 compiled_step()(self)
         else:
             self._eager_step()
