@@ -124,6 +124,10 @@ def prefill_row(batch: int, positions: int = 150, slots: int = 256) -> dict:
 
 
 def main() -> None:
+    if not torch.cuda.is_available():
+        raise SystemExit(
+            "bench/decode_attention.py times CUDA kernels: run it on a GPU machine (BENCHMARKS.md)"
+        )
     print(f"card: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     for batch in (16, 64, 256):
         for slots in (192, 256):

@@ -37,6 +37,10 @@ def kernel_table(fn, device: torch.device, rows: int) -> str:
 
 
 def main() -> None:
+    if not torch.cuda.is_available():
+        raise SystemExit(
+            "bench/profile_generate.py profiles CUDA kernels: run it on a GPU machine (BENCHMARKS.md)"
+        )
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
