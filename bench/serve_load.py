@@ -58,9 +58,10 @@ def load_clips(paths: list[Path]) -> list[Clip]:
 async def run_load(url: str, clips: list[Clip], concurrency: int, requests: int, api_key: str | None) -> dict:
     """Send ``requests`` uploads with ``concurrency`` in flight; latency and audio of the successful ones.
 
-    The client is aiohttp: httpx's ``AsyncClient`` could not post 280 KB uploads faster than 65-130
-    requests/s at 64-256 in flight (against a server that answers at once, on the 2-core box; 280-520
-    at 16), so at high concurrency it measured itself. aiohttp kept 1,160-1,280/s there.
+    The client is aiohttp: httpx's ``AsyncClient`` posted 280 KB uploads at only 84-110 requests/s
+    with 64-256 in flight (591 at 16), against a server that answers at once on the 2-core box, so
+    at high concurrency it measured itself; aiohttp sent 1,300-1,350/s there
+    (``bench/load_client_ceiling.py``, BENCHMARKS.md).
     """
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     latencies: list[float] = []
