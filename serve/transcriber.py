@@ -59,7 +59,9 @@ class BatchingConfig:
     max_batch_audio_s: int = 640
     batch_wait_timeout_s: float = 0.05
     max_new_tokens: int = 128
-    compile_decoding: bool = False  # torch.compile the greedy decoding step (GPU; compiles on first use)
+    # torch.compile the greedy decoding step (GPU only; the replica compiles for 1-3 min at start).
+    # serve/config.yaml turns it on; a replica deployed without a user_config decodes eagerly.
+    compile_decoding: bool = False
 
     def __post_init__(self) -> None:
         if self.max_batch_audio_s < 1:
@@ -145,12 +147,25 @@ class Transcriber:
     def _compile_decoding_now(self) -> None:
         """Compile the decoding step before the first request instead of during it: one batch of
         one clip and one of two (a batch of one is compiled apart from the rest, which share one
-        dynamic-shape compile). Takes a minute or two on a GPU, once per replica."""
+        dynamic-shape compile). Takes a minute or two on a GPU, once per replica.
+
+        If compiling fails (e.g. an image without the C compiler Triton needs), the replica says
+        why and serves with the eager step rather than failing every request.
+        """
         logger.info("compiling the greedy decoding step (compile_decoding: true), once per replica")
         started = time.perf_counter()
         silence = np.zeros(self.model.sampling_rate, dtype=np.float32)
-        for batch in (1, 2):
-            self.model.transcribe([silence] * batch, max_new_tokens=self.config.max_new_tokens)
+        try:
+            for batch in (1, 2):
+                self.model.transcribe([silence] * batch, max_new_tokens=self.config.max_new_tokens)
+        except Exception as error:
+            self.model.compile_decoding = False
+            logger.warning(
+                f"compiling the decoding step failed ({type(error).__name__}: {error}); this replica "
+                "decodes with the eager step (slower per token, same transcripts). Fix the cause, or set "
+                "`Transcriber.user_config.compile_decoding: false` to skip the attempt"
+            )
+            return
         logger.info(f"decoding step compiled in {time.perf_counter() - started:.0f} s")
 
     def info(self) -> dict:

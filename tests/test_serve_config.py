@@ -82,3 +82,33 @@ def test_bad_transcriber_user_config_is_refused_with_the_field(user_config: dict
     with pytest.raises(ValueError, match=message):
         BatchingConfig(**user_config)
     assert BatchingConfig().compile_decoding is False  # off unless asked: it compiles for minutes
+
+
+def test_a_replica_whose_decoding_compile_fails_serves_eagerly_and_says_why() -> None:
+    """``compile_decoding`` is on in serve/config.yaml; an image without Triton's C compiler must
+    not turn that into a replica that fails every request."""
+    import logging
+    from types import SimpleNamespace
+
+    from serve.transcriber import BatchingConfig, Transcriber
+
+    def transcribe(audios, max_new_tokens):
+        raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
+
+    replica = object.__new__(Transcriber.func_or_class)  # the class's own method, without a Ray actor
+    replica.config = BatchingConfig(compile_decoding=True)
+    replica.model = SimpleNamespace(sampling_rate=16000, compile_decoding=True, transcribe=transcribe)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("ray.serve")
+    logger.addHandler(handler)
+    try:
+        replica._compile_decoding_now()
+    finally:
+        logger.removeHandler(handler)
+    assert replica.model.compile_decoding is False
+    warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "Failed to find C compiler" in warnings[0]
+    assert "compile_decoding: false" in warnings[0]

@@ -43,9 +43,6 @@ from salm.text.tokenizer import load_tokenizer, padding_id
 
 AudioInput = str | Path | np.ndarray | torch.Tensor
 CACHE_LENGTH_QUANTUM = 64  # decoder cache lengths are rounded up to this (graph reuse)
-# Larger batches decode eagerly even with ``compile_decoding``: measured on an H200 (BENCHMARKS.md),
-# the compiled step cut decoding by 45% at batch 1-16 and 22% at 64 but was 16% slower at 256.
-COMPILED_STEP_MAX_ROWS = 64
 PROMPT_CACHE_SIZE = 1024  # distinct prompt texts remembered by ``_encoded_prompt``
 
 
@@ -103,9 +100,9 @@ class SALM(nn.Module):
         apply_freezing(self, list(cfg.freeze_params), trainable_patterns(cfg))
         self._decoders = DecoderCache()  # captured greedy decoders, reused across generate calls
         self._prompt_cache: OrderedDict[tuple, tuple[torch.Tensor, int]] = OrderedDict()  # _encoded_prompt
-        # Greedy decoding on a GPU through the compiled step (decoding.compiled_step) for batches of
-        # up to COMPILED_STEP_MAX_ROWS: faster per token, but the first calls compile for a minute
-        # or two. Set by servers, off by default.
+        # Greedy decoding on a GPU through the compiled step (decoding.compiled_step): faster per
+        # token at every batch size measured (1-256, BENCHMARKS.md), but the first calls compile for
+        # a minute or two. Set by servers, off by default.
         self.compile_decoding = False
 
     @classmethod
@@ -393,7 +390,7 @@ class SALM(nn.Module):
             max_len,
             max_new_tokens,
             weight_pointers(self.llm, self.embed_tokens),
-            compile_step=self.compile_decoding and rows <= COMPILED_STEP_MAX_ROWS,
+            compile_step=self.compile_decoding,
         )
         decoder.prefill(embeds, attention_mask, self.text_eos_id, self.text_pad_id)  # real rows only
         try:
