@@ -117,11 +117,13 @@ def offline_throughput(
     import torch
 
     from salm.audio import load_audio
+    from salm.io.nemo_file import merge_lora_into_llm
     from salm.model import SALM
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32  # as the transcriber serves it
     model = SALM.from_pretrained(model_dir).eval().to(device=device, dtype=dtype)
+    model = merge_lora_into_llm(model)  # as serve/transcriber.py loads it
     waves = [load_audio(path, model.sampling_rate) for path in paths]
     order = [waves[i % len(waves)] for i in range(requests)]
     results = []
@@ -137,6 +139,7 @@ def offline_throughput(
                 "batch_size": batch_size,
                 "requests": requests,
                 "wall_s": round(wall_s, 3),
+                "seconds_per_batch": round(wall_s / -(-len(order) // batch_size), 3),
                 "audio_s_per_s": round(audio_s / wall_s, 3),
             }
         )
@@ -256,6 +259,12 @@ def main() -> None:
     parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray cluster")
     parser.add_argument("--set", nargs="*", default=[], help="config overrides for the local server")
     parser.add_argument("--offline", action="store_true", help="also time offline batched generation")
+    parser.add_argument(
+        "--offline-batch-sizes",
+        type=int,
+        nargs="*",
+        help="--offline's batch sizes (default: the concurrencies)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the result JSON here")
     args = parser.parse_args()
 
@@ -317,11 +326,16 @@ def main() -> None:
     if args.offline:  # batches as large as the concurrency: what the server could batch at best
         if model_dir is None:
             parser.error("--offline needs --model or --tiny")
-        offline = offline_throughput(model_dir, paths, args.concurrency, args.requests, args.max_new_tokens)
-        for run, ceiling in zip(runs, offline, strict=True):
+        extra = [size for size in args.offline_batch_sizes or [] if size not in args.concurrency]
+        offline = offline_throughput(
+            model_dir, paths, args.concurrency + extra, args.requests, args.max_new_tokens
+        )
+        for run, ceiling in zip(runs, offline, strict=False):
             run["offline"] = ceiling
             run["served_vs_offline"] = round(run["audio_s_per_s"] / run["offline"]["audio_s_per_s"], 3)
         result["offline"], result["served_vs_offline"] = runs[0]["offline"], runs[0]["served_vs_offline"]
+        if extra:  # e.g. the served runs' own batch sizes, to read their model seconds per batch against
+            result["offline_by_batch"] = offline
     if len(runs) > 1:
         result["runs"] = runs
     text = json.dumps(result, indent=2)
