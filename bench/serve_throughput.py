@@ -29,7 +29,9 @@ includes the ones before it (``compiled`` is on the merged model).
 
 ``--serve-load`` then frees the GPU and runs ``bench/serve_load.py`` on the same model shape (random
 weights saved and served by Ray Serve, flite clips of ~9 s, 1/16/64/256 concurrent clients):
-throughput and p50/p99 latency over HTTP, ``p99_s_at_64`` in the JSON.
+throughput and p50/p99 latency over HTTP, ``p99_s_at_64`` in the JSON. The server runs
+``serve/config.yaml``'s settings, so on a GPU its replica compiles the decoding step at start
+(1-3 min); ``--serve-set Transcriber.user_config.compile_decoding=false`` serves eagerly.
 
 ``--phases`` adds one call per batch size of each ``ours`` path with the device drained at each
 phase boundary (forward hooks): where the time goes. Run::
