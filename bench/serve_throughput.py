@@ -195,7 +195,9 @@ def phase_seconds(model, fn, audios: torch.Tensor, lens: torch.Tensor, device: t
     return {name: round(b - a, 4) for name, a, b in zip(names, times[:-1], times[1:], strict=True)}
 
 
-def served_latency(tiny: bool, new_tokens: int, requests: int, extra: list[str], out_dir: Path) -> dict:
+def served_latency(
+    tiny: bool, new_tokens: int, requests: int, extra: list[str], throughput_mode: bool, out_dir: Path
+) -> dict:
     """``bench/serve_load.py`` in a subprocess (its own Ray cluster): one run per concurrency."""
     out = out_dir / "serve_load.json"
     command = [sys.executable, "-m", "bench.serve_load", "--tiny" if tiny else "--canary-shape"]
@@ -211,7 +213,7 @@ def served_latency(tiny: bool, new_tokens: int, requests: int, extra: list[str],
         str(requests),
     ]
     command += ["--max-new-tokens", str(new_tokens), "--num-cpus", "4" if tiny else "12", "--out", str(out)]
-    command += ["--set", *SERVE_LIMITS, *extra]
+    command += ["--set", *SERVE_LIMITS, *extra] + (["--throughput-mode"] if throughput_mode else [])
     subprocess.run(command, check=True)
     runs = json.loads(out.read_text())["runs"]
     keep = (
@@ -252,6 +254,11 @@ def main() -> None:
         help="at least this many per concurrency (and 8 per client), after 2 uncounted rounds",
     )
     parser.add_argument("--serve-set", nargs="*", default=[], help="more server overrides for --serve-load")
+    parser.add_argument(
+        "--serve-throughput-mode",
+        action="store_true",
+        help="--serve-load with Ray Serve's high-throughput mode (HAProxy ingress; bench/serve_load.py)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args()
 
@@ -353,7 +360,12 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         served = served_latency(
-            args.tiny, args.new_tokens, args.serve_requests, args.serve_set, Path(tempfile.mkdtemp())
+            args.tiny,
+            args.new_tokens,
+            args.serve_requests,
+            args.serve_set,
+            args.serve_throughput_mode,
+            Path(tempfile.mkdtemp()),
         )
         print(f"served over HTTP: {json.dumps(served)}", flush=True)
 

@@ -41,3 +41,30 @@ def test_load_client_counts_statuses_errors_and_successful_audio() -> None:
     assert result["errors"] == 3
     assert result["audio_s"] == 3 * 2.0  # only the answered (200) uploads count: the 2 s clip each time
     assert result["p99_s"] > 0
+
+
+def test_serve_path_ceiling_sends_decoded_audio_through_the_real_ingress(ray_local) -> None:
+    """``bench/serve_path_ceiling.py`` measures the real proxy + Ingress: uploads are decoded and
+    their samples reach the instant transcriber, bad uploads get the Ingress's 400."""
+    import httpx
+    from ray import serve
+
+    from bench.serve_path_ceiling import deploy_instant_path, measure, wav_clip
+
+    clip = wav_clip(2.0)
+    try:
+        url = deploy_instant_path(free_port(), ingress_replicas=1)
+        runs = measure(url, clip, concurrencies=[2], min_requests=8)
+        good = httpx.post(
+            f"{url}/v1/audio/transcriptions", files={"file": ("a.wav", clip.data)}, data={"model": "x"}
+        )
+        bad = httpx.post(
+            f"{url}/v1/audio/transcriptions", files={"file": ("a.wav", b"not audio")}, data={"model": "x"}
+        )
+    finally:
+        serve.shutdown()
+    assert good.status_code == 200
+    assert good.json()["text"] == str(2 * 16_000)  # the decoded samples, counted by the transcriber
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "bad_audio"
+    assert runs[0]["requests"] == 16 and runs[0]["errors"] == 0
+    assert runs[0]["audio_s"] == 32.0
