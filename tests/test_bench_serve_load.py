@@ -52,6 +52,7 @@ def test_serve_path_ceiling_sends_decoded_audio_through_the_real_ingress(ray_loc
     from bench.serve_path_ceiling import deploy_instant_path, measure, wav_clip
 
     clip = wav_clip(2.0)
+    wait_until_serve_is_gone()  # a Serve instance shut down by an earlier test may still be dying
     try:
         url = deploy_instant_path(free_port(), ingress_replicas=1)
         runs = measure(url, clip, concurrencies=[2], min_requests=8)
@@ -63,8 +64,25 @@ def test_serve_path_ceiling_sends_decoded_audio_through_the_real_ingress(ray_loc
         )
     finally:
         serve.shutdown()
+        wait_until_serve_is_gone()  # the next test deploys its own Serve instance
     assert good.status_code == 200
     assert good.json()["text"] == str(2 * 16_000)  # the decoded samples, counted by the transcriber
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "bad_audio"
     assert runs[0]["requests"] == 16 and runs[0]["errors"] == 0
     assert runs[0]["audio_s"] == 32.0
+
+
+def wait_until_serve_is_gone(timeout_s: float = 60.0) -> None:
+    """Until the Serve controller actor no longer exists: a new Serve instance started while the old
+    controller is still being killed attaches to it and fails with ActorDiedError."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        except ValueError:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"the Serve controller still exists {timeout_s:g} s after serve.shutdown()")
