@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import httpx
 import numpy as np
@@ -70,12 +72,9 @@ def wait_for_server(url: str, timeout_s: float = 30) -> None:
     raise RuntimeError(f"the echo server did not come up at {url}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64, 256])
-    args = parser.parse_args()
+@contextlib.contextmanager
+def echo_server() -> Iterator[str]:
+    """``ECHO_APP`` under uvicorn in a subprocess on loopback; yields its base URL."""
     port = free_port()
     server = subprocess.Popen(
         [
@@ -87,6 +86,19 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for_server(url)
+        yield url
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64, 256])
+    args = parser.parse_args()
+    with echo_server() as url:
         print(f"{'clients':>8}{'aiohttp req/s':>15}{'p99':>8}{'httpx req/s':>13}{'p99':>8}{'ratio':>7}")
         for concurrency in args.concurrency:
             requests = max(256, 4 * concurrency)
@@ -98,9 +110,6 @@ def main() -> None:
                 f"{before['requests_per_s']:>13.1f}{before['p99_s']:>8.3f}{ratio:>7.1f}",
                 flush=True,
             )
-    finally:
-        server.terminate()
-        server.wait()
 
 
 if __name__ == "__main__":

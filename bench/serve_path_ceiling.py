@@ -30,7 +30,7 @@ import numpy as np
 import soundfile as sf
 from ray import serve
 
-from bench.load_client_ceiling import ECHO_APP, wait_for_server
+from bench.load_client_ceiling import echo_server
 from bench.serve_load import THROUGHPUT_MODE_ENV, Clip, free_port, run_load
 from serve.ingress import Ingress, IngressSettings
 from serve.transcriber import PieceResult, TranscriptionJob
@@ -145,20 +145,8 @@ def main() -> None:
         run_child(args, clip)
         return
 
-    echo_port = free_port()
-    echo = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            ECHO_APP + f"\nimport uvicorn\nuvicorn.run(app, port={echo_port}, log_level='warning')",
-        ]
-    )
-    try:
-        wait_for_server(f"http://127.0.0.1:{echo_port}")
-        client_ceiling = measure(f"http://127.0.0.1:{echo_port}", clip, args.concurrency, args.requests)
-    finally:
-        echo.terminate()
-        echo.wait()
+    with echo_server() as url:
+        client_ceiling = measure(url, clip, args.concurrency, args.requests)
     by_mode = {mode: measure_mode(mode, args, clip) for mode in args.modes}
 
     columns = [(mode, n) for mode in args.modes for n in args.ingress_replicas]
