@@ -149,8 +149,10 @@ class Transcriber:
         one clip and one of two (a batch of one is compiled apart from the rest, which share one
         dynamic-shape compile). Takes a minute or two on a GPU, once per replica.
 
-        If compiling fails (e.g. an image without the C compiler Triton needs), the replica says
-        why and serves with the eager step rather than failing every request.
+        If compiling fails (e.g. an image without the C compiler Triton needs), the model turns
+        ``compile_decoding`` off itself (``SALM._decode_with_cache``); anything that escapes is
+        caught here. Either way the replica says why and serves with the uncompiled step rather
+        than failing every request.
         """
         logger.info("compiling the greedy decoding step (compile_decoding: true), once per replica")
         started = time.perf_counter()
@@ -160,9 +162,13 @@ class Transcriber:
                 self.model.transcribe([silence] * batch, max_new_tokens=self.config.max_new_tokens)
         except Exception as error:
             self.model.compile_decoding = False
+            reason = f"{type(error).__name__}: {error}"
+        else:
+            reason = None if self.model.compile_decoding else "the model's warning above says why"
+        if reason is not None:
             logger.warning(
-                f"compiling the decoding step failed ({type(error).__name__}: {error}); this replica "
-                "decodes with the eager step (slower per token, same transcripts). Fix the cause, or set "
+                f"compiling the decoding step failed ({reason}); this replica decodes with the "
+                "uncompiled step (slower per token, same transcripts). Fix the cause, or set "
                 "`Transcriber.user_config.compile_decoding: false` to skip the attempt"
             )
             return

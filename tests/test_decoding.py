@@ -173,3 +173,35 @@ def test_compiled_step_is_not_recompiled_when_the_cache_length_changes(tiny_salm
             decoder.decode()
             new_graphs.append(counters["stats"]["unique_graphs"] - before)
     assert new_graphs == [1, 1, 0, 0]  # batch 1 is specialised; every later shape shares one graph
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled, captured decoding step is GPU-only")
+def test_a_failing_step_compile_turns_compiling_off_and_keeps_the_tokens(
+    tiny_salm, speech_clips, monkeypatch
+) -> None:
+    """A compile that fails (e.g. no C compiler for Triton) is given up once, not retried per call."""
+    import copy
+    import warnings
+
+    from salm.model import decoding
+
+    model = copy.deepcopy(tiny_salm).cuda().eval()
+    prompts = [[{"role": "user", "content": PROMPT, "audio": u.path}] for u in speech_clips[:3]]
+    expected = model.generate(prompts, max_new_tokens=8).token_ids
+
+    def no_compiler():
+        def step(decoder) -> None:
+            raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
+
+        return step
+
+    monkeypatch.setattr(decoding, "compiled_step", no_compiler)
+    model.compile_decoding = True
+    with pytest.warns(UserWarning, match="compiling the decoding step failed.*C compiler"):
+        first = model.generate(prompts, max_new_tokens=8).token_ids
+    assert model.compile_decoding is False
+    assert first == expected
+    with warnings.catch_warnings(record=True) as later:
+        warnings.simplefilter("always")
+        assert model.generate(prompts, max_new_tokens=8).token_ids == expected
+    assert not [w for w in later if "compiling" in str(w.message)]  # not attempted again

@@ -395,12 +395,22 @@ class SALM(nn.Module):
         decoder.prefill(embeds, attention_mask, self.text_eos_id, self.text_pad_id)  # real rows only
         try:
             return decoder.decode()[:batch]
-        except RuntimeError as error:  # capture refused (an op that syncs): decode eagerly, still static
+        except RuntimeError as error:  # capture refused (an op that syncs), or compiling the step failed
+            self._decoders.discard(decoder)
+            if decoder.compile_step:
+                # E.g. no C compiler for Triton. Stop compiling, so that later calls do not each pay a
+                # failed compile, and decode with the uncompiled captured step (the same tokens).
+                self.compile_decoding = False
+                warnings.warn(
+                    f"compiling the decoding step failed ({type(error).__name__}: {error}); "
+                    "decoding with the uncompiled step from now on",
+                    stacklevel=2,
+                )
+                return self._decode_with_cache(parts, embeds, attention_mask, max_len, max_new_tokens)
             warnings.warn(
                 f"CUDA graph capture of the decoding step failed ({error}); decoding without graphs",
                 stacklevel=2,
             )
-            self._decoders.discard(decoder)
             return decode_eagerly()
 
     def decoder_cache_stats(self) -> dict[str, int]:
