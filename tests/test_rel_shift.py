@@ -1,0 +1,66 @@
+"""The strided relative-position shift: NeMo's numbers, NeMo's weights, used by every SALM encoder."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from nemo.collections.asr.modules import ConformerEncoder
+from nemo.collections.asr.parts.submodules.multi_head_attention import RelPositionMultiHeadAttention
+
+from salm.model.rel_shift import StridedRelPositionAttention, strided_rel_shift, use_strided_rel_shift
+
+
+def nemo_rel_shift(scores: torch.Tensor) -> torch.Tensor:
+    return RelPositionMultiHeadAttention.rel_shift(None, scores)
+
+
+@pytest.mark.parametrize("time", [1, 2, 7, 64])
+def test_the_strided_shift_is_nemos_shift_on_the_key_columns(time: int) -> None:
+    scores = torch.randn(3, 4, time, 2 * time - 1)
+    assert torch.equal(strided_rel_shift(scores), nemo_rel_shift(scores)[..., :time])
+
+
+def test_scores_of_another_shape_keep_nemos_shift() -> None:
+    """A streaming cache makes queries and keys differ: the padded-view trick handles that, we do not."""
+    attention = StridedRelPositionAttention(
+        n_head=2, n_feat=8, dropout_rate=0.0, pos_bias_u=None, pos_bias_v=None
+    )
+    scores = torch.randn(1, 2, 3, 9)  # 3 queries, 5 keys
+    assert torch.equal(attention.rel_shift(scores), nemo_rel_shift(scores))
+
+
+def test_an_encoder_with_the_strided_shift_computes_the_same_outputs_and_gradients() -> None:
+    torch.manual_seed(0)
+    nemo = ConformerEncoder(
+        feat_in=16,
+        n_layers=2,
+        d_model=32,
+        n_heads=4,
+        subsampling_factor=4,
+        subsampling_conv_channels=8,
+        dropout=0.0,
+        dropout_pre_encoder=0.0,
+        dropout_emb=0.0,
+        dropout_att=0.0,
+    ).train()
+    ours = copy.deepcopy(nemo)
+    assert use_strided_rel_shift(ours) == 2
+    assert list(ours.state_dict()) == list(nemo.state_dict())
+    features, lengths = torch.randn(3, 16, 120), torch.tensor([120, 90, 41])
+    outputs = []
+    for model in (nemo, ours):
+        encoded, encoded_lens = model(audio_signal=features, length=lengths)
+        encoded.square().sum().backward()
+        outputs.append((encoded, encoded_lens, [p.grad for p in model.parameters()]))
+    (nemo_out, nemo_lens, nemo_grads), (our_out, our_lens, our_grads) = outputs
+    assert torch.equal(our_lens, nemo_lens)
+    torch.testing.assert_close(our_out, nemo_out, rtol=1e-5, atol=1e-5)
+    for ours_grad, nemo_grad in zip(our_grads, nemo_grads, strict=True):
+        torch.testing.assert_close(ours_grad, nemo_grad, rtol=1e-4, atol=1e-5)
+
+
+def test_every_attention_of_the_salm_encoder_shifts_with_strides(tiny_salm) -> None:
+    attentions = [layer.self_attn for layer in tiny_salm.perception.encoder.layers]
+    assert attentions and all(type(a) is StridedRelPositionAttention for a in attentions)
