@@ -7,11 +7,14 @@ seconds per batch, as a duration-bucketing sampler makes them):
 - ours: Ray Train ``TorchTrainer`` with 1 GPU worker, the model and DeepSpeed engine built by
   ``salm.train.engine`` as ``salm/train/loop.py`` builds them (the recipe's ``deepspeed_config``:
   bf16, ZeRO-2; AdamW; warmup+cosine; ``LossModule``), optionally in model variants (``--variants``)
-  and DeepSpeed config variants (``--ds-variants``, each with its own engine; ``--profile`` adds
-  one profiled pass each: device busy share, host syncs, top host ops);
+  and DeepSpeed config variants (``--ds-variants``, each with its own engine);
 - NeMo: NeMo 3.0's ``SALM.training_step`` -> backward -> AdamW step, bf16 weights;
 - plain: our model in fp32 under bf16 autocast, full-vocabulary logits + cross-entropy, AdamW,
   no Ray and no DeepSpeed.
+
+``--profile`` adds one profiled pass to every path and variant: the device's busy share of the
+wall, its time by kernel kind (matmul, attention, convolution, compiled fused, copies, ...) and its
+top kernels, host syncs and the top host ops.
 
 Model FLOPs of a step are counted once per batch with ``FlopCounterMode`` on our loss (forward +
 backward; the LM head at target positions only) and the same count is used for every path, so
@@ -165,20 +168,75 @@ def profile_pass(step, batches: list[dict], device: torch.device) -> dict:
     with profile(activities=activities) as prof:
         wall_s = timed(lambda: [step(b) for b in batches], device)
     averages = prof.key_averages()
-    # Kernel events only (as the table's "Self CUDA time total"): op events repeat their kernels' time.
-    device_s = sum(e.self_device_time_total for e in averages if e.device_type == DeviceType.CUDA) / 1e6
+    # Kernel events only (as the table's "Self CUDA time total"): op events repeat their kernels' time,
+    # and so do user annotations on the device ("Optimizer.step#AdamW.step").
+    kernels = {
+        e.key: e
+        for e in averages
+        if e.device_type == DeviceType.CUDA
+        and not getattr(e, "is_user_annotation", False)
+        and "#" not in e.key
+    }
+    device_s = sum(e.self_device_time_total for e in kernels.values()) / 1e6
     table = averages.table(sort_by="self_cpu_time_total", row_limit=25)
     print(table, flush=True)
+    print(kernel_table(kernels, device_s), flush=True)
     syncs = sum(e.count for e in averages if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize"))
     launches = sum(e.count for e in averages if e.key in ("cudaLaunchKernel", "cuLaunchKernelEx"))
     return {
         "wall_s": round(wall_s, 3),
         "device_busy_s": round(device_s, 3),
+        "device_s_by_kind": kernel_seconds_by_kind(kernels),
         "device_busy_fraction": round(device_s / wall_s, 3),
         "host_syncs": syncs,
         "kernel_launches": launches,
         "top_host_ops": table,
     }
+
+
+# Kernel name fragments -> what the GPU was doing (first match wins); the rest is "other".
+KERNEL_KINDS = [
+    ("attention", ("fmha", "flash", "attention", "sdpa")),
+    ("matmul", ("gemm", "cutlass", "nvjet", "xmma", "cublas", "sm90_", "sm100_")),
+    ("convolution", ("conv", "cudnn", "implicit", "depthwise", "winograd")),
+    ("compiled fused (triton)", ("triton_",)),
+    ("optimizer", ("multi_tensor", "adam", "foreach")),
+    ("norm / reduce", ("norm", "reduce", "batch_norm", "softmax")),
+    ("copy / cast", ("copy", "memcpy", "memset", "cast", "fill")),
+    ("elementwise", ("elementwise", "vectorized", "unrolled")),
+]
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    for kind, fragments in KERNEL_KINDS:
+        if any(fragment in lowered for fragment in fragments):
+            return kind
+    return "other"
+
+
+def kernel_seconds_by_kind(kernels: dict) -> dict[str, float]:
+    """GPU seconds per kernel kind in one profiled pass: where the device time goes."""
+    totals: dict[str, float] = {}
+    for name, event in kernels.items():
+        kind = kernel_kind(name)
+        totals[kind] = totals.get(kind, 0.0) + event.self_device_time_total / 1e6
+    return {kind: round(seconds, 4) for kind, seconds in sorted(totals.items(), key=lambda kv: -kv[1])}
+
+
+def kernel_table(kernels: dict, device_s: float, rows: int = 30) -> str:
+    """The GPU's time per kind, then its ``rows`` most expensive kernels, as aligned text."""
+    lines = [f"{'GPU time by kind':<40}{'s':>8}{'share':>8}"]
+    for kind, seconds in kernel_seconds_by_kind(kernels).items():
+        lines.append(f"{kind:<40}{seconds:>8.3f}{seconds / max(device_s, 1e-9):>8.1%}")
+    lines.append(f"\n{'top kernels':<90}{'calls':>7}{'ms':>9}{'us/call':>9}  kind")
+    top = sorted(kernels.values(), key=lambda e: -e.self_device_time_total)[:rows]
+    for event in top:
+        ms = event.self_device_time_total / 1e3
+        lines.append(
+            f"{event.key[:88]:<90}{event.count:>7}{ms:>9.1f}{1e3 * ms / max(event.count, 1):>9.1f}  {kernel_kind(event.key)}"
+        )
+    return "\n".join(lines)
 
 
 def time_ds_variant(cfg, device: torch.device, config: dict, ds_variant: str) -> dict:
@@ -351,7 +409,12 @@ def time_eager_path(
         torch.cuda.reset_peak_memory_stats(device)
     seconds = run_epochs(step, batches, device, args.warmup, args.repeats)
     print(f"{name}: {seconds:.3f} s per pass", flush=True)
-    return {"seconds": seconds, "peak_mem_gb": peak_gb(device)}
+    result = {"seconds": seconds, "peak_mem_gb": peak_gb(device)}
+    if args.profile:
+        result["profile"] = profile_pass(step, batches, device)
+        summary = {k: v for k, v in result["profile"].items() if k != "top_host_ops"}
+        print(f"{name} profiled: {json.dumps(summary)}", flush=True)
+    return result
 
 
 def main() -> None:
@@ -375,7 +438,7 @@ def main() -> None:
         "--ds-variants", nargs="+", default=["recipe"], choices=list(DS_VARIANTS), help="DeepSpeed configs"
     )
     parser.add_argument(
-        "--profile", action="store_true", help="also profile one pass of each variant of ours"
+        "--profile", action="store_true", help="also profile one pass of each path and variant"
     )
     parser.add_argument("--zero-stages", type=int, nargs="+", default=[2], help="one Ray Train run per stage")
     parser.add_argument("--skip", nargs="*", default=[], choices=["ours", "plain", "nemo"])
