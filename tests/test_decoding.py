@@ -177,16 +177,20 @@ def test_compiled_step_is_not_recompiled_when_the_cache_length_changes(tiny_salm
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled, captured decoding step is GPU-only")
 def test_a_failing_step_compile_turns_compiling_off_and_keeps_the_tokens(
-    tiny_salm, speech_clips, monkeypatch
+    tiny_model_cfg, tmp_path, monkeypatch
 ) -> None:
     """A compile that fails (e.g. no C compiler for Triton) is given up once, not retried per call."""
-    import copy
     import warnings
 
-    from salm.model import decoding
+    from salm.assets.synthetic_speech import make_sentences, synthesize_corpus
+    from salm.model import SALM, decoding
 
-    model = copy.deepcopy(tiny_salm).cuda().eval()
-    prompts = [[{"role": "user", "content": PROMPT, "audio": u.path}] for u in speech_clips[:3]]
+    # A fresh model, not a deepcopy of the shared one: NeMo's mel front end keeps its forward as an
+    # instance attribute, so a deepcopy still runs the original's (left on the CPU).
+    model = SALM(tiny_model_cfg).to("cuda").eval()
+    # flite voices only: the GPU machine has flite (bench/device_setup.sh) but not espeak-ng.
+    clips = synthesize_corpus(tmp_path, make_sentences(3, seed=1), ["kal16", "slt", "rms"])
+    prompts = [[{"role": "user", "content": PROMPT, "audio": u.path}] for u in clips]
     expected = model.generate(prompts, max_new_tokens=8).token_ids
 
     def no_compiler():
