@@ -225,3 +225,14 @@ def test_missing_llm_path(tiny_model_cfg) -> None:
     tiny_model_cfg.pretrained_llm = "/nonexistent/qwen"
     with pytest.raises(SALMConfigError, match="does not exist|no config.json"):
         SALM(tiny_model_cfg)
+
+
+def test_a_deep_copy_computes_mel_features_with_its_own_front_end(tiny_salm) -> None:
+    """NeMo's featurizer kept a forward bound to the original: a copy on the GPU ran it on the CPU."""
+    model = copy.deepcopy(tiny_salm)
+    model.perception.preprocessor.featurizer.fb.zero_()  # the copy's filterbank only
+    audio, lengths = torch.randn(1, 16000, generator=torch.Generator().manual_seed(0)), torch.tensor([16000])
+    original, _ = tiny_salm.perception.preprocessor(input_signal=audio, length=lengths)
+    copied, _ = model.perception.preprocessor(input_signal=audio, length=lengths)
+    assert original.abs().sum() > 0
+    assert not torch.allclose(copied, original)

@@ -70,6 +70,7 @@ class AudioPerception(nn.Module):
             if cfg.get(section) is None:
                 raise SALMConfigError(f"`model.perception.{section}` is missing")
         self.preprocessor = build_from_target("preprocessor", cfg.preprocessor)
+        _unpin_featurizer_forward(self.preprocessor)
         self.encoder = build_from_target("encoder", cfg.encoder)
         from salm.model.rel_shift import use_strided_rel_shift  # imports NeMo, like the builders
 
@@ -131,3 +132,17 @@ def _match_buffer_dtypes(module: nn.Module, dtype: torch.dtype) -> None:
         for name, buffer in owner.named_buffers(recurse=False):
             if buffer is not None and buffer.is_floating_point() and buffer.dtype != dtype:
                 setattr(owner, name, buffer.to(dtype))
+
+
+def _unpin_featurizer_forward(preprocessor: nn.Module) -> None:
+    """Drop the ``forward`` NeMo's ``FilterbankFeatures`` stores on the instance (``no_grad`` around its
+    own bound method), so the class's ``forward`` runs.
+
+    Why: that attribute is bound to the object it was made on, and ``copy.deepcopy`` copies functions
+    by reference. A deep copy of the SALM then computed its mel features with the original's
+    featurizer, its buffers and its train/eval mode (a ``.cuda()`` copy failed on the original's CPU
+    filterbank). The preprocessor's ``forward`` runs under ``no_grad`` already.
+    """
+    featurizer = getattr(preprocessor, "featurizer", None)
+    if featurizer is not None and "forward" in vars(featurizer):
+        del featurizer.forward
