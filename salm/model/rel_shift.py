@@ -5,7 +5,8 @@ with the keys by Transformer-XL's trick: pad a zero column, view the buffer as `
 row, view back. In eager PyTorch that is one padded copy. Compiled with dynamic shapes (our
 ``trainer.compile_layers``), the fused kernels that read through the padded view and write its
 gradient were the two most expensive kernels of a training step at canary-qwen-2.5b shapes
-(``bench/train_throughput.py --profile``: ~0.9 ms per call, 19% of the GPU's time).
+(``bench/train_throughput.py --profile``: ~0.9 ms per call, ~20% of the GPU's time; 19 ms per
+pass instead of 282 with this view, BENCHMARKS.md).
 
 The shift is a plain strided view: ``shifted[..., i, j] = scores[..., i, j + T - 1 - i]``, i.e.
 row stride ``2T - 2`` and offset ``T - 1`` into the contiguous scores. Only the ``T`` key columns
