@@ -185,9 +185,7 @@ def test_a_failing_step_compile_turns_compiling_off_and_keeps_the_tokens(
     from salm.assets.synthetic_speech import make_sentences, synthesize_corpus
     from salm.model import SALM, decoding
 
-    # A fresh model, not a deepcopy of the shared one: NeMo's mel front end keeps its forward as an
-    # instance attribute, so a deepcopy still runs the original's (left on the CPU).
-    model = SALM(tiny_model_cfg).to("cuda").eval()
+    model = SALM(tiny_model_cfg).to("cuda").eval()  # its own: the test turns its compiling off
     # flite voices only: the GPU machine has flite (bench/device_setup.sh) but not espeak-ng.
     clips = synthesize_corpus(tmp_path, make_sentences(3, seed=1), ["kal16", "slt", "rms"])
     prompts = [[{"role": "user", "content": PROMPT, "audio": u.path}] for u in clips]
