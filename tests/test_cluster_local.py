@@ -174,9 +174,12 @@ def shar_data(cluster: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "shar"
 
 
-def train_entrypoint(shar: Path, llm: Path, exp_dir: Path, name: str) -> list[str]:
+def train_entrypoint(
+    shar: Path, llm: Path, exp_dir: Path, name: str, nemo_in_checkpoint: bool = False
+) -> list[str]:
     """The tiny recipe, as small as it goes: 2 workers (one per node), 4 steps of batch 2, one
-    validation (8 clips, 4 new tokens) and one checkpoint at the last step, no .nemo export."""
+    validation (8 clips, 4 new tokens) and one checkpoint at the last step, no .nemo export at the
+    end (``nemo_in_checkpoint``: a ``model.nemo`` in the checkpoint, ``exp_manager.always_save_nemo``)."""
     return [
         "python", "ray_jobs/train.py", "--config-name", "tiny",
         f"model.pretrained_llm={llm}",
@@ -196,6 +199,7 @@ def train_entrypoint(shar: Path, llm: Path, exp_dir: Path, name: str) -> list[st
         "exp_manager.save_nemo_on_train_end=false",
         f"exp_manager.exp_dir={exp_dir}",
         f"exp_manager.name={name}",
+        f"exp_manager.always_save_nemo={str(nemo_in_checkpoint).lower()}",
     ]  # fmt: skip
 
 
@@ -242,7 +246,7 @@ def test_ray_job_submit_trains_with_a_worker_on_each_node(
         [RAY, "job", "submit", "--address", cluster["RAY_DASHBOARD_ADDRESS"], "--working-dir", REPO,
          "--runtime-env-json", json.dumps({"excludes": RUNTIME_ENV["excludes"]}),
          "--submission-id", submission_id,
-         "--", *train_entrypoint(shar_data, tiny_llm_dir, tmp_path, "cli")],
+         "--", *train_entrypoint(shar_data, tiny_llm_dir, tmp_path, "cli", nemo_in_checkpoint=True)],
         env={**os.environ, "RAY_AUTH_MODE": cluster["RAY_AUTH_MODE"]},
         capture_output=True,
         text=True,
@@ -251,6 +255,8 @@ def test_ray_job_submit_trains_with_a_worker_on_each_node(
     assert result.returncode == 0, without_upload_noise(result.stdout + result.stderr)
     assert f"Job '{submission_id}' succeeded" in result.stdout + result.stderr
     check_training_job(cluster, submission_id, tmp_path / "cli")
+    (checkpoint,) = [path for path in (tmp_path / "cli").glob("checkpoint_*") if path.is_dir()]
+    assert (checkpoint / "model.nemo").stat().st_size > 1_000_000  # exp_manager.always_save_nemo
 
 
 def test_job_submission_client_trains_with_a_worker_on_each_node(
