@@ -20,13 +20,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import time
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
-from bench.common import card, sync
-from bench.train_throughput import BUCKETS
+from bench.common import CONFIGS, card
+from bench.train_throughput import BUCKETS, run_epochs
 from salm.model.rel_shift import use_strided_rel_shift
 
 FRAMES_PER_S = 100  # mel frames (10 ms hop)
@@ -34,32 +34,14 @@ VARIANTS = ["nemo", "strided", "nemo_sdpa", "strided_sdpa"]
 
 
 def encoder(layers: int, device: torch.device):
-    from nemo.collections.asr.modules import ConformerEncoder
+    """The canary recipe's FastConformer (its ``perception.encoder`` section), ``layers`` deep, NeMo's own
+    attention: built without ``AudioPerception``, which would give it the strided shift."""
+    from salm.model.perception import build_from_target
 
+    section = OmegaConf.load(CONFIGS / "salm_canary_qwen_2.5b.yaml").model.perception.encoder
+    section.n_layers = layers
     torch.manual_seed(0)
-    return (
-        ConformerEncoder(
-            feat_in=128,
-            n_layers=layers,
-            d_model=1024,
-            subsampling="dw_striding",
-            subsampling_factor=8,
-            subsampling_conv_channels=256,
-            ff_expansion_factor=4,
-            self_attention_model="rel_pos",
-            n_heads=8,
-            conv_kernel_size=9,
-            conv_norm_type="batch_norm",
-            dropout=0.1,
-            dropout_pre_encoder=0.1,
-            dropout_att=0.1,
-            xscaling=True,
-            untie_biases=True,
-            pos_emb_max_len=5000,
-        )
-        .to(device=device, dtype=torch.bfloat16)
-        .train()
-    )
+    return build_from_target("encoder", section).to(device=device, dtype=torch.bfloat16).train()
 
 
 def buckets(budget_s: float, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -83,23 +65,14 @@ def set_variant(model, variant: str) -> None:
 
 
 def pass_ms(model, batches, device: torch.device, repeats: int) -> float:
-    """Median milliseconds of forward + backward over all buckets."""
+    """Median milliseconds of forward + backward over all buckets, after 2 passes (compiling)."""
 
-    def one_pass() -> None:
-        for features, lengths in batches:
-            encoded, _ = model(audio_signal=features, length=lengths)
-            encoded.float().square().mean().backward()
+    def step(batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+        features, lengths = batch
+        encoded, _ = model(audio_signal=features, length=lengths)
+        encoded.float().square().mean().backward()
 
-    one_pass()  # warm-up (compiles the compiled variants)
-    one_pass()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        one_pass()
-        sync(device)
-        times.append(1000 * (time.perf_counter() - start))
-    return sorted(times)[len(times) // 2]
+    return 1000 * run_epochs(step, batches, device, warmup=2, repeats=repeats)
 
 
 def main() -> None:

@@ -203,9 +203,9 @@ def train_entrypoint(
     ]  # fmt: skip
 
 
-def check_training_job(cluster: dict, submission_id: str, run_dir: Path) -> None:
+def check_training_job(cluster: dict, submission_id: str, run_dir: Path) -> Path:
     """The job SUCCEEDED, left a step-4 checkpoint with the model, and its two Ray Train workers
-    ran on two different nodes: the head and the worker node."""
+    ran on two different nodes: the head and the worker node. Returns the checkpoint directory."""
     from ray.job_submission import JobStatus, JobSubmissionClient
     from ray.util.state import list_actors
 
@@ -236,6 +236,7 @@ def check_training_job(cluster: dict, submission_id: str, run_dir: Path) -> None
     ]
     assert len(workers) == 2, workers
     assert sorted(worker.node_id for worker in workers) == alive_node_ids(cluster)
+    return checkpoint
 
 
 def test_ray_job_submit_trains_with_a_worker_on_each_node(
@@ -254,8 +255,7 @@ def test_ray_job_submit_trains_with_a_worker_on_each_node(
     )  # fmt: skip
     assert result.returncode == 0, without_upload_noise(result.stdout + result.stderr)
     assert f"Job '{submission_id}' succeeded" in result.stdout + result.stderr
-    check_training_job(cluster, submission_id, tmp_path / "cli")
-    (checkpoint,) = [path for path in (tmp_path / "cli").glob("checkpoint_*") if path.is_dir()]
+    checkpoint = check_training_job(cluster, submission_id, tmp_path / "cli")
     assert (checkpoint / "model.nemo").stat().st_size > 1_000_000  # exp_manager.always_save_nemo
 
 
