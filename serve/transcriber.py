@@ -145,9 +145,9 @@ class Transcriber:
         self.transcribe_batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
 
     def _compile_decoding_now(self) -> None:
-        """Compile the decoding step before the first request instead of during it: one batch of
-        one clip and one of two (a batch of one is compiled apart from the rest, which share one
-        dynamic-shape compile). Takes a minute or two on a GPU, once per replica.
+        """Compile the decoding step before the first request instead of during it: one clip (its
+        decoder has 2 rows, like every batch's, so this one dynamic-shape compile serves them all).
+        Takes about a minute on a GPU, once per replica.
 
         If compiling fails (e.g. an image without the C compiler Triton needs), the model turns
         ``compile_decoding`` off itself (``SALM._decode_with_cache``); anything that escapes is
@@ -158,8 +158,7 @@ class Transcriber:
         started = time.perf_counter()
         silence = np.zeros(self.model.sampling_rate, dtype=np.float32)
         try:
-            for batch in (1, 2):
-                self.model.transcribe([silence] * batch, max_new_tokens=self.config.max_new_tokens)
+            self.model.transcribe([silence], max_new_tokens=self.config.max_new_tokens)
         except Exception as error:
             self.model.compile_decoding = False
             reason = f"{type(error).__name__}: {error}"

@@ -82,17 +82,22 @@ def attention_on_kv_heads(config) -> Iterator[None]:
         config._attn_implementation = saved
 
 
-def padded_batch_size(batch: int) -> int:
+def padded_batch_size(batch: int, compile_step: bool = False) -> int:
     """The batch size a captured decoder is built for: 1, 2, 4, 8, then 12, 16, 24, 32, 48, 64, ...
 
     Steps of 1.5x-2x keep the padding under a third of the batch while a server's ever-changing
     batch sizes reuse a handful of graphs. Only the decoding steps carry the padded rows, and they
     are bound by reading the weights, so those rows cost little; the prefill skips them.
+
+    With ``compile_step`` a single prompt gets 2 rows too: ``torch.compile`` specialises a size of 1,
+    so a batch of one would compile the whole step a second time (about a minute on an H200, once
+    per process) to save one row that costs nothing.
     """
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
     power = 1 << (batch - 1).bit_length()
-    return power * 3 // 4 if batch > 8 and batch <= power * 3 // 4 else power
+    rows = power * 3 // 4 if batch > 8 and batch <= power * 3 // 4 else power
+    return max(rows, 2) if compile_step else rows
 
 
 def kv_shape(config, batch: int, max_len: int) -> tuple[int, int, int, int]:
@@ -307,8 +312,9 @@ def compiled_step():
     step of a 28-layer LLM is ~65 small kernels per layer (norms, RoPE, casts, residual adds), a few
     microseconds of GPU time each whatever the batch. Compiled, they fuse. The whole step is one
     trace (the layer loop unrolled), so the layer index is a constant, not a recompile per layer;
-    ``dynamic=True`` lets every batch size and cache length share the code (one recompile after the
-    first shape). The compiled step is then captured like the eager one.
+    ``dynamic=True`` lets every batch size of 2 or more and every cache length share one compile
+    (``padded_batch_size`` never gives it a single row). The compiled step is then captured like
+    the eager one.
     """
     return torch.compile(GreedyDecoder._eager_step, dynamic=True)
 

@@ -383,7 +383,7 @@ class SALM(nn.Module):
 
         if embeds.device.type != "cuda" or self.training:  # nothing to capture
             return decode_eagerly()
-        rows = padded_batch_size(batch)
+        rows = padded_batch_size(batch, self.compile_decoding)
         decoder = self._decoders.get(
             *parts,
             rows,
