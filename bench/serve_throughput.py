@@ -32,6 +32,8 @@ weights saved and served by Ray Serve, flite clips of ~9 s, 1/16/64/256 concurre
 throughput and p50/p99 latency over HTTP, ``p99_s_at_64`` in the JSON. The server runs
 ``serve/config.yaml``'s settings, so on a GPU its replica compiles the decoding step at start
 (1-3 min); ``--serve-set Transcriber.user_config.compile_decoding=false`` serves eagerly.
+When one device call is too short for both parts, run ``--serve-load-only`` (writes
+``serve_throughput_served.json``), then the offline part with ``--served-from`` that file.
 
 ``--phases`` adds one call per batch size of each ``ours`` path with the device drained at each
 phase boundary (forward hooks): where the time goes. Run::
@@ -56,7 +58,7 @@ import torch
 from omegaconf import OmegaConf
 from transformers import GenerationConfig
 
-from bench.common import PROMPT, card, peak_gb, recipe, sync, timed, write_llm_dir, write_result
+from bench.common import PROMPT, RESULTS, card, peak_gb, recipe, sync, timed, write_llm_dir, write_result
 from salm.model.llm import base_causal_lm, embedding_inside
 
 SAMPLE_RATE = 16000
@@ -195,11 +197,11 @@ def phase_seconds(model, fn, audios: torch.Tensor, lens: torch.Tensor, device: t
     return {name: round(b - a, 4) for name, a, b in zip(names, times[:-1], times[1:], strict=True)}
 
 
-def served_latency(
-    tiny: bool, new_tokens: int, requests: int, extra: list[str], throughput_mode: bool, out_dir: Path
+def run_serve_load(
+    tiny: bool, new_tokens: int, requests: int, extra: list[str], throughput_mode: bool, out: Path
 ) -> dict:
-    """``bench/serve_load.py`` in a subprocess (its own Ray cluster): one run per concurrency."""
-    out = out_dir / "serve_load.json"
+    """``bench/serve_load.py`` in a subprocess (its own Ray cluster), one run per concurrency; its
+    JSON goes to ``out``. Returns the summary per concurrency (``served_summary``)."""
     command = [sys.executable, "-m", "bench.serve_load", "--tiny" if tiny else "--canary-shape"]
     command += [
         "--sentences-per-clip",
@@ -215,7 +217,12 @@ def served_latency(
     command += ["--max-new-tokens", str(new_tokens), "--num-cpus", "4" if tiny else "12", "--out", str(out)]
     command += ["--set", *SERVE_LIMITS, *extra] + (["--throughput-mode"] if throughput_mode else [])
     subprocess.run(command, check=True)
-    runs = json.loads(out.read_text())["runs"]
+    return served_summary(json.loads(out.read_text()))
+
+
+def served_summary(serve_load_result: dict) -> dict:
+    """Per concurrency, the numbers ``serve_throughput.json`` keeps from a ``bench/serve_load.py`` result."""
+    runs = serve_load_result["runs"]
     keep = (
         "requests",
         "audio_s_per_s",
@@ -259,8 +266,42 @@ def main() -> None:
         action="store_true",
         help="--serve-load with Ray Serve's high-throughput mode (HAProxy ingress; bench/serve_load.py)",
     )
+    parser.add_argument(
+        "--serve-load-only",
+        action="store_true",
+        help="only the Ray Serve load test, its JSON as serve_throughput_served.json in --out "
+        "(else bench/results): the first of two device calls when one is too short for both parts",
+    )
+    parser.add_argument(
+        "--served-from",
+        type=Path,
+        default=None,
+        help="the serve_throughput_served.json of a --serve-load-only run on the same machine, "
+        "used instead of --serve-load: the second of the two calls",
+    )
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args()
+    if args.serve_load_only:
+        served_out = (args.out or RESULTS) / (
+            "serve_throughput_served" + ("_tiny" if args.tiny else "") + ".json"
+        )
+        served = run_serve_load(
+            args.tiny,
+            args.new_tokens,
+            args.serve_requests,
+            args.serve_set,
+            args.serve_throughput_mode,
+            served_out,
+        )
+        print(f"served over HTTP: {json.dumps(served)}", flush=True)
+        return
+    if args.served_from is not None and args.serve_load:
+        parser.error("--served-from replaces --serve-load: give one of them")
+    served = None
+    if args.served_from is not None:
+        if not args.served_from.is_file():
+            parser.error(f"--served-from {args.served_from}: no such file (make it with --serve-load-only)")
+        served = served_summary(json.loads(args.served_from.read_text()))
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     cfg = recipe(write_llm_dir(Path(tempfile.mkdtemp()) / "llm", tiny=args.tiny), tiny=args.tiny)
@@ -353,19 +394,18 @@ def main() -> None:
         line += f"{row['ours']['rtfx'] / row['nemo']['rtfx']:>9.2f}" if "nemo" in row else f"{'-':>9}"
         print(line)
 
-    served = None
     if args.serve_load:
         del ours, nemo, named
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        served = served_latency(
+        served = run_serve_load(
             args.tiny,
             args.new_tokens,
             args.serve_requests,
             args.serve_set,
             args.serve_throughput_mode,
-            Path(tempfile.mkdtemp()),
+            Path(tempfile.mkdtemp()) / "serve_load.json",
         )
         print(f"served over HTTP: {json.dumps(served)}", flush=True)
 
@@ -385,8 +425,9 @@ def main() -> None:
             "new_tokens": args.new_tokens,
             "by_batch_size": {str(b): r for b, r in rows.items()},
             "errors": errors,
-            "p99_s_at_64": served["64"]["p99_s"] if served else None,
+            "p99_s_at_64": served["64"]["p99_s"] if served and "64" in served else None,
             "served_by_concurrency": served,
+            "served_from": str(args.served_from) if args.served_from else None,
         },
         args.out,
         record=not args.tiny,

@@ -24,6 +24,17 @@ def test_bundled_recipes_load_and_overrides_apply() -> None:
     assert canary.trainer.compile_layers is True and cfg.trainer.compile_layers is False
 
 
+def test_the_canary_recipe_configures_its_training_batches() -> None:
+    """The README's and the RayJob's canary command give only paths: the recipe must size batches."""
+    from salm.train.data_feed import _data_config
+
+    canary = load_recipe("salm_canary_qwen_2.5b", [*FILLED, "model.pretrained_asr=/asr.nemo"])
+    train = _data_config(canary, "data.train_ds")
+    assert train.use_bucketing and train.batch_duration == 640.0 and train.max_duration == 40.0
+    with pytest.raises(SALMConfigError, match="the batch size is not configured"):
+        _data_config(canary, "data.train_ds", batch_duration=None)
+
+
 def test_unset_mandatory_values_are_named() -> None:
     with pytest.raises(SALMConfigError, match="data.train_ds.shar_path"):
         load_recipe("tiny", ["model.pretrained_llm=/llm"])
