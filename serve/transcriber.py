@@ -147,7 +147,7 @@ class Transcriber:
     def _compile_decoding_now(self) -> None:
         """Compile the decoding step before the first request instead of during it: one clip (its
         decoder has 2 rows, like every batch's, so this one dynamic-shape compile serves them all).
-        Takes about a minute on a GPU, once per replica.
+        Takes 1-3 minutes on a GPU (134 s on an H200), once per replica.
 
         If compiling fails (e.g. an image without the C compiler Triton needs), the model turns
         ``compile_decoding`` off itself (``SALM._decode_with_cache``); anything that escapes is

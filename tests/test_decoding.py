@@ -154,7 +154,7 @@ def test_greedy_decoding_attends_on_the_kv_heads_and_restores_the_llm_attention(
 def test_compiled_step_compiles_once_for_every_batch_size_and_cache_length(tiny_salm) -> None:
     """One compile serves a single prompt, larger batches and every cache length.
 
-    On an H200 each compile of the step takes about a minute. A batch of one used to compile apart
+    On an H200 each compile of the step takes 1.5-2.5 min. A batch of one used to compile apart
     (torch.compile specialises size 1), and a cache length equal to another size (here head_dim, 16:
     a Serve replica warmed up on 1 s clips has cache length 128 = Qwen3's head_dim) was baked in,
     which cost a replica 119 s of recompiling on its first batches of real clips.

@@ -90,8 +90,8 @@ def padded_batch_size(batch: int, compile_step: bool = False) -> int:
     are bound by reading the weights, so those rows cost little; the prefill skips them.
 
     With ``compile_step`` a single prompt gets 2 rows too: ``torch.compile`` specialises a size of 1,
-    so a batch of one would compile the whole step a second time (about a minute on an H200, once
-    per process) to save one row that costs nothing.
+    so a batch of one would compile the whole step a second time (1.5-2.5 min on an H200, once per
+    process) to save one row that costs nothing.
     """
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
