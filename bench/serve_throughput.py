@@ -197,11 +197,11 @@ def phase_seconds(model, fn, audios: torch.Tensor, lens: torch.Tensor, device: t
     return {name: round(b - a, 4) for name, a, b in zip(names, times[:-1], times[1:], strict=True)}
 
 
-def run_serve_load(
-    tiny: bool, new_tokens: int, requests: int, extra: list[str], throughput_mode: bool, out: Path
-) -> dict:
-    """``bench/serve_load.py`` in a subprocess (its own Ray cluster), one run per concurrency; its
-    JSON goes to ``out``. Returns the summary per concurrency (``served_summary``)."""
+def run_serve_load(args: argparse.Namespace, out: Path) -> dict:
+    """``bench/serve_load.py`` in a subprocess (its own Ray cluster), one run per concurrency, with
+    this command's ``--serve-*`` options; its JSON goes to ``out``. Returns the summary per
+    concurrency (``served_summary``)."""
+    tiny, requests = args.tiny, args.serve_requests
     command = [sys.executable, "-m", "bench.serve_load", "--tiny" if tiny else "--canary-shape"]
     command += [
         "--sentences-per-clip",
@@ -214,8 +214,16 @@ def run_serve_load(
         "--requests",
         str(requests),
     ]
-    command += ["--max-new-tokens", str(new_tokens), "--num-cpus", "4" if tiny else "12", "--out", str(out)]
-    command += ["--set", *SERVE_LIMITS, *extra] + (["--throughput-mode"] if throughput_mode else [])
+    command += [
+        "--max-new-tokens",
+        str(args.new_tokens),
+        "--num-cpus",
+        "4" if tiny else "12",
+        "--out",
+        str(out),
+    ]
+    command += ["--set", *SERVE_LIMITS, *args.serve_set]
+    command += ["--throughput-mode"] if args.serve_throughput_mode else []
     subprocess.run(command, check=True)
     return served_summary(json.loads(out.read_text()))
 
@@ -285,14 +293,7 @@ def main() -> None:
         served_out = (args.out or RESULTS) / (
             "serve_throughput_served" + ("_tiny" if args.tiny else "") + ".json"
         )
-        served = run_serve_load(
-            args.tiny,
-            args.new_tokens,
-            args.serve_requests,
-            args.serve_set,
-            args.serve_throughput_mode,
-            served_out,
-        )
+        served = run_serve_load(args, served_out)
         print(f"served over HTTP: {json.dumps(served)}", flush=True)
         return
     if args.served_from is not None and args.serve_load:
@@ -399,14 +400,7 @@ def main() -> None:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        served = run_serve_load(
-            args.tiny,
-            args.new_tokens,
-            args.serve_requests,
-            args.serve_set,
-            args.serve_throughput_mode,
-            Path(tempfile.mkdtemp()) / "serve_load.json",
-        )
+        served = run_serve_load(args, Path(tempfile.mkdtemp()) / "serve_load.json")
         print(f"served over HTTP: {json.dumps(served)}", flush=True)
 
     largest = max(rows)
