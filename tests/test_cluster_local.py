@@ -1,8 +1,8 @@
 """cluster/local/: a real multi-node Ray cluster on this machine, driven the way operators drive one.
 
 One head node and one worker node (separate raylets, their own CPUs and resources), started and
-stopped by the scripts; Shar data is prepared and the tiny recipe trained by jobs that go in
-through `ray job submit` and `JobSubmissionClient`, with one Ray Train worker on each node;
+stopped by the scripts; Shar data is prepared by a job sent with `JobSubmissionClient` and the
+tiny recipe trained by one sent with `ray job submit`, with one Ray Train worker on each node;
 metrics come out of the nodes' Prometheus endpoints. The cluster has its own ports and temp dir,
 so it never touches the session's `ray_local` cluster or anyone else's.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import shutil
 import subprocess
 import sys
@@ -257,18 +256,6 @@ def test_ray_job_submit_trains_with_a_worker_on_each_node(
     assert f"Job '{submission_id}' succeeded" in result.stdout + result.stderr
     checkpoint = check_training_job(cluster, submission_id, tmp_path / "cli")
     assert (checkpoint / "model.nemo").stat().st_size > 1_000_000  # exp_manager.always_save_nemo
-
-
-def test_job_submission_client_trains_with_a_worker_on_each_node(
-    cluster: dict, shar_data: Path, tiny_llm_dir: Path, tmp_path: Path
-) -> None:
-    from ray.job_submission import JobSubmissionClient
-
-    client = JobSubmissionClient(cluster["RAY_DASHBOARD_ADDRESS"])
-    entrypoint = shlex.join(train_entrypoint(shar_data, tiny_llm_dir, tmp_path, "client"))
-    submission_id = client.submit_job(entrypoint=entrypoint, runtime_env=RUNTIME_ENV)
-    wait_for(client, submission_id, timeout_s=JOB_TIMEOUT_S)
-    check_training_job(cluster, submission_id, tmp_path / "client")
 
 
 def scrape(port: str) -> set[str]:
