@@ -302,7 +302,10 @@ def main() -> None:
     if args.served_from is not None:
         if not args.served_from.is_file():
             parser.error(f"--served-from {args.served_from}: no such file (make it with --serve-load-only)")
-        served = served_summary(json.loads(args.served_from.read_text()))
+        served_from = json.loads(args.served_from.read_text())
+        if "runs" not in served_from:
+            parser.error(f"--served-from {args.served_from}: not a --serve-load-only result (no 'runs')")
+        served = served_summary(served_from)
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     cfg = recipe(write_llm_dir(Path(tempfile.mkdtemp()) / "llm", tiny=args.tiny), tiny=args.tiny)

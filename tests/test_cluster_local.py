@@ -173,12 +173,10 @@ def shar_data(cluster: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "shar"
 
 
-def train_entrypoint(
-    shar: Path, llm: Path, exp_dir: Path, name: str, nemo_in_checkpoint: bool = False
-) -> list[str]:
+def train_entrypoint(shar: Path, llm: Path, exp_dir: Path, name: str) -> list[str]:
     """The tiny recipe, as small as it goes: 2 workers (one per node), 4 steps of batch 2, one
-    validation (8 clips, 4 new tokens) and one checkpoint at the last step, no .nemo export at the
-    end (``nemo_in_checkpoint``: a ``model.nemo`` in the checkpoint, ``exp_manager.always_save_nemo``)."""
+    validation (8 clips, 4 new tokens) and one checkpoint at the last step, holding a ``model.nemo``
+    (``exp_manager.always_save_nemo``) instead of an export at the end."""
     return [
         "python", "ray_jobs/train.py", "--config-name", "tiny",
         f"model.pretrained_llm={llm}",
@@ -198,7 +196,7 @@ def train_entrypoint(
         "exp_manager.save_nemo_on_train_end=false",
         f"exp_manager.exp_dir={exp_dir}",
         f"exp_manager.name={name}",
-        f"exp_manager.always_save_nemo={str(nemo_in_checkpoint).lower()}",
+        "exp_manager.always_save_nemo=true",
     ]  # fmt: skip
 
 
@@ -246,7 +244,7 @@ def test_ray_job_submit_trains_with_a_worker_on_each_node(
         [RAY, "job", "submit", "--address", cluster["RAY_DASHBOARD_ADDRESS"], "--working-dir", REPO,
          "--runtime-env-json", json.dumps({"excludes": RUNTIME_ENV["excludes"]}),
          "--submission-id", submission_id,
-         "--", *train_entrypoint(shar_data, tiny_llm_dir, tmp_path, "cli", nemo_in_checkpoint=True)],
+         "--", *train_entrypoint(shar_data, tiny_llm_dir, tmp_path, "cli")],
         env={**os.environ, "RAY_AUTH_MODE": cluster["RAY_AUTH_MODE"]},
         capture_output=True,
         text=True,
