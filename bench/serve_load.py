@@ -185,6 +185,9 @@ def batch_summary(stats: dict, before: dict, wall_s: float) -> dict:
         "model_busy_fraction": round(sum(seconds) / wall_s, 3) if wall_s else 0.0,
         # new greedy decoders (on a GPU: a KV cache and a CUDA graph capture each) during the run
         "decoder_captures": stats["decoder_cache"]["misses"] - before["decoder_cache"]["misses"],
+        "decoder_capture_s": round(
+            stats["decoder_cache"]["capture_s"] - before["decoder_cache"]["capture_s"], 3
+        ),
     }
 
 
@@ -306,8 +309,12 @@ def main() -> None:
         model_dir = args.model
     url = args.url
     if url is None:
+        longest_s = round(max(clip.seconds for clip in clips), 3)  # the same frames, so the same cache length
         overrides = [
             f"Transcriber.user_config.max_new_tokens={args.max_new_tokens}",
+            # GPU: capture at start the decoders of batches that hold the longest clip (most batches
+            # beyond a few requests do), not those of serve/config.yaml's clip lengths
+            f"Transcriber.user_config.warm_up_clip_s=[{longest_s}]",
             "Transcriber.autoscaling_config.max_replicas=1",
             "Ingress.autoscaling_config.max_replicas=1",
             *args.set,

@@ -240,6 +240,7 @@ def served_summary(serve_load_result: dict) -> dict:
         "mean_requests_per_batch",
         "model_busy_fraction",
         "decoder_captures",
+        "decoder_capture_s",
     )
     return {str(run["concurrency"]): {k: run.get(k) for k in keep} for run in runs}
 

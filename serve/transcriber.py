@@ -62,6 +62,9 @@ class BatchingConfig:
     # torch.compile the greedy decoding step (GPU only; the replica compiles for 1-3 min at start).
     # serve/config.yaml turns it on; a replica deployed without a user_config decodes eagerly.
     compile_decoding: bool = False
+    # GPU: clip lengths (s) whose decoders a replica captures at start, for every batch size that
+    # batches of such clips can take, so that no request waits for a capture. Empty: capture on demand.
+    warm_up_clip_s: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if self.max_batch_audio_s < 1:
@@ -76,6 +79,27 @@ class BatchingConfig:
             raise ValueError(
                 f"`user_config.compile_decoding` must be true or false, got {self.compile_decoding!r}"
             )
+        lengths = self.warm_up_clip_s
+        if not isinstance(lengths, list | tuple) or not all(
+            isinstance(s, int | float) and not isinstance(s, bool) and 0 < s <= self.max_batch_audio_s
+            for s in lengths
+        ):
+            raise ValueError(
+                "`user_config.warm_up_clip_s` must be a list of clip lengths in seconds, each > 0 and "
+                f"<= max_batch_audio_s ({self.max_batch_audio_s}), e.g. [10, 20]; got {lengths!r}"
+            )
+        object.__setattr__(self, "warm_up_clip_s", tuple(float(s) for s in lengths))
+
+
+def warm_up_batch_sizes(
+    clip_s: float, max_batch_audio_s: int, max_requests: int, compile_step: bool
+) -> list[int]:
+    """The decoder batch sizes that batches of ``clip_s`` clips can use: ``padded_batch_size`` of every
+    count from one clip up to what the audio budget and the replica's request limit let a batch hold."""
+    from salm.model.decoding import padded_batch_size
+
+    most = max(1, min(int(max_batch_audio_s // clip_s), max_requests))
+    return sorted({padded_batch_size(count, compile_step) for count in range(1, most + 1)})
 
 
 def batch_audio_seconds(jobs: list[TranscriptionJob]) -> int:
@@ -139,8 +163,11 @@ class Transcriber:
         self.config = BatchingConfig(**user_config)
         newly_compiled = self.config.compile_decoding and not self.model.compile_decoding
         self.model.compile_decoding = self.config.compile_decoding
-        if newly_compiled and self.model.device.type == "cuda":  # CPUs decode eagerly: nothing to compile
+        on_gpu = self.model.device.type == "cuda"  # CPUs decode eagerly: nothing to compile or capture
+        if newly_compiled and on_gpu:
             self._compile_decoding_now()
+        if self.config.warm_up_clip_s and on_gpu:
+            self._warm_up_decoders(_max_ongoing_requests())
         self.transcribe_batch.set_max_batch_size(self.config.max_batch_audio_s)
         self.transcribe_batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
 
@@ -172,6 +199,51 @@ class Transcriber:
             )
             return
         logger.info(f"decoding step compiled in {time.perf_counter() - started:.0f} s")
+
+    def _warm_up_decoders(self, max_requests: int) -> None:
+        """Capture the decoders of ``warm_up_clip_s`` batches before the first request needs them.
+
+        Each new batch size or cache length means a KV cache and a CUDA graph capture, paid inside
+        the request that first brings it: at 64 clients an H200 replica captured 7 decoders inside
+        the measured window (BENCHMARKS.md). So the replica transcribes silence of each length at
+        every batch size such a batch can take (``warm_up_batch_sizes``; a request is one clip
+        here). Decoders already held are reused, so a later ``user_config`` change costs seconds.
+        It stops, with a warning, where the decoder cache (a quarter of the GPU) would drop the
+        ones it just captured; a failure is logged and the replica serves with capture on demand.
+        """
+        started = time.perf_counter()
+        before = self.model.decoder_cache_stats()
+        try:
+            for clip_s in self.config.warm_up_clip_s:
+                silence = np.zeros(round(clip_s * self.model.sampling_rate), dtype=np.float32)
+                sizes = warm_up_batch_sizes(
+                    clip_s, self.config.max_batch_audio_s, max_requests, self.model.compile_decoding
+                )
+                for rows in sizes:
+                    held = self.model.decoder_cache_stats()
+                    self.model.transcribe([silence] * rows, max_new_tokens=self.config.max_new_tokens)
+                    now = self.model.decoder_cache_stats()
+                    if now["misses"] > held["misses"] and now["entries"] <= held["entries"]:
+                        logger.warning(
+                            f"the decoder cache is full at {rows} rows of {clip_s:g} s clips "
+                            f"({now['bytes'] / 1e9:.1f} GB of KV cache): stopping the warm-up here, larger "
+                            "batches capture on demand. Shorten `user_config.warm_up_clip_s`"
+                        )
+                        return
+        except Exception as error:  # e.g. out of memory: serve anyway, capturing on demand
+            logger.warning(
+                f"warming up the decoders failed ({type(error).__name__}: {error}); batch sizes not "
+                "captured yet are captured by the first request that needs them"
+            )
+            return
+        finally:
+            after = self.model.decoder_cache_stats()
+            logger.info(
+                f"decoder warm-up for {list(self.config.warm_up_clip_s)} s clips: "
+                f"{after['misses'] - before['misses']} captured in "
+                f"{time.perf_counter() - started:.1f} s, {after['entries']} held "
+                f"({after['bytes'] / 1e9:.1f} GB of KV cache)"
+            )
 
     def info(self) -> dict:
         """What the ingress needs to prepare jobs; answering at all means the model is loaded."""
@@ -311,3 +383,10 @@ def _cluster_gpus() -> float:
     import ray
 
     return float(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0.0
+
+
+def _max_ongoing_requests() -> int:
+    """The most requests this replica holds at once (its deployment's ``max_ongoing_requests``): no
+    batch has more. Ray keeps it in the replica context's private deployment config; unbounded if absent."""
+    config = getattr(serve.get_replica_context(), "_deployment_config", None)
+    return int(getattr(config, "max_ongoing_requests", None) or 1 << 20)

@@ -83,13 +83,16 @@ def test_decoder_cache_keeps_recent_shapes_and_forgets_moved_weights(tiny_salm) 
     first = cache.get(*parts, 4, 64, 8, weight_ptrs=(1,), use_graph=False)
     assert cache.get(*parts, 4, 64, 8, weight_ptrs=(1,), use_graph=False) is first
     second = cache.get(*parts, 8, 64, 8, weight_ptrs=(1,), use_graph=False)
+    first.capture_s, second.capture_s = 1.0, 2.0  # what capture() measures on a GPU
     cache.get(*parts, 4, 64, 8, weight_ptrs=(1,), use_graph=False)  # the 4-row decoder is now the newest
     cache.get(*parts, 16, 64, 8, weight_ptrs=(1,), use_graph=False)  # evicts the 8-row one
     assert len(cache) == 2
+    assert cache.capture_seconds() == 3.0  # an evicted decoder's capture still counts
     assert cache.get(*parts, 4, 64, 8, weight_ptrs=(1,), use_graph=False) is first
     assert cache.get(*parts, 8, 64, 8, weight_ptrs=(1,), use_graph=False) is not second
     assert cache.get(*parts, 4, 64, 8, weight_ptrs=(2,), use_graph=False) is not first  # weights moved
     assert len(cache) == 1
+    assert cache.capture_seconds() == 3.0
 
 
 def test_decoder_cache_stays_within_its_byte_budget(tiny_salm) -> None:

@@ -74,6 +74,9 @@ def test_salm_serve_names_a_missing_model(capsys) -> None:
         ({"max_batch_audio_s": 0}, "`user_config.max_batch_audio_s` must be >= 1"),
         ({"max_new_tokens": 0}, "`user_config.max_new_tokens` must be >= 1"),
         ({"compile_decoding": "yes"}, "`user_config.compile_decoding` must be true or false"),
+        ({"warm_up_clip_s": 10}, "`user_config.warm_up_clip_s` must be a list"),
+        ({"warm_up_clip_s": [10, 0]}, "each > 0"),
+        ({"warm_up_clip_s": [700]}, r"<= max_batch_audio_s \(640\)"),
     ],
 )
 def test_bad_transcriber_user_config_is_refused_with_the_field(user_config: dict, message: str) -> None:
@@ -112,3 +115,94 @@ def test_a_replica_whose_decoding_compile_fails_serves_eagerly_and_says_why() ->
     assert len(warnings) == 1
     assert "Failed to find C compiler" in warnings[0]
     assert "compile_decoding: false" in warnings[0]
+
+
+def test_config_files_user_config_is_a_valid_batching_config() -> None:
+    from serve.transcriber import BatchingConfig
+
+    user_config = deployments(yaml.safe_load(DEFAULT_CONFIG.read_text()))["Transcriber"]["user_config"]
+    config = BatchingConfig(**user_config)
+    assert config.warm_up_clip_s == (10.0, 20.0)
+
+
+def test_warm_up_covers_every_padded_batch_size_a_batch_can_take() -> None:
+    from serve.transcriber import warm_up_batch_sizes
+
+    # 640 s holds 64 clips of 10 s; a compiled step never gets a 1-row decoder
+    assert warm_up_batch_sizes(10, 640, 256, compile_step=True) == [2, 4, 8, 12, 16, 24, 32, 48, 64]
+    assert warm_up_batch_sizes(10, 640, 16, compile_step=False) == [1, 2, 4, 8, 12, 16]  # request limit
+    assert warm_up_batch_sizes(30, 640, 256, compile_step=True)[-1] == 24  # 21 clips pad to 24 rows
+    assert warm_up_batch_sizes(40, 20, 256, compile_step=False) == [1]  # a clip longer than the budget
+
+
+class FakeDecoderCache:
+    """The model's decoder bookkeeping as the warm-up reads it: a new row count is a capture, and
+    beyond ``room`` decoders the oldest is dropped."""
+
+    def __init__(self, room: int, fail_at_rows: int | None = None) -> None:
+        self.room, self.fail_at_rows, self.held, self.misses, self.calls = room, fail_at_rows, [], 0, []
+
+    def transcribe(self, audios: list, max_new_tokens: int) -> list[str]:
+        self.calls.append((len(audios), {len(a) for a in audios}, max_new_tokens))
+        if len(audios) == self.fail_at_rows:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        key = (len(audios), len(audios[0]))
+        if key not in self.held:
+            self.misses += 1
+            self.held = [*self.held, key][-self.room :]
+        return [""] * len(audios)
+
+    def decoder_cache_stats(self) -> dict:
+        return {"misses": self.misses, "entries": len(self.held), "bytes": len(self.held) * 10**9}
+
+
+def warm_up(room: int, fail_at_rows: int | None = None, **config) -> tuple[FakeDecoderCache, list[str]]:
+    import logging
+    from types import SimpleNamespace
+
+    from serve.transcriber import BatchingConfig, Transcriber
+
+    cache = FakeDecoderCache(room, fail_at_rows)
+    replica = object.__new__(Transcriber.func_or_class)  # the class's own method, without a Ray actor
+    replica.config = BatchingConfig(**config)
+    replica.model = SimpleNamespace(
+        sampling_rate=16000,
+        compile_decoding=True,
+        transcribe=cache.transcribe,
+        decoder_cache_stats=cache.decoder_cache_stats,
+    )
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("ray.serve")
+    logger.addHandler(handler)
+    try:
+        replica._warm_up_decoders(max_requests=64)
+    finally:
+        logger.removeHandler(handler)
+    return cache, [r.getMessage() for r in records if r.levelno == logging.WARNING]
+
+
+def test_a_replica_warms_up_every_clip_length_and_batch_size_before_requests() -> None:
+    cache, warnings = warm_up(room=64, warm_up_clip_s=[10, 20], max_batch_audio_s=320, max_new_tokens=48)
+    assert warnings == []
+    assert cache.calls == [
+        *[(rows, {160_000}, 48) for rows in [2, 4, 8, 12, 16, 24, 32]],  # 32 clips of 10 s fill 320 s
+        *[(rows, {320_000}, 48) for rows in [2, 4, 8, 12, 16]],
+    ]
+
+
+def test_a_warm_up_that_outgrows_the_decoder_cache_stops_and_says_what_to_change() -> None:
+    cache, warnings = warm_up(room=3, warm_up_clip_s=[10, 20], max_batch_audio_s=320)
+    assert [rows for rows, _, _ in cache.calls] == [2, 4, 8, 12]  # the 4th capture dropped the 1st
+    assert len(warnings) == 1
+    assert "full at 12 rows of 10 s clips" in warnings[0]
+    assert "warm_up_clip_s" in warnings[0]
+
+
+def test_a_failing_warm_up_leaves_a_serving_replica_and_says_why() -> None:
+    cache, warnings = warm_up(room=64, fail_at_rows=8, warm_up_clip_s=[10])
+    assert [rows for rows, _, _ in cache.calls] == [2, 4, 8]
+    assert len(warnings) == 1
+    assert "CUDA out of memory" in warnings[0]
+    assert "captured by the first request that needs them" in warnings[0]

@@ -24,6 +24,7 @@ import contextlib
 import functools
 import inspect
 import math
+import time
 from collections import OrderedDict
 from collections.abc import Iterator
 
@@ -183,6 +184,7 @@ class GreedyDecoder:
         self.use_graph = use_graph
         self.compile_step = compile_step
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.capture_s = 0.0  # host seconds ``capture`` took (a server pays them inside a request)
 
     def _forward(
         self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: StaticKVCache
@@ -262,6 +264,7 @@ class GreedyDecoder:
 
     def capture(self) -> None:
         """Record ``step`` as a CUDA graph. Call after ``prefill``; restores the state it warmed up on."""
+        started = time.perf_counter()
         saved = [t.clone() for t in self._state()]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -276,6 +279,8 @@ class GreedyDecoder:
             self.step()
         for tensor, value in zip(self._state(), saved, strict=True):  # capture ran nothing, but be exact
             tensor.copy_(value)
+        torch.cuda.current_stream().synchronize()
+        self.capture_s = time.perf_counter() - started
 
     def _state(self) -> list[torch.Tensor]:
         return [
@@ -333,6 +338,7 @@ class DecoderCache:
         self.max_entries, self.max_bytes = max_entries, max_bytes
         self.hits = self.misses = 0
         self._entries: OrderedDict[tuple[int, int, int, bool], GreedyDecoder] = OrderedDict()
+        self._dropped_capture_s = 0.0  # capture seconds of decoders no longer kept
         self._weight_ptrs: tuple[int, ...] = ()
 
     def __len__(self) -> int:
@@ -365,7 +371,7 @@ class DecoderCache:
         while self._entries and (  # free before allocating the next cache
             len(self._entries) >= self.max_entries or self.bytes() + needed > self.max_bytes
         ):
-            self._entries.popitem(last=False)
+            self._drop(next(iter(self._entries)))
         entry = GreedyDecoder(
             decoder, lm_head, embed_tokens, batch, max_len, max_new_tokens, use_graph, compile_step
         )
@@ -376,13 +382,21 @@ class DecoderCache:
         """KV cache bytes held by the kept decoders."""
         return sum(entry.cache.nbytes() for entry in self._entries.values())
 
+    def capture_seconds(self) -> float:
+        """Host seconds spent capturing every decoder made so far (kept or not)."""
+        return self._dropped_capture_s + sum(entry.capture_s for entry in self._entries.values())
+
     def discard(self, entry: GreedyDecoder) -> None:
         for key, value in list(self._entries.items()):
             if value is entry:
-                del self._entries[key]
+                self._drop(key)
 
     def clear(self) -> None:
-        self._entries.clear()
+        for key in list(self._entries):
+            self._drop(key)
+
+    def _drop(self, key: tuple[int, int, int, bool]) -> None:
+        self._dropped_capture_s += self._entries.pop(key).capture_s
 
 
 def memory_share(device: torch.device, share: float) -> int:

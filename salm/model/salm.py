@@ -413,13 +413,15 @@ class SALM(nn.Module):
             )
             return decode_eagerly()
 
-    def decoder_cache_stats(self) -> dict[str, int]:
-        """Reuses and new captures of the greedy decoder (GPU), and the KV cache bytes they hold."""
+    def decoder_cache_stats(self) -> dict[str, float]:
+        """Reuses and new captures of the greedy decoder (GPU), the KV cache bytes they hold, and
+        the seconds the captures took (the first compiled capture includes the step's compile)."""
         return {
             "hits": self._decoders.hits,
             "misses": self._decoders.misses,
             "entries": len(self._decoders),
             "bytes": self._decoders.bytes(),
+            "capture_s": round(self._decoders.capture_seconds(), 3),
         }
 
     def transcribe(self, audios: list[AudioInput], prompt: str | None = None, **generate_kwargs) -> list[str]:
