@@ -1,9 +1,9 @@
 """The model deployment: one SALM per replica, requests batched by how much audio they carry.
 
 Replicas receive float waveforms already decoded and split by the ingress (``TranscriptionJob``),
-never bytes or paths. Jobs are batched until their audio adds up to ``max_batch_audio_s`` (Serve's
-``@serve.batch`` with ``batch_size_fn``) or ``batch_wait_timeout_s`` passes (``_wait_for_batch_to_fill``);
-all pieces of one long recording travel as one job, so they are always transcribed in the same batch.
+never bytes or paths. ``@serve.batch`` groups jobs until their audio adds up to
+``max_batch_audio_s`` (via ``batch_size_fn``) or ``batch_wait_timeout_s`` passes; all pieces of
+one long recording travel as one job, so they are always transcribed in the same batch.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class BatchingConfig:
     """The transcriber's ``user_config`` in ``serve/config.yaml``; changing it needs no restart."""
 
     max_batch_audio_s: int = 640
-    batch_wait_timeout_s: float = 0.05  # from the first waiting request, or the previous batch's end if later
+    batch_wait_timeout_s: float = 0.05
     max_new_tokens: int = 128
     # torch.compile the greedy decoding step (GPU only; the replica compiles for 1-3 min at start).
     # serve/config.yaml turns it on; a replica deployed without a user_config decodes eagerly.
@@ -155,10 +155,8 @@ class Transcriber:
         self._last_rtfx: float | None = None
         self._recent_batch_requests: deque[int] = deque(maxlen=4096)
         self._recent_batch_seconds: deque[float] = deque(maxlen=4096)
-        # Serve batches waiting for the model: (jobs, their future, when they arrived)
-        self._pending: deque[tuple[list[TranscriptionJob], asyncio.Future, float]] = deque()
+        self._pending: deque[tuple[list[TranscriptionJob], asyncio.Future]] = deque()
         self._model_lock = asyncio.Lock()
-        self._model_free_since = -math.inf  # when the last batch ended (time.monotonic)
         self._gauge_task = asyncio.get_running_loop().create_task(self._refresh_gauges())
 
     def reconfigure(self, user_config: dict) -> None:
@@ -171,6 +169,7 @@ class Transcriber:
         if self.config.warm_up_clip_s and on_gpu:
             self._warm_up_decoders(_max_ongoing_requests())
         self.transcribe_batch.set_max_batch_size(self.config.max_batch_audio_s)
+        self.transcribe_batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
 
     def _compile_decoding_now(self) -> None:
         """Compile the decoding step before the first request instead of during it: one clip (its
@@ -280,52 +279,26 @@ class Transcriber:
 
     @serve.batch(
         max_batch_size=640,
-        batch_wait_timeout_s=0.0,  # the wait for a batch to fill is ours (_wait_for_batch_to_fill)
+        batch_wait_timeout_s=0.05,
         batch_size_fn=batch_audio_seconds,
         max_concurrent_batches=MERGEABLE_BATCHES,
     )
     async def transcribe_batch(self, jobs: list[TranscriptionJob]) -> list[list[PieceResult]]:
         """Run ``jobs`` on the model, merged with any other batches that formed while it was busy.
 
-        Serve forms a batch whenever requests are queued, even while the previous one is still
+        Serve forms a batch every ``batch_wait_timeout_s`` even while the previous one is still
         running (it only queues them), so under load it makes many small batches; with a model
         that takes seconds per batch the average batch was ~2 requests at 16 in flight. Batches are
-        therefore admitted concurrently and wait here; whoever gets the model next waits for the
-        batch to fill (``_wait_for_batch_to_fill``), then runs everything waiting, up to the audio
-        budget, in one call.
+        therefore admitted concurrently and wait here; whoever gets the model next runs everything
+        waiting, up to the audio budget, in one call.
         """
         done = asyncio.get_running_loop().create_future()
-        self._pending.append((jobs, done, time.monotonic()))
+        self._pending.append((jobs, done))
         while not done.done():
             async with self._model_lock:
                 if not done.done():
-                    await self._wait_for_batch_to_fill()
-                    try:
-                        await self._run_pending()
-                    finally:
-                        self._model_free_since = time.monotonic()
+                    await self._run_pending()
         return done.result()
-
-    async def _wait_for_batch_to_fill(self) -> None:
-        """Hold the model until ``batch_wait_timeout_s`` after both the first waiting request arrived
-        and the previous batch ended, or until the waiting audio fills ``max_batch_audio_s``.
-
-        Why also after the previous batch: under steady load, the clients a batch answers send their
-        next request a round trip later. Starting the next batch at once, with only the requests
-        that arrived during the previous one, splits the clients into groups that take turns with
-        the model for good (16 clients here: batches of 3 and 13, alternating, every cycle). Waiting
-        a moment merges the groups into one batch, and a batch of twice the clips costs far less than
-        twice the time on a GPU. A lone client waits no longer than before: its request arrives after
-        the previous batch ended, and the wait counts from its arrival.
-        """
-        while self._pending:
-            first_arrival = self._pending[0][2]
-            start_at = max(first_arrival, self._model_free_since) + self.config.batch_wait_timeout_s
-            waiting_s = sum(batch_audio_seconds(jobs) for jobs, _, _ in self._pending)
-            delay = start_at - time.monotonic()
-            if delay <= 0 or waiting_s >= self.config.max_batch_audio_s:
-                return
-            await asyncio.sleep(delay)
 
     async def _run_pending(self) -> None:
         taken, audio_s = [], 0.0
@@ -334,7 +307,7 @@ class Transcriber:
         ):
             taken.append(self._pending.popleft())
             audio_s += batch_audio_seconds(taken[-1][0])
-        jobs = [job for batch, _, _ in taken for job in batch]
+        jobs = [job for batch, _ in taken for job in batch]
         self._waiting -= len(jobs)
         self.metrics.queue_depth.set(self._waiting)
         try:
@@ -342,14 +315,14 @@ class Transcriber:
             results = await asyncio.to_thread(self._run_batch, jobs)
         except BaseException as error:  # also cancellation: no taken request may be left waiting
             failure = error if isinstance(error, Exception) else RuntimeError("the batch was cancelled")
-            for _, done, _ in taken:
+            for _, done in taken:
                 if not done.done():
                     done.set_exception(failure)
             if not isinstance(error, Exception):
                 raise
             return
         start = 0
-        for batch, done, _ in taken:
+        for batch, done in taken:
             done.set_result(results[start : start + len(batch)])
             start += len(batch)
 

@@ -1,11 +1,7 @@
 """serve/config.yaml is a Ray Serve config file, its overrides work, and `salm serve` resolves it."""
 
-import math
-import time
-from collections import deque
 from pathlib import Path
 
-import numpy as np
 import pydantic
 import pytest
 import yaml
@@ -210,47 +206,3 @@ def test_a_failing_warm_up_leaves_a_serving_replica_and_says_why() -> None:
     assert len(warnings) == 1
     assert "CUDA out of memory" in warnings[0]
     assert "captured by the first request that needs them" in warnings[0]
-
-
-def test_clients_answered_together_are_batched_together_from_then_on() -> None:
-    """Closed-loop clients split into two groups by when they first arrived (3, then 13 during the
-    first batch) must end up in one batch: the next batch waits ``batch_wait_timeout_s`` after the
-    previous one ends, so the clients it answered rejoin (without it: 3, 13, 3, 13, ... forever)."""
-    import asyncio
-    from types import SimpleNamespace
-
-    from serve.transcriber import BatchingConfig, Transcriber, TranscriptionJob
-
-    batches: list[int] = []
-
-    def run_batch(jobs: list) -> list:
-        time.sleep(0.15)  # the model, in its thread
-        batches.append(len(jobs))
-        return [[] for _ in jobs]
-
-    async def client(replica, start_s: float) -> None:
-        await asyncio.sleep(start_s)
-        for _ in range(6):
-            await replica.transcribe(
-                TranscriptionJob(pieces=[np.zeros(16000, np.float32)], sampling_rate=16000)
-            )
-            await asyncio.sleep(0.01)  # the round trip to the client and back
-
-    async def main() -> None:
-        replica = object.__new__(Transcriber.func_or_class)  # the class's own methods, without a Ray actor
-        replica.config = BatchingConfig(batch_wait_timeout_s=0.05)
-        replica.metrics = SimpleNamespace(queue_depth=SimpleNamespace(set=lambda value: None))
-        replica.default_prompt = "Transcribe the following: <|audioplaceholder|>"
-        replica._waiting, replica._pending, replica._model_lock = 0, deque(), asyncio.Lock()
-        replica._model_free_since = -math.inf
-        replica._run_batch = run_batch
-        # Serve's @serve.batch needs a replica context; with its wait of 0 it hands each lone request
-        # over as a batch of one, which is what this does
-        unbatched = Transcriber.func_or_class.transcribe_batch.__wrapped__
-        replica.transcribe_batch = lambda job: unbatched(replica, [job])
-        await asyncio.gather(*[client(replica, 0.0 if i < 3 else 0.1) for i in range(16)])
-
-    asyncio.run(main())
-    assert batches[0] == 3
-    assert batches[2:5] == [16, 16, 16], batches  # then the late 13 finish their rounds alone
-    assert sum(batches) == 16 * 6
