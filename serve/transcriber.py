@@ -203,13 +203,13 @@ class Transcriber:
     def _warm_up_decoders(self, max_requests: int) -> None:
         """Capture the decoders of ``warm_up_clip_s`` batches before the first request needs them.
 
-        Each new batch size or cache length means a KV cache and a CUDA graph capture, paid inside
-        the request that first brings it: at 64 clients an H200 replica captured 7 decoders inside
-        the measured window (BENCHMARKS.md). So the replica transcribes silence of each length at
-        every batch size such a batch can take (``warm_up_batch_sizes``; a request is one clip
-        here). Decoders already held are reused, so a later ``user_config`` change costs seconds.
-        It stops, with a warning, where the decoder cache (a quarter of the GPU) would drop the
-        ones it just captured; a failure is logged and the replica serves with capture on demand.
+        Each new batch size or cache length means a KV cache and a CUDA graph capture (0.1-1 s on
+        an H200), paid inside the request that first brings it: 5 of them fell inside a 64-client
+        load test without the warm-up, 1 with it (BENCHMARKS.md). So the replica transcribes silence
+        of each length at every batch size such a batch can take (``warm_up_batch_sizes``; a request
+        is one clip here). Decoders already held are reused, so a later ``user_config`` change
+        costs seconds. It stops, with a warning, once the decoder cache (a quarter of the GPU)
+        drops a decoder it captured; a failure is logged and the replica serves, capturing on demand.
         """
         started = time.perf_counter()
         before = self.model.decoder_cache_stats()
