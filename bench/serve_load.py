@@ -170,19 +170,26 @@ def transcriber_stats() -> dict:
 
 
 def batch_summary(stats: dict, before: dict, wall_s: float) -> dict:
-    """Batches of one run: how many, requests per batch, and the share of the run the model was busy.
+    """Batches of one run: how many, requests per batch, the share of the run the model was busy, and
+    how long requests waited in the replica for the model.
 
     A busy share well below 1 at high concurrency means the path in front of the model (proxy,
     ingress, handles) limits throughput, not the model.
     """
     requests = stats["batch_requests"][len(before["batch_requests"]) :]
     seconds = stats["batch_seconds"][len(before["batch_seconds"]) :]
+    waits = stats["model_wait_s"][len(before["model_wait_s"]) :]
     return {
         "batches": len(requests),
         "mean_requests_per_batch": round(float(np.mean(requests)), 2) if requests else 0.0,
         "max_requests_per_batch": max(requests, default=0),
         "model_busy_s": round(sum(seconds), 3),
         "model_busy_fraction": round(sum(seconds) / wall_s, 3) if wall_s else 0.0,
+        "mean_batch_s": round(float(np.mean(seconds)), 3) if seconds else 0.0,
+        # per request, in the replica, before its batch started: the rest of the latency is the
+        # batch itself and the HTTP path (proxy, ingress, handles)
+        "model_wait_p50_s": round(float(np.percentile(waits, 50)), 3) if waits else 0.0,
+        "model_wait_p99_s": round(float(np.percentile(waits, 99)), 3) if waits else 0.0,
         # new greedy decoders (on a GPU: a KV cache and a CUDA graph capture each) during the run
         "decoder_captures": stats["decoder_cache"]["misses"] - before["decoder_cache"]["misses"],
         "decoder_capture_s": round(

@@ -241,6 +241,8 @@ def served_summary(serve_load_result: dict) -> dict:
         "model_busy_fraction",
         "decoder_captures",
         "decoder_capture_s",
+        "mean_batch_s",
+        "model_wait_p99_s",
     )
     return {str(run["concurrency"]): {k: run.get(k) for k in keep} for run in runs}
 

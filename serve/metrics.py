@@ -56,3 +56,9 @@ class TranscriberMetrics:
         self.queue_depth = metrics.Gauge(
             "salm_serve_queue_depth", description="Requests waiting in this replica for a batch slot."
         )
+        self.model_wait_s = metrics.Histogram(
+            "salm_serve_model_wait_s",
+            description="Seconds a request waited in this replica for the model, from Serve batching it "
+            "to its batch starting. Latency minus this and the batch's compute time is the HTTP path's share.",
+            boundaries=LATENCY_BOUNDARIES_S,
+        )

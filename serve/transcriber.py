@@ -155,7 +155,9 @@ class Transcriber:
         self._last_rtfx: float | None = None
         self._recent_batch_requests: deque[int] = deque(maxlen=4096)
         self._recent_batch_seconds: deque[float] = deque(maxlen=4096)
-        self._pending: deque[tuple[list[TranscriptionJob], asyncio.Future]] = deque()
+        self._recent_model_wait_s: deque[float] = deque(maxlen=4096)  # one per request
+        # Serve batches waiting for the model: their jobs, their future and when they were queued
+        self._pending: deque[tuple[list[TranscriptionJob], asyncio.Future, float]] = deque()
         self._model_lock = asyncio.Lock()
         self._gauge_task = asyncio.get_running_loop().create_task(self._refresh_gauges())
 
@@ -261,6 +263,7 @@ class Transcriber:
         return {
             "batch_requests": list(self._recent_batch_requests),
             "batch_seconds": list(self._recent_batch_seconds),
+            "model_wait_s": list(self._recent_model_wait_s),
             "decoder_cache": self.model.decoder_cache_stats(),
             "compile_decoding": self.model.compile_decoding,
         }
@@ -293,7 +296,7 @@ class Transcriber:
         waiting, up to the audio budget, in one call.
         """
         done = asyncio.get_running_loop().create_future()
-        self._pending.append((jobs, done))
+        self._pending.append((jobs, done, time.monotonic()))
         while not done.done():
             async with self._model_lock:
                 if not done.done():
@@ -307,22 +310,27 @@ class Transcriber:
         ):
             taken.append(self._pending.popleft())
             audio_s += batch_audio_seconds(taken[-1][0])
-        jobs = [job for batch, _ in taken for job in batch]
+        jobs = [job for batch, _, _ in taken for job in batch]
         self._waiting -= len(jobs)
         self.metrics.queue_depth.set(self._waiting)
+        now = time.monotonic()
+        for batch, _, queued_at in taken:
+            for _ in batch:
+                self._recent_model_wait_s.append(now - queued_at)
+                self.metrics.model_wait_s.observe(now - queued_at)
         try:
             # In a thread: the replica's event loop keeps answering health checks and queueing requests.
             results = await asyncio.to_thread(self._run_batch, jobs)
         except BaseException as error:  # also cancellation: no taken request may be left waiting
             failure = error if isinstance(error, Exception) else RuntimeError("the batch was cancelled")
-            for _, done in taken:
+            for _, done, _ in taken:
                 if not done.done():
                     done.set_exception(failure)
             if not isinstance(error, Exception):
                 raise
             return
         start = 0
-        for batch, done in taken:
+        for batch, done, _ in taken:
             done.set_result(results[start : start + len(batch)])
             start += len(batch)
 

@@ -160,13 +160,19 @@ def test_json_route_transcribes_several_clips_in_one_call(server: Server, tiny_s
 
 
 def test_sixteen_concurrent_requests_are_served_in_batches(server: Server, speech_clips) -> None:
-    seen_before = len(transcriber_call("stats")["batch_requests"])
+    before = transcriber_call("stats")
+    started = time.monotonic()
     responses = asyncio.run(upload_concurrently(server, speech_clips[0].path.read_bytes(), 16))
-    batches = transcriber_call("stats")["batch_requests"][seen_before:]
+    elapsed_s = time.monotonic() - started
+    stats = transcriber_call("stats")
+    batches = stats["batch_requests"][len(before["batch_requests"]) :]
     assert [r.status_code for r in responses] == [200] * 16
     assert len({r.json()["text"] for r in responses}) == 1  # batching does not change the transcript
     assert sum(batches) == 16
     assert max(batches) > 1, f"requests per batch: {batches}"
+    waits = stats["model_wait_s"][len(before["model_wait_s"]) :]  # one per request, not per batch
+    assert len(waits) == 16
+    assert all(0 <= wait < elapsed_s for wait in waits)
 
 
 def test_user_config_reaches_the_model(server: Server) -> None:
@@ -305,6 +311,7 @@ def test_metrics_reach_prometheus(server: Server) -> None:
         "audio seconds": r"^ray_salm_serve_audio_seconds_total\{",
         "rtfx": r"^ray_salm_serve_rtfx\{",
         "queue depth": r"^ray_salm_serve_queue_depth\{",
+        "model wait": r"^ray_salm_serve_model_wait_s_bucket\{",
         "rejected bad audio": r'^ray_salm_serve_requests_rejected_total\{[^}]*reason="bad_audio"',
         "rejected overload": r'^ray_salm_serve_requests_rejected_total\{[^}]*reason="overloaded"',
     }
