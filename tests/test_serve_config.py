@@ -1,6 +1,9 @@
 """serve/config.yaml is a Ray Serve config file, its overrides work, and `salm serve` resolves it."""
 
+import logging
+from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import pydantic
 import pytest
@@ -63,6 +66,29 @@ def test_salm_serve_dry_run_prints_a_config_serve_run_accepts(tmp_path: Path, ca
     assert config["applications"][0]["args"]["max_chunk_s"] == 20
 
 
+def bare_replica(config, model: SimpleNamespace):
+    """A Transcriber without a Ray actor: the class's own methods, around a stand-in model."""
+    from serve.transcriber import Transcriber
+
+    replica = object.__new__(Transcriber.func_or_class)
+    replica.config, replica.model = config, model
+    return replica
+
+
+def warnings_logged(call: Callable[[], None]) -> list[str]:
+    """The warnings the replicas' logger (``ray.serve``) receives while ``call()`` runs."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("ray.serve")
+    logger.addHandler(handler)
+    try:
+        call()
+    finally:
+        logger.removeHandler(handler)
+    return [r.getMessage() for r in records if r.levelno == logging.WARNING]
+
+
 def test_salm_serve_names_a_missing_model(capsys) -> None:
     assert main(["serve", "/nonexistent/model", "--dry-run"]) == 2
     assert "does not exist" in capsys.readouterr().err
@@ -90,28 +116,15 @@ def test_bad_transcriber_user_config_is_refused_with_the_field(user_config: dict
 def test_a_replica_whose_decoding_compile_fails_serves_eagerly_and_says_why() -> None:
     """``compile_decoding`` is on in serve/config.yaml; an image without Triton's C compiler must
     not turn that into a replica that fails every request."""
-    import logging
-    from types import SimpleNamespace
-
-    from serve.transcriber import BatchingConfig, Transcriber
+    from serve.transcriber import BatchingConfig
 
     def transcribe(audios, max_new_tokens):
         raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
 
-    replica = object.__new__(Transcriber.func_or_class)  # the class's own method, without a Ray actor
-    replica.config = BatchingConfig(compile_decoding=True)
-    replica.model = SimpleNamespace(sampling_rate=16000, compile_decoding=True, transcribe=transcribe)
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logger = logging.getLogger("ray.serve")
-    logger.addHandler(handler)
-    try:
-        replica._compile_decoding_now()
-    finally:
-        logger.removeHandler(handler)
+    model = SimpleNamespace(sampling_rate=16000, compile_decoding=True, transcribe=transcribe)
+    replica = bare_replica(BatchingConfig(compile_decoding=True), model)
+    warnings = warnings_logged(replica._compile_decoding_now)
     assert replica.model.compile_decoding is False
-    warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
     assert "Failed to find C compiler" in warnings[0]
     assert "compile_decoding: false" in warnings[0]
@@ -157,30 +170,17 @@ class FakeDecoderCache:
 
 
 def warm_up(room: int, fail_at_rows: int | None = None, **config) -> tuple[FakeDecoderCache, list[str]]:
-    import logging
-    from types import SimpleNamespace
-
-    from serve.transcriber import BatchingConfig, Transcriber
+    from serve.transcriber import BatchingConfig
 
     cache = FakeDecoderCache(room, fail_at_rows)
-    replica = object.__new__(Transcriber.func_or_class)  # the class's own method, without a Ray actor
-    replica.config = BatchingConfig(**config)
-    replica.model = SimpleNamespace(
+    model = SimpleNamespace(
         sampling_rate=16000,
         compile_decoding=True,
         transcribe=cache.transcribe,
         decoder_cache_stats=cache.decoder_cache_stats,
     )
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logger = logging.getLogger("ray.serve")
-    logger.addHandler(handler)
-    try:
-        replica._warm_up_decoders(max_requests=64)
-    finally:
-        logger.removeHandler(handler)
-    return cache, [r.getMessage() for r in records if r.levelno == logging.WARNING]
+    replica = bare_replica(BatchingConfig(**config), model)
+    return cache, warnings_logged(lambda: replica._warm_up_decoders(max_requests=64))
 
 
 def test_a_replica_warms_up_every_clip_length_and_batch_size_before_requests() -> None:
