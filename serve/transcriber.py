@@ -214,7 +214,7 @@ class Transcriber:
         drops a decoder it captured; a failure is logged and the replica serves, capturing on demand.
         """
         started = time.perf_counter()
-        before = self.model.decoder_cache_stats()
+        before = held = self.model.decoder_cache_stats()
         try:
             for clip_s in self.config.warm_up_clip_s:
                 silence = np.zeros(round(clip_s * self.model.sampling_rate), dtype=np.float32)
@@ -222,7 +222,6 @@ class Transcriber:
                     clip_s, self.config.max_batch_audio_s, max_requests, self.model.compile_decoding
                 )
                 for rows in sizes:
-                    held = self.model.decoder_cache_stats()
                     self.model.transcribe([silence] * rows, max_new_tokens=self.config.max_new_tokens)
                     now = self.model.decoder_cache_stats()
                     if now["misses"] > held["misses"] and now["entries"] <= held["entries"]:
@@ -232,6 +231,7 @@ class Transcriber:
                             "batches capture on demand. Shorten `user_config.warm_up_clip_s`"
                         )
                         return
+                    held = now
         except Exception as error:  # e.g. out of memory: serve anyway, capturing on demand
             logger.warning(
                 f"warming up the decoders failed ({type(error).__name__}: {error}); batch sizes not "
