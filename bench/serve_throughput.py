@@ -223,7 +223,7 @@ def run_serve_load(args: argparse.Namespace, out: Path) -> dict:
         str(out),
     ]
     command += ["--set", *SERVE_LIMITS, *args.serve_set]
-    command += ["--throughput-mode"] if args.serve_throughput_mode else []
+    command += ["--python-proxy"] if args.serve_python_proxy else []
     subprocess.run(command, check=True)
     return served_summary(json.loads(out.read_text()))
 
@@ -273,9 +273,9 @@ def main() -> None:
     )
     parser.add_argument("--serve-set", nargs="*", default=[], help="more server overrides for --serve-load")
     parser.add_argument(
-        "--serve-throughput-mode",
+        "--serve-python-proxy",
         action="store_true",
-        help="--serve-load with Ray Serve's high-throughput mode (HAProxy ingress; bench/serve_load.py)",
+        help="--serve-load with Serve's Python HTTP proxy instead of its throughput mode (the default)",
     )
     parser.add_argument(
         "--serve-load-only",

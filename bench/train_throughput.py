@@ -325,10 +325,13 @@ def run_ours(cfg, args, use_gpu: bool) -> dict:
 
 
 # ----- plain PyTorch and model FLOPs -----
-def run_plain(cfg, batches: list[dict], device: torch.device, args) -> tuple[dict, list[dict], dict]:
-    """Count model FLOPs and positions per batch with our loss, then time the plain loop.
+def run_plain(
+    cfg, batches: list[dict], device: torch.device, args, time_it: bool = True
+) -> tuple[dict | None, list[dict], dict]:
+    """Count model FLOPs and positions per batch with our loss, then time the plain loop (unless
+    ``time_it`` is false: ``--skip plain`` still needs the counts and NeMo's starting weights).
 
-    Returns (plain timing, per-batch counts, our model's state dict on CPU for NeMo).
+    Returns (plain timing or None, per-batch counts, our model's state dict on CPU for NeMo).
     """
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -357,7 +360,11 @@ def run_plain(cfg, batches: list[dict], device: torch.device, args) -> tuple[dic
             logits.float().flatten(0, 1), inputs["target_ids"].flatten(), ignore_index=IGNORE_INDEX
         )
 
-    result = time_eager_path("plain", plain_loss, model.trainable_parameters(), cfg, batches, device, args)
+    result = (
+        time_eager_path("plain", plain_loss, model.trainable_parameters(), cfg, batches, device, args)
+        if time_it
+        else None
+    )
     state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     return result, counts, state
 
@@ -472,8 +479,8 @@ def main() -> None:
                 )
         print(f"ours took {time.perf_counter() - started:.0f} s end to end", flush=True)
     batches = make_batches(build_tokenizer_model(cfg), args.budget_s, args.seed, args.tiny)
-    plain, counts, state = run_plain(cfg, batches, device, args)
-    if "plain" not in args.skip:
+    plain, counts, state = run_plain(cfg, batches, device, args, time_it="plain" not in args.skip)
+    if plain is not None:
         paths["plain"] = plain
     gc.collect()
     if use_gpu:

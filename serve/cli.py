@@ -8,12 +8,14 @@ all HTTP code stays in ``serve/``.
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from serve.client import API_KEY_ENV
+from serve.throughput_mode import THROUGHPUT_MODE_ENV, with_throughput_mode
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -30,6 +32,12 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--host", default=None, help="HTTP host (default: the config's, 0.0.0.0)")
     parser.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's, 8000)")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    parser.add_argument(
+        "--python-proxy",
+        action="store_true",
+        help="start the local cluster with Serve's Python HTTP proxy instead of its throughput mode "
+        "(HAProxy; serve/throughput_mode.py). A running cluster keeps the mode it was started with.",
+    )
     parser.set_defaults(func=run_serve)
 
     transcribe = commands.choices.get("transcribe")
@@ -68,9 +76,34 @@ def run_serve(args: argparse.Namespace) -> None:
     with tempfile.NamedTemporaryFile("w", prefix="salm-serve-", suffix=".yaml", delete=False) as file:
         file.write(text)
     print(f"resolved config: {file.name}\nserve run {file.name}", file=sys.stderr)
-    completed = subprocess.run([sys.executable, "-m", "ray.serve.scripts", "run", file.name], check=False)
+    completed = subprocess.run(
+        [sys.executable, "-m", "ray.serve.scripts", "run", file.name],
+        env=serve_run_environment(args),
+        check=False,
+    )
     if completed.returncode not in (0, 130):
         raise SystemExit(completed.returncode)
+
+
+def serve_run_environment(args: argparse.Namespace) -> dict[str, str]:
+    """The environment of ``serve run``, whose local cluster's processes inherit it: Serve's
+    throughput mode unless ``--python-proxy``. Says which, since a running cluster ignores it."""
+    if args.python_proxy:
+        print("HTTP: Serve's Python proxy (--python-proxy)", file=sys.stderr)
+        return {name: value for name, value in os.environ.items() if name not in THROUGHPUT_MODE_ENV}
+    environment = with_throughput_mode(os.environ)
+    mode = (
+        "on"
+        if environment["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+        else "off (RAY_SERVE_ENABLE_HA_PROXY in your environment)"
+    )
+    print(
+        f"HTTP: Serve's throughput mode (HAProxy) {mode} for a cluster this starts; a running cluster "
+        "keeps the mode it was started with (serve/throughput_mode.py). Replica logs: the Ray "
+        "dashboard's Serve page, or /tmp/ray/session_latest/logs/serve/.",
+        file=sys.stderr,
+    )
+    return environment
 
 
 def _remote_or_local(local_run):

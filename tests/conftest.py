@@ -75,11 +75,18 @@ def ray_local():
     """One real local Ray cluster for the whole test session (dashboard on, token auth off).
 
     4 logical CPUs on the 2-core CI machine so that 2 train workers plus Ray Data tasks fit.
+    Serve runs in its throughput mode, as ``salm serve`` and the RayService start it.
     """
     import os
 
     import ray
 
+    from serve.throughput_mode import with_throughput_mode
+
+    os.environ.update(with_throughput_mode(os.environ))  # Ray's processes read it when they start
+    # In that mode an ingress replica drains for 30 s when stopped (for external load balancers to
+    # let go of it), and `serve.shutdown()` waits for it: 1 s here, where no balancer is involved.
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     context = ray.init(
         num_cpus=4,

@@ -314,6 +314,15 @@ def test_transcriber_replicas_fit_the_gpu_group() -> None:
     )
 
 
+def test_every_rayservice_pod_starts_serve_in_its_throughput_mode() -> None:
+    from serve.throughput_mode import THROUGHPUT_MODE_ENV
+
+    for name, group in groups("RayService").items():
+        (container,) = group["template"]["spec"]["containers"]
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        assert {key: env.get(key) for key in THROUGHPUT_MODE_ENV} == THROUGHPUT_MODE_ENV, name
+
+
 # --- the image -------------------------------------------------------------------------------
 
 

@@ -121,6 +121,16 @@ def test_probes_and_model_list(server: Server) -> None:
         assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["tiny"]
 
 
+def test_http_goes_through_haproxy_in_serves_throughput_mode(server: Server) -> None:
+    """The session's cluster starts as ``salm serve`` starts one: HAProxy in front of the ingress."""
+    from ray.util.state import list_actors
+
+    managers = list_actors(filters=[("class_name", "=", "HAProxyManager"), ("state", "=", "ALIVE")])
+    assert managers, "no HAProxyManager: Serve runs its Python proxy (see serve/throughput_mode.py)"
+    with server.client() as client:
+        assert client.get("/healthz").status_code == 200
+
+
 def test_single_upload_matches_offline_transcription(server: Server, tiny_salm, speech_clips) -> None:
     clip = speech_clips[2]  # flite `kal`: 8 kHz, so the ingress resamples it
     expected = tiny_salm.transcribe([clip.path], max_new_tokens=MAX_NEW_TOKENS)[0]

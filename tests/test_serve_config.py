@@ -66,6 +66,44 @@ def test_salm_serve_dry_run_prints_a_config_serve_run_accepts(tmp_path: Path, ca
     assert config["applications"][0]["args"]["max_chunk_s"] == 20
 
 
+@pytest.mark.parametrize(
+    ("options", "user_env", "expected_ha_proxy"),
+    [([], {}, "1"), ([], {"RAY_SERVE_ENABLE_HA_PROXY": "0"}, "0"), (["--python-proxy"], {}, None)],
+    ids=["default", "user-turned-off", "python-proxy"],
+)
+def test_salm_serve_starts_its_cluster_in_serves_throughput_mode(
+    tmp_path: Path, monkeypatch, capsys, options: list[str], user_env: dict, expected_ha_proxy: str | None
+) -> None:
+    import subprocess
+
+    from serve.throughput_mode import THROUGHPUT_MODE_ENV
+
+    for name in THROUGHPUT_MODE_ENV:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in user_env.items():
+        monkeypatch.setenv(name, value)
+    calls = []
+
+    def serve_run(command, env, check):  # `serve run` itself would start a cluster and block
+        calls.append((command, env))
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr("serve.cli.subprocess.run", serve_run)
+    assert main(["serve", str(tmp_path), *options]) == 0
+    ((command, env),) = calls
+    assert command[-2] == "run" and Path(command[-1]).suffix == ".yaml"
+    assert env.get("RAY_SERVE_ENABLE_HA_PROXY") == expected_ha_proxy
+    if options:  # --python-proxy: none of the mode's variables reach the cluster
+        assert not set(THROUGHPUT_MODE_ENV) & set(env)
+    else:
+        others = {k: v for k, v in THROUGHPUT_MODE_ENV.items() if k != "RAY_SERVE_ENABLE_HA_PROXY"}
+        assert {k: env[k] for k in others} == others
+    err = capsys.readouterr().err
+    assert {"1": "throughput mode (HAProxy) on", "0": "off (RAY_SERVE_ENABLE_HA_PROXY", None: "Python proxy"}[
+        expected_ha_proxy
+    ] in err
+
+
 def bare_replica(config, model: SimpleNamespace):
     """A Transcriber without a Ray actor: the class's own methods, around a stand-in model."""
     from serve.transcriber import Transcriber
