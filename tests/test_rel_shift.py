@@ -61,6 +61,30 @@ def test_an_encoder_with_the_strided_shift_computes_the_same_outputs_and_gradien
         torch.testing.assert_close(ours_grad, nemo_grad, rtol=1e-4, atol=1e-5)
 
 
+def test_bench_aligned_variant_pads_frames_and_positions_without_changing_the_outputs() -> None:
+    """``bench/encoder_attention.py``'s ``aligned`` variant (a 2T position table, mel frames padded
+    to a multiple of 64) must compute what the encoder computes, or its timing means nothing."""
+    from bench.encoder_attention import AlignedPositionsAttention, aligned_frames, set_variant
+
+    torch.manual_seed(0)
+    nemo = ConformerEncoder(
+        feat_in=16, n_layers=2, d_model=32, n_heads=4, subsampling_factor=8, subsampling_conv_channels=8
+    ).eval()  # eval: BatchNorm's running statistics, so the extra padded frames cannot move them
+    aligned = copy.deepcopy(nemo)
+    set_variant(aligned, "aligned")
+    assert all(type(layer.self_attn) is AlignedPositionsAttention for layer in aligned.layers)
+    features, lengths = torch.randn(3, 16, 131), torch.tensor([131, 90, 41])
+    padded, same_lengths = aligned_frames((features, lengths))
+    assert padded.shape[-1] == 192 and torch.equal(same_lengths, lengths)
+    with torch.no_grad():
+        reference, reference_lens = nemo(audio_signal=features, length=lengths)
+        ours, our_lens = aligned(audio_signal=padded, length=lengths)
+    assert torch.equal(our_lens, reference_lens)
+    assert ours.shape[-1] == 24  # 192 mel frames / 8: aligned
+    for row, length in enumerate(reference_lens.tolist()):
+        torch.testing.assert_close(ours[row, :, :length], reference[row, :, :length], rtol=1e-5, atol=1e-5)
+
+
 def test_every_attention_of_the_salm_encoder_shifts_with_strides(tiny_salm) -> None:
     attentions = [layer.self_attn for layer in tiny_salm.perception.encoder.layers]
     assert attentions and all(type(a) is StridedRelPositionAttention for a in attentions)
