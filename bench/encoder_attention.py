@@ -82,7 +82,7 @@ def aligned_frames(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tens
 
 
 def set_variant(model, variant: str) -> None:
-    if variant.startswith("strided") or variant == "aligned":
+    if variant.startswith("strided"):
         use_strided_rel_shift(model)
     if variant == "aligned":
         for layer in model.layers:

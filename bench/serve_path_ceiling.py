@@ -33,7 +33,7 @@ from ray import serve
 from bench.load_client_ceiling import echo_server
 from bench.serve_load import Clip, free_port, run_load
 from serve.ingress import Ingress, IngressSettings
-from serve.throughput_mode import THROUGHPUT_MODE_ENV
+from serve.throughput_mode import THROUGHPUT_MODE_ENV, without_throughput_mode
 from serve.transcriber import PieceResult, TranscriptionJob
 
 SAMPLING_RATE = 16_000
@@ -90,7 +90,7 @@ def measure(url: str, clip: Clip, concurrencies: list[int], min_requests: int) -
 def measure_mode(mode: str, args: argparse.Namespace, clip: Clip) -> dict[int, list[dict]]:
     """Runs per ingress replica count on a fresh local Ray whose processes start with ``mode``'s
     environment (Serve reads it at process start, so each mode is a child process)."""
-    env = {name: value for name, value in os.environ.items() if name not in THROUGHPUT_MODE_ENV}
+    env = without_throughput_mode(os.environ)
     env["RAY_AUTH_MODE"] = "disabled"  # loopback only
     if mode == "throughput":
         env.update(THROUGHPUT_MODE_ENV)

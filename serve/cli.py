@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from serve.client import API_KEY_ENV
-from serve.throughput_mode import THROUGHPUT_MODE_ENV, with_throughput_mode
+from serve.throughput_mode import with_throughput_mode, without_throughput_mode
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -90,7 +90,7 @@ def serve_run_environment(args: argparse.Namespace) -> dict[str, str]:
     throughput mode unless ``--python-proxy``. Says which, since a running cluster ignores it."""
     if args.python_proxy:
         print("HTTP: Serve's Python proxy (--python-proxy)", file=sys.stderr)
-        return {name: value for name, value in os.environ.items() if name not in THROUGHPUT_MODE_ENV}
+        return without_throughput_mode(os.environ)
     environment = with_throughput_mode(os.environ)
     mode = (
         "on"

@@ -35,3 +35,9 @@ def with_throughput_mode(environment: Mapping[str, str]) -> dict[str, str]:
     """``environment`` plus the throughput mode's variables. A variable already set there is kept,
     so ``RAY_SERVE_ENABLE_HA_PROXY=0`` in the user's environment still turns HAProxy off."""
     return {**THROUGHPUT_MODE_ENV, **environment}
+
+
+def without_throughput_mode(environment: Mapping[str, str]) -> dict[str, str]:
+    """``environment`` without any of the mode's variables: a cluster started with it runs Serve's
+    Python HTTP proxy (Ray's own default)."""
+    return {name: value for name, value in environment.items() if name not in THROUGHPUT_MODE_ENV}
