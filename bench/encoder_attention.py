@@ -6,15 +6,20 @@ seconds each), in variants timed in the same run:
 
 - ``nemo``: NeMo's attention as is (its padded-view ``rel_shift``), eager and compiled per layer
   with ``dynamic=True`` as ``trainer.compile_layers`` does;
-- ``strided``: the same with ``salm.model.rel_shift`` (the shift as a strided view);
+- ``strided``: the same with ``salm.model.rel_shift`` (the shift as a strided view; since
+  2026-12-02 with a 2T-row position table);
 - ``*_sdpa``: NeMo's ``use_pytorch_sdpa`` path (position scores passed to SDPA as a float mask);
-- ``aligned``: ``strided`` with 8-aligned matmul shapes. The mel frames are padded to a multiple of
-  64 (lengths unchanged: masked), so the T frames after 8x subsampling are a multiple of 8, and
-  the position table gets one unused row (2T instead of 2T-1). The profile of the compiled
-  training step showed ~0.19 s per pass in SM75 ``align1`` GEMM kernels (BENCHMARKS.md).
+- ``aligned``: ``strided`` with the mel frames padded to a multiple of 64 (lengths unchanged:
+  masked), so the T frames after 8x subsampling are a multiple of 8 and the attention's matmuls are
+  8-aligned (``perception.pad_frames_to``). The profile of the compiled training step showed ~0.19 s
+  per pass in SM75 ``align1`` GEMM kernels (BENCHMARKS.md);
+- ``aligned_cl``: ``aligned`` with the subsampling's convolutions channels-last
+  (``salm.model.encoder_layout.use_channels_last_subsampling``). In bf16 and NCHW, PyTorch runs a
+  depthwise convolution on its own native kernel (cuDNN only for fp16); channels-last sends it to
+  cuDNN. The profile showed ~90 ms per pass in that kernel's backward.
 
-Prints milliseconds per pass over the buckets and each variant against ``nemo`` compiled (what the
-canary recipe ran before) and eager::
+Prints milliseconds per pass over the buckets and each variant against the first variant compiled,
+``nemo`` compiled (what the canary recipe ran before) and ``nemo`` eager::
 
     python3 -m bench.encoder_attention --layers 4
 """
@@ -31,23 +36,12 @@ from omegaconf import OmegaConf
 
 from bench.common import CONFIGS, card
 from bench.train_throughput import BUCKETS, run_epochs
-from salm.model.rel_shift import StridedRelPositionAttention, strided_rel_shift, use_strided_rel_shift
+from salm.model.encoder_layout import use_channels_last_subsampling
+from salm.model.rel_shift import use_strided_rel_shift
 
 FRAMES_PER_S = 100  # mel frames (10 ms hop)
 ALIGN_MEL_FRAMES = 64  # 8x subsampling: a multiple of 8 frames after it
-VARIANTS = ["nemo", "strided", "nemo_sdpa", "strided_sdpa", "aligned"]
-
-
-class AlignedPositionsAttention(StridedRelPositionAttention):
-    """The strided shift over a position table padded to 2T rows: the position scores are 2T wide
-    (even; 8-aligned when T is a multiple of 4) instead of 2T-1. The extra row is never read:
-    ``shifted[..., i, j] = scores[..., i, j + T - 1 - i]`` stays below column 2T - 1."""
-
-    def forward(self, query, key, value, mask, pos_emb, cache=None):
-        return super().forward(query, key, value, mask, torch.nn.functional.pad(pos_emb, (0, 0, 0, 1)), cache)
-
-    def rel_shift(self, x: torch.Tensor) -> torch.Tensor:
-        return strided_rel_shift(x)
+VARIANTS = ["nemo", "strided", "nemo_sdpa", "strided_sdpa", "aligned", "aligned_cl"]
 
 
 def encoder(layers: int, device: torch.device):
@@ -82,11 +76,10 @@ def aligned_frames(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tens
 
 
 def set_variant(model, variant: str) -> None:
-    if variant.startswith("strided"):
+    if variant.startswith(("strided", "aligned")):
         use_strided_rel_shift(model)
-    if variant == "aligned":
-        for layer in model.layers:
-            layer.self_attn.__class__ = AlignedPositionsAttention
+    if variant == "aligned_cl":
+        use_channels_last_subsampling(model)
     for layer in model.layers:
         layer.self_attn.use_pytorch_sdpa = variant.endswith("_sdpa")
 
@@ -125,7 +118,7 @@ def main() -> None:
                 for layer in model.layers:
                     layer.compile(dynamic=True)
             name = f"{variant}{' compiled' if compiled else ''}"
-            inputs = [aligned_frames(b) for b in batches] if variant == "aligned" else batches
+            inputs = [aligned_frames(b) for b in batches] if variant.startswith("aligned") else batches
             rows[name] = pass_ms(model, inputs, device, args.repeats)
             print(f"{name}: {rows[name]:.1f} ms per pass", flush=True)
             del model
@@ -133,10 +126,12 @@ def main() -> None:
     print(
         f"\n{card(device)}; {args.layers} Conformer layers, 5 buckets of {args.budget_s:.0f} audio s, fwd+bwd"
     )
-    print(f"{'variant':<26}{'ms/pass':>9}{'x nemo compiled':>17}{'x nemo eager':>14}")
+    first = f"{args.variants[0]} compiled"
+    print(f"{'variant':<26}{'ms/pass':>9}{'x ' + first:>24}{'x nemo compiled':>17}{'x nemo eager':>14}")
     for name, ms in rows.items():
         print(
-            f"{name:<26}{ms:>9.1f}{rows.get('nemo compiled', float('nan')) / ms:>17.2f}{rows.get('nemo', float('nan')) / ms:>14.2f}"
+            f"{name:<26}{ms:>9.1f}{rows[first] / ms:>24.2f}"
+            f"{rows.get('nemo compiled', float('nan')) / ms:>17.2f}{rows.get('nemo', float('nan')) / ms:>14.2f}"
         )
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -390,16 +390,26 @@ def main() -> None:
         f"\n{args.clip_s:.0f} s clips, {args.new_tokens} new tokens, card {card(device)}, peak {peak_gb(device):.1f} GB"
     )
     names = [n for n in named if n not in errors]
+    # The ratios are of our fastest path at the largest batch, the one the JSON reports.
+    largest = max(rows)
+    best = max((n for n in rows[largest] if n.startswith("ours")), key=lambda n: rows[largest][n]["rtfx"])
     print(f"{'batch':>6}" + "".join(f"{'RTFx ' + n:>21}" for n in names) + f"{'x generate':>12}{'x NeMo':>9}")
     for batch, row in rows.items():
         line = f"{batch:>6}" + "".join(
             f"{row[n]['rtfx']:>21.0f}" if n in row else f"{'-':>21}" for n in names
         )
         line += (
-            f"{row['ours']['rtfx'] / row['generate']['rtfx']:>12.2f}" if "generate" in row else f"{'-':>12}"
+            f"{row[best]['rtfx'] / row['generate']['rtfx']:>12.2f}"
+            if {best, "generate"} <= row.keys()
+            else f"{'-':>12}"
         )
-        line += f"{row['ours']['rtfx'] / row['nemo']['rtfx']:>9.2f}" if "nemo" in row else f"{'-':>9}"
+        line += (
+            f"{row[best]['rtfx'] / row['nemo']['rtfx']:>9.2f}"
+            if {best, "nemo"} <= row.keys()
+            else f"{'-':>9}"
+        )
         print(line)
+    print(f"x generate, x NeMo: {best}")
 
     if args.serve_load:
         del ours, nemo, named
@@ -409,8 +419,6 @@ def main() -> None:
         served = run_serve_load(args, Path(tempfile.mkdtemp()) / "serve_load.json")
         print(f"served over HTTP: {json.dumps(served)}", flush=True)
 
-    largest = max(rows)
-    best = max((n for n in rows[largest] if n.startswith("ours")), key=lambda n: rows[largest][n]["rtfx"])
     top = rows[largest]
     write_result(
         "serve_throughput" + ("_tiny" if args.tiny else ""),

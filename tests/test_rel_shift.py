@@ -22,13 +22,36 @@ def test_the_strided_shift_is_nemos_shift_on_the_key_columns(time: int) -> None:
     assert torch.equal(strided_rel_shift(scores), nemo_rel_shift(scores)[..., :time])
 
 
-def test_scores_of_another_shape_keep_nemos_shift() -> None:
-    """A streaming cache makes queries and keys differ: the padded-view trick handles that, we do not."""
-    attention = StridedRelPositionAttention(
+@pytest.mark.parametrize(("time", "positions"), [(3, 6), (3, 9), (64, 128)])
+def test_wider_position_scores_give_nemos_shift_on_every_valid_column(time: int, positions: int) -> None:
+    """2T columns (our padded position table) or more (a streaming cache: keys outnumber queries)."""
+    scores = torch.randn(2, 4, time, positions)
+    assert torch.equal(strided_rel_shift(scores), nemo_rel_shift(scores)[..., : positions - time + 1])
+
+
+def test_too_narrow_position_scores_are_refused() -> None:
+    with pytest.raises(ValueError, match="at least 2T - 1 = 5"):
+        strided_rel_shift(torch.randn(1, 1, 3, 4))
+
+
+@pytest.mark.parametrize("cached", [1, 2])
+def test_attention_with_a_streaming_cache_matches_nemos(cached: int) -> None:
+    """With a cache the position table is NeMo's (T + cached + T - 1 rows, no extra row): one cached
+    frame makes it 2T rows by coincidence, which must not be taken for our padded table."""
+    torch.manual_seed(0)
+    nemo = RelPositionMultiHeadAttention(
         n_head=2, n_feat=8, dropout_rate=0.0, pos_bias_u=None, pos_bias_v=None
     )
-    scores = torch.randn(1, 2, 3, 9)  # 3 queries, 5 keys
-    assert torch.equal(attention.rel_shift(scores), nemo_rel_shift(scores))
+    nemo.cache_drop_size = 0  # what the encoder's streaming set-up gives its attentions
+    ours = copy.deepcopy(nemo)
+    ours.__class__ = StridedRelPositionAttention
+    query, cache = torch.randn(1, 3, 8), torch.randn(1, cached, 8)
+    pos_emb = torch.randn(1, 3 + cached + 3 - 1, 8)
+    mask = torch.zeros(1, 3, 3 + cached, dtype=torch.bool)
+    nemo_out, nemo_cache = nemo(query, query, query, mask, pos_emb, cache=cache)
+    our_out, our_cache = ours(query, query, query, mask, pos_emb, cache=cache)
+    torch.testing.assert_close(our_out, nemo_out)
+    assert torch.equal(our_cache, nemo_cache)
 
 
 def test_an_encoder_with_the_strided_shift_computes_the_same_outputs_and_gradients() -> None:
@@ -62,9 +85,9 @@ def test_an_encoder_with_the_strided_shift_computes_the_same_outputs_and_gradien
 
 
 def test_bench_aligned_variant_pads_frames_and_positions_without_changing_the_outputs() -> None:
-    """``bench/encoder_attention.py``'s ``aligned`` variant (a 2T position table, mel frames padded
-    to a multiple of 64) must compute what the encoder computes, or its timing means nothing."""
-    from bench.encoder_attention import AlignedPositionsAttention, aligned_frames, set_variant
+    """``bench/encoder_attention.py``'s ``aligned`` variant (mel frames padded to a multiple of 64)
+    must compute what the encoder computes, or its timing means nothing."""
+    from bench.encoder_attention import aligned_frames, set_variant
 
     torch.manual_seed(0)
     nemo = ConformerEncoder(
@@ -72,7 +95,7 @@ def test_bench_aligned_variant_pads_frames_and_positions_without_changing_the_ou
     ).eval()  # eval: BatchNorm's running statistics, so the extra padded frames cannot move them
     aligned = copy.deepcopy(nemo)
     set_variant(aligned, "aligned")
-    assert all(type(layer.self_attn) is AlignedPositionsAttention for layer in aligned.layers)
+    assert all(type(layer.self_attn) is StridedRelPositionAttention for layer in aligned.layers)
     features, lengths = torch.randn(3, 16, 131), torch.tensor([131, 90, 41])
     padded, same_lengths = aligned_frames((features, lengths))
     assert padded.shape[-1] == 192 and torch.equal(same_lengths, lengths)

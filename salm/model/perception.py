@@ -1,7 +1,8 @@
 """Audio perception: NeMo mel preprocessor -> FastConformer encoder -> modality adapter -> proj.
 
 Built from the same config section as NeMo's ``AudioPerceptionModule`` (``preprocessor``,
-``encoder``, ``modality_adapter``, ``spec_augment``, ``output_dim``) and with the same
+``encoder``, ``modality_adapter``, ``spec_augment``, ``output_dim``; ours adds ``pad_frames_to``,
+see ``salm.model.encoder_layout``) and with the same
 state-dict keys, so canary-qwen-2.5b's ``perception.*`` weights load unchanged.
 ``_target_`` entries are resolved against an allow-list rather than imported blindly: a config
 file must not be able to run arbitrary code.
@@ -17,6 +18,7 @@ from torch import nn
 
 from salm.errors import SALMConfigError
 from salm.model.adapters import IdentityAdapter, StackingMLPAdapter
+from salm.model.encoder_layout import set_frame_padding, use_channels_last_subsampling
 
 
 def _nemo_preprocessor(**kwargs):
@@ -75,6 +77,8 @@ class AudioPerception(nn.Module):
         from salm.model.rel_shift import use_strided_rel_shift  # imports NeMo, like the builders
 
         use_strided_rel_shift(self.encoder)  # same numbers; compiled, 19 ms of kernels per pass, not 282
+        use_channels_last_subsampling(self.encoder)  # same numbers; cuDNN's depthwise kernels on GPUs
+        set_frame_padding(self.preprocessor, cfg.get("pad_frames_to"))  # 8-aligned attention matmuls
         spec_augment = cfg.get("spec_augment")
         self.spec_augmentation = build_from_target("spec_augment", spec_augment) if spec_augment else None
         self.modality_adapter = build_from_target("modality_adapter", cfg.modality_adapter)

@@ -8,9 +8,16 @@ gradient were the two most expensive kernels of a training step at canary-qwen-2
 (``bench/train_throughput.py --profile``: ~0.9 ms per call, ~20% of the GPU's time; 19 ms per
 pass instead of 282 with this view, BENCHMARKS.md).
 
-The shift is a plain strided view: ``shifted[..., i, j] = scores[..., i, j + T - 1 - i]``, i.e.
-row stride ``2T - 2`` and offset ``T - 1`` into the contiguous scores. Only the ``T`` key columns
-are returned: both of NeMo's attention paths slice the shifted scores to the key length anyway.
+The shift is a plain strided view: ``shifted[..., i, j] = scores[..., i, j + T - 1 - i]`` for ``T``
+queries and ``P`` position columns, i.e. row stride ``P - 1`` and offset ``T - 1`` into the
+contiguous scores. That is NeMo's result on its first ``P - T + 1`` columns, the ones valid in every
+row (``T`` keys without a cache, more with a streaming cache); both of NeMo's attention paths slice
+the shifted scores to the key length anyway.
+
+``StridedRelPositionAttention`` also gives the position table one unused row (``2T`` rows, not
+``2T - 1``): the position scores are then an even number of columns wide, 8-aligned when ``T`` is a
+multiple of 4 (``perception.pad_frames_to``), and cuBLAS picks aligned kernels for both matmuls.
+The extra column is never read: the view stops at column ``2T - 2``.
 """
 
 from __future__ import annotations
@@ -21,22 +28,30 @@ from torch import nn
 
 
 def strided_rel_shift(scores: torch.Tensor) -> torch.Tensor:
-    """``(B, H, T, 2T-1)`` position scores -> ``(B, H, T, T)`` aligned with the keys (a view)."""
+    """``(B, H, T, P)`` position scores, ``P >= 2T - 1`` -> ``(B, H, T, P - T + 1)`` aligned with the
+    keys (a view): NeMo's ``rel_shift`` on those columns."""
     batch, heads, time, positions = scores.shape
+    if positions < 2 * time - 1:
+        raise ValueError(
+            f"position scores {tuple(scores.shape)}: need at least 2T - 1 = {2 * time - 1} columns"
+        )
     scores = scores.contiguous()
     return scores.as_strided(
-        (batch, heads, time, time),
+        (batch, heads, time, positions - time + 1),
         (heads * time * positions, time * positions, positions - 1, 1),
         scores.storage_offset() + time - 1,
     )
 
 
 class StridedRelPositionAttention(RelPositionMultiHeadAttention):
-    """NeMo's relative-position attention with ``strided_rel_shift``."""
+    """NeMo's relative-position attention with ``strided_rel_shift`` and a 2T-row position table."""
+
+    def forward(self, query, key, value, mask, pos_emb, cache=None):
+        if cache is None and pos_emb.shape[1] == 2 * query.shape[1] - 1:
+            pos_emb = nn.functional.pad(pos_emb, (0, 0, 0, 1))  # one unused row: 2T-wide position scores
+        return super().forward(query, key, value, mask, pos_emb, cache)
 
     def rel_shift(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != 2 * x.shape[-2] - 1:  # queries and keys differ (a streaming cache)
-            return super().rel_shift(x)
         return strided_rel_shift(x)
 
 

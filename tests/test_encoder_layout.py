@@ -1,0 +1,98 @@
+"""GPU memory layouts of the encoder (``salm.model.encoder_layout``): same numbers, other kernels."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from nemo.collections.asr.modules import ConformerEncoder
+
+from salm.errors import SALMConfigError
+from salm.model import encoder_layout
+from salm.model.encoder_layout import use_channels_last_subsampling
+from salm.model.perception import AudioPerception
+
+
+def dw_striding_encoder() -> ConformerEncoder:
+    torch.manual_seed(0)
+    return ConformerEncoder(
+        feat_in=16,
+        n_layers=1,
+        d_model=32,
+        n_heads=4,
+        subsampling="dw_striding",
+        subsampling_factor=8,
+        subsampling_conv_channels=8,
+    ).eval()  # eval: dropout off, so both copies compute the same thing
+
+
+def test_channels_last_subsampling_changes_the_layout_not_the_outputs_or_gradients(monkeypatch) -> None:
+    """On CUDA the hook is on; on this CPU we turn it on to check what it computes."""
+    monkeypatch.setattr(encoder_layout, "CHANNELS_LAST_DEVICES", {"cpu"})
+    nemo = dw_striding_encoder().double()  # float64: any difference left is not rounding
+    ours = copy.deepcopy(nemo)
+    assert use_channels_last_subsampling(ours)
+    depthwise_inputs = []
+    depthwise = [m for m in ours.pre_encode.modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1][0]
+    depthwise.register_forward_pre_hook(lambda module, args: depthwise_inputs.append(args[0]))
+    features, lengths = torch.randn(3, 16, 131, dtype=torch.float64), torch.tensor([131, 90, 41])
+    results = []
+    for model in (nemo, ours):
+        encoded, encoded_lens = model(audio_signal=features, length=lengths)
+        encoded.square().sum().backward()
+        results.append((encoded, encoded_lens, [p.grad for p in model.parameters()]))
+    (nemo_out, nemo_lens, nemo_grads), (our_out, our_lens, our_grads) = results
+    assert depthwise_inputs[0].stride(1) == 1  # channels-last: what sends a bf16 depthwise conv to cuDNN
+    assert torch.equal(our_lens, nemo_lens)
+    torch.testing.assert_close(our_out, nemo_out, rtol=1e-9, atol=1e-9)
+    # Against the largest gradient: the key bias's gradient is zero in exact arithmetic (softmax
+    # ignores a constant added to every key), so only its rounding noise differs.
+    scale = max(grad.abs().max().item() for grad in nemo_grads)
+    for ours_grad, nemo_grad in zip(our_grads, nemo_grads, strict=True):
+        torch.testing.assert_close(ours_grad, nemo_grad, rtol=1e-9, atol=1e-12 * scale)
+    # The weights keep their layout: DeepSpeed flattens them, safetensors needs them contiguous.
+    assert all(p.is_contiguous() for p in ours.parameters())
+
+
+def test_the_cpu_keeps_nchw_and_encoders_without_conv_subsampling_are_left_alone() -> None:
+    encoder = dw_striding_encoder()
+    use_channels_last_subsampling(encoder)
+    seen = []
+    depthwise = [m for m in encoder.pre_encode.modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1][
+        0
+    ]
+    depthwise.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    encoder(audio_signal=torch.randn(1, 16, 64), length=torch.tensor([64]))
+    assert seen[0].is_contiguous()  # NCHW: channels-last is measured on GPUs only
+    assert not use_channels_last_subsampling(torch.nn.Linear(2, 2))
+
+
+def test_pad_frames_to_pads_the_mel_frames_and_keeps_lengths_and_outputs(tiny_model_cfg) -> None:
+    tiny_model_cfg.perception.output_dim = 64
+    torch.manual_seed(0)
+    plain = AudioPerception(tiny_model_cfg.perception).eval()
+    padded_cfg = copy.deepcopy(tiny_model_cfg.perception)
+    padded_cfg.pad_frames_to = 64
+    padded = AudioPerception(padded_cfg).eval()
+    padded.load_state_dict(plain.state_dict())
+    waveforms, lengths = torch.randn(2, 16000), torch.tensor([16000, 9000])  # ~100 and ~56 mel frames
+    with torch.no_grad():
+        plain_features, plain_lens = plain.preprocessor(input_signal=waveforms, length=lengths)
+        features, feature_lens = padded.preprocessor(input_signal=waveforms, length=lengths)
+        reference, reference_lens = plain(waveforms, lengths)
+        ours, our_lens = padded(waveforms, lengths)
+    assert plain_features.shape[-1] % 64 != 0 and features.shape[-1] == 128
+    assert torch.equal(feature_lens, plain_lens)
+    assert ours.shape[1] == 128 // plain.encoder.subsampling_factor  # 16 frames: 8-aligned
+    assert torch.equal(our_lens, reference_lens)
+    for row, length in enumerate(reference_lens.tolist()):
+        torch.testing.assert_close(ours[row, :length], reference[row, :length], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("value", [-64, 6.4, "64", True])
+def test_a_bad_pad_frames_to_says_what_it_takes(tiny_model_cfg, value) -> None:
+    tiny_model_cfg.perception.output_dim = 64
+    tiny_model_cfg.perception.pad_frames_to = value
+    with pytest.raises(SALMConfigError, match=r"pad_frames_to.*whole number >= 0.*e\.g\. 64"):
+        AudioPerception(tiny_model_cfg.perception)
