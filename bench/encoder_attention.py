@@ -6,12 +6,11 @@ seconds each), in variants timed in the same run:
 
 - ``nemo``: NeMo's attention as is (its padded-view ``rel_shift``), eager and compiled per layer
   with ``dynamic=True`` as ``trainer.compile_layers`` does;
-- ``strided``: the same with ``salm.model.rel_shift`` (the shift as a strided view; since
-  2026-12-02 with a 2T-row position table);
+- ``strided``: the same with ``salm.model.rel_shift`` (the shift as a strided view);
 - ``*_sdpa``: NeMo's ``use_pytorch_sdpa`` path (position scores passed to SDPA as a float mask);
 - ``aligned``: ``strided`` with the mel frames padded to a multiple of 64 (lengths unchanged:
-  masked), so the T frames after 8x subsampling are a multiple of 8 and the attention's matmuls are
-  8-aligned (``perception.pad_frames_to``). The profile of the compiled training step showed ~0.19 s
+  masked) and a 2T-row position table, so the T frames after 8x subsampling are a multiple of 8 and
+  the attention's matmuls are 8-aligned (``perception.pad_frames_to``). The profile of the compiled training step showed ~0.19 s
   per pass in SM75 ``align1`` GEMM kernels (BENCHMARKS.md);
 - ``aligned_cl``: ``aligned`` with the subsampling's convolutions channels-last
   (``salm.model.encoder_layout.use_channels_last_subsampling``). In bf16 and NCHW, PyTorch runs a
@@ -78,6 +77,9 @@ def aligned_frames(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tens
 def set_variant(model, variant: str) -> None:
     if variant.startswith(("strided", "aligned")):
         use_strided_rel_shift(model)
+    if variant.startswith("aligned"):  # what pad_frames_to sets besides the featurizer's pad_to
+        for layer in model.layers:
+            layer.self_attn.pad_position_table = True
     if variant == "aligned_cl":
         use_channels_last_subsampling(model)
     for layer in model.layers:

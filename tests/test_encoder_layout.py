@@ -82,6 +82,8 @@ def test_pad_frames_to_pads_the_mel_frames_and_keeps_lengths_and_outputs(tiny_mo
         features, feature_lens = padded.preprocessor(input_signal=waveforms, length=lengths)
         reference, reference_lens = plain(waveforms, lengths)
         ours, our_lens = padded(waveforms, lengths)
+    assert not any(getattr(m, "pad_position_table", False) for m in plain.encoder.modules())  # off by default
+    assert all(layer.self_attn.pad_position_table for layer in padded.encoder.layers)  # 2T-row tables
     assert plain_features.shape[-1] % 64 != 0 and features.shape[-1] == 128
     assert torch.equal(feature_lens, plain_lens)
     assert ours.shape[1] == 128 // plain.encoder.subsampling_factor  # 16 frames: 8-aligned
@@ -96,3 +98,18 @@ def test_a_bad_pad_frames_to_says_what_it_takes(tiny_model_cfg, value) -> None:
     tiny_model_cfg.perception.pad_frames_to = value
     with pytest.raises(SALMConfigError, match=r"pad_frames_to.*whole number >= 0.*e\.g\. 64"):
         AudioPerception(tiny_model_cfg.perception)
+
+
+def test_channels_last_subsampling_is_an_opt_in_perception_key(tiny_model_cfg, monkeypatch) -> None:
+    monkeypatch.setattr(encoder_layout, "CHANNELS_LAST_DEVICES", {"cpu"})
+    tiny_model_cfg.perception.output_dim = 64
+    waveforms, lengths = torch.randn(1, 16000), torch.tensor([16000])
+    for enabled in (False, True):
+        tiny_model_cfg.perception.channels_last_subsampling = enabled
+        perception = AudioPerception(tiny_model_cfg.perception).eval()
+        seen = []
+        convs = [m for m in perception.encoder.pre_encode.modules() if isinstance(m, torch.nn.Conv2d)]
+        convs[-1].register_forward_pre_hook(lambda module, args, seen=seen: seen.append(args[0]))
+        with torch.no_grad():
+            perception(waveforms, lengths)
+        assert (seen[0].stride(1) == 1) is enabled

@@ -1,19 +1,23 @@
-"""Memory layouts that make the FastConformer's GPU kernels faster without changing its numbers.
+"""Memory layouts for the FastConformer's GPU kernels, same numbers: opt-in, off by default.
 
-Two levers, both measured in the canary recipe's training step (BENCHMARKS.md, "Aligned frames and
-channels-last subsampling"):
+Two levers (``model.perception`` keys). In the encoder alone (4 canary-shape layers, eager, H200)
+they cut a forward + backward by 23%; in the canary recipe's compiled training step, both on made
+a pass 1.55x slower (4.30 vs 2.78 s, same run; BENCHMARKS.md, "Encoder layouts"). The cause is
+not found yet, so the recipe leaves them off and ``bench/train_throughput.py`` times each one.
 
-- **Channels-last subsampling.** ``dw_striding`` subsampling is a Conv2d then depthwise + pointwise
-  Conv2d pairs. In bf16 with the default (NCHW) layout, PyTorch runs a depthwise convolution on its
-  own native kernel; it hands it to cuDNN only for fp16 or for channels-last inputs. The native
-  kernel's backward was ~90 ms per 3,200 audio seconds at canary shapes. A channels-last input to
-  the first convolution makes every later one channels-last too (their outputs follow the input).
-  The weights keep their layout: DeepSpeed's flat buffers and safetensors need them contiguous.
-- **Frames padded to a multiple** (``perception.pad_frames_to``, set in NeMo's own preprocessor
-  ``pad_to``): after 8x subsampling a mel length that is a multiple of 64 gives a multiple of 8
-  encoder frames, so the attention's matmuls have 8-aligned shapes and cuBLAS picks its aligned
-  kernels, not the SM75 ``align1`` ones the profile showed. The lengths (and so every mask) are
-  unchanged; the extra frames are padding like any other in a bucketed batch.
+- **``channels_last_subsampling``.** ``dw_striding`` subsampling is a Conv2d then depthwise +
+  pointwise Conv2d pairs. In bf16 with the default (NCHW) layout, PyTorch runs a depthwise
+  convolution on its own native kernel; it hands it to cuDNN only for fp16 or for channels-last
+  inputs. The native kernel's backward was ~90 ms per 3,200 audio seconds at canary shapes. A
+  channels-last input to the first convolution makes every later one channels-last too (their
+  outputs follow the input). The weights keep their layout: DeepSpeed's flat buffers and
+  safetensors need them contiguous.
+- **``pad_frames_to``** (set in NeMo's own preprocessor ``pad_to``): after 8x subsampling a mel
+  length that is a multiple of 64 gives a multiple of 8 encoder frames, and each attention's
+  position table gets one unused row (2T, not 2T - 1), so both attention matmuls have 8-aligned
+  shapes and cuBLAS can pick its aligned kernels, not the SM75 ``align1`` ones the training profile
+  showed. The lengths (and so every mask) are unchanged; the extra frames are padding like any
+  other in a bucketed batch.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from torch import nn
 
 from salm.errors import SALMConfigError
 
-CHANNELS_LAST_DEVICES = {"cuda"}  # measured on GPUs only; the CPU keeps NCHW
+CHANNELS_LAST_DEVICES = {"cuda"}  # the GPU's kernels are the point; the CPU keeps NCHW
 
 
 def _channels_last_input(module: nn.Module, args: tuple) -> tuple | None:
@@ -51,8 +55,9 @@ def use_channels_last_subsampling(encoder: nn.Module) -> bool:
     return True
 
 
-def set_frame_padding(preprocessor: nn.Module, multiple: int | None) -> None:
-    """Pad the preprocessor's mel frames to a multiple of ``multiple`` (NeMo's ``pad_to``); None or 0: off.
+def set_frame_padding(preprocessor: nn.Module, encoder: nn.Module, multiple: int | None) -> None:
+    """Pad mel frames to a multiple of ``multiple`` (NeMo's ``pad_to``) and give the encoder's
+    strided-shift attentions a 2T-row position table; None or 0: off (NeMo's layout).
 
     Why not ``preprocessor.pad_to`` in the config: with ``pretrained_asr`` the preprocessor section
     is replaced by the ASR model's (``pad_to: 0`` in released FastConformers), as NeMo does.
@@ -71,3 +76,8 @@ def set_frame_padding(preprocessor: nn.Module, multiple: int | None) -> None:
             f"(it sets its featurizer's pad_to); this preprocessor is a {type(preprocessor).__name__}"
         )
     featurizer.pad_to = multiple
+    from salm.model.rel_shift import StridedRelPositionAttention  # imports NeMo, like the builders
+
+    for module in encoder.modules():
+        if isinstance(module, StridedRelPositionAttention):
+            module.pad_position_table = multiple > 0

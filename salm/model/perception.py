@@ -1,8 +1,8 @@
 """Audio perception: NeMo mel preprocessor -> FastConformer encoder -> modality adapter -> proj.
 
 Built from the same config section as NeMo's ``AudioPerceptionModule`` (``preprocessor``,
-``encoder``, ``modality_adapter``, ``spec_augment``, ``output_dim``; ours adds ``pad_frames_to``,
-see ``salm.model.encoder_layout``) and with the same
+``encoder``, ``modality_adapter``, ``spec_augment``, ``output_dim``; ours adds ``pad_frames_to``
+and ``channels_last_subsampling``, see ``salm.model.encoder_layout``) and with the same
 state-dict keys, so canary-qwen-2.5b's ``perception.*`` weights load unchanged.
 ``_target_`` entries are resolved against an allow-list rather than imported blindly: a config
 file must not be able to run arbitrary code.
@@ -77,8 +77,10 @@ class AudioPerception(nn.Module):
         from salm.model.rel_shift import use_strided_rel_shift  # imports NeMo, like the builders
 
         use_strided_rel_shift(self.encoder)  # same numbers; compiled, 19 ms of kernels per pass, not 282
-        use_channels_last_subsampling(self.encoder)  # same numbers; cuDNN's depthwise kernels on GPUs
-        set_frame_padding(self.preprocessor, cfg.get("pad_frames_to"))  # 8-aligned attention matmuls
+        # Opt-in GPU layouts, same numbers (salm/model/encoder_layout.py says why they are off).
+        if cfg.get("channels_last_subsampling", False):
+            use_channels_last_subsampling(self.encoder)
+        set_frame_padding(self.preprocessor, self.encoder, cfg.get("pad_frames_to"))
         spec_augment = cfg.get("spec_augment")
         self.spec_augmentation = build_from_target("spec_augment", spec_augment) if spec_augment else None
         self.modality_adapter = build_from_target("modality_adapter", cfg.modality_adapter)

@@ -14,10 +14,10 @@ contiguous scores. That is NeMo's result on its first ``P - T + 1`` columns, the
 row (``T`` keys without a cache, more with a streaming cache); both of NeMo's attention paths slice
 the shifted scores to the key length anyway.
 
-``StridedRelPositionAttention`` also gives the position table one unused row (``2T`` rows, not
-``2T - 1``): the position scores are then an even number of columns wide, 8-aligned when ``T`` is a
-multiple of 4 (``perception.pad_frames_to``), and cuBLAS picks aligned kernels for both matmuls.
-The extra column is never read: the view stops at column ``2T - 2``.
+With ``pad_position_table`` (set by ``perception.pad_frames_to``), ``StridedRelPositionAttention``
+gives the position table one unused row (``2T`` rows, not ``2T - 1``): the position scores are then
+8-aligned when ``T`` is a multiple of 4. The extra column is never read: the view stops at column
+``2T - 2``.
 """
 
 from __future__ import annotations
@@ -44,10 +44,12 @@ def strided_rel_shift(scores: torch.Tensor) -> torch.Tensor:
 
 
 class StridedRelPositionAttention(RelPositionMultiHeadAttention):
-    """NeMo's relative-position attention with ``strided_rel_shift`` and a 2T-row position table."""
+    """NeMo's relative-position attention with ``strided_rel_shift`` (and optionally a 2T-row position table)."""
+
+    pad_position_table = False  # salm.model.encoder_layout.set_frame_padding
 
     def forward(self, query, key, value, mask, pos_emb, cache=None):
-        if cache is None and pos_emb.shape[1] == 2 * query.shape[1] - 1:
+        if self.pad_position_table and cache is None and pos_emb.shape[1] == 2 * query.shape[1] - 1:
             pos_emb = nn.functional.pad(pos_emb, (0, 0, 0, 1))  # one unused row: 2T-wide position scores
         return super().forward(query, key, value, mask, pos_emb, cache)
 
