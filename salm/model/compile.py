@@ -10,7 +10,11 @@ Only the repeated blocks are compiled (PyTorch's "regional compilation"): every 
 shares one compiled code, every LLM decoder layer another, so compiling costs the time of two
 layers, not of the model, and the glue between them (mel front end, placeholder splicing, the
 loss, NeMo's and PEFT's Python) stays eager. ``dynamic=True`` because bucketed batches change batch
-size and length every step: one graph serves them all instead of a recompile per shape.
+size and length every step: one graph should serve them all instead of a recompile per shape.
+It does not for the Conformer layers in training, measured on CPU with torch 2.13
+(``bench/compile_recompiles.py``): compiling the backward pins the frame count, so every new frame
+count compiles the layer again, and after Dynamo's ``recompile_limit`` (8) new ones run eagerly
+(Dynamo logs "hit config.recompile_limit"). The GPU benchmarks use 5 fixed buckets, under the limit.
 
 Generation runs the LLM eagerly (``SALM.generate`` sets the ``force_eager`` stance): the decoding
 step is already one replayed CUDA graph, and with a KV cache the layer index becomes part of the

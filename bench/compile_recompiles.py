@@ -1,0 +1,102 @@
+"""How often ``trainer.compile_layers`` compiles a Conformer layer as the frame count changes (CPU or GPU).
+
+``salm.model.compile`` compiles each Conformer layer with ``dynamic=True`` so that one graph serves
+every bucketed batch. This script checks that: it trains (forward + backward) the recipe's encoder,
+its layers compiled exactly as ``compile_repeated_layers`` does, over ``--lengths`` batches that
+each have a different frame count, and counts the compiled frames Dynamo produced. The baseline in
+the same run is Dynamo alone (``backend="eager"``: tracing and guards, no Inductor), which shows
+whether a recompile comes from the traced code or from Inductor/AOTAutograd's compile.
+
+Dynamo stops compiling a code object after ``torch._dynamo.config.recompile_limit`` (8) entries;
+later shapes then run that layer eagerly, which the last column reports::
+
+    python3 -m bench.compile_recompiles                # tiny recipe encoder, CPU, ~4 min on 2 cores
+    python3 -m bench.compile_recompiles --canary --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from bench.common import CONFIGS
+from salm.model.rel_shift import use_strided_rel_shift
+
+
+class LimitWatcher(logging.Handler):
+    """Catches Dynamo's "hit config.recompile_limit" warning (it has no counter of its own)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.hit = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.hit = self.hit or "recompile_limit" in record.getMessage()
+
+
+def count_compiles(
+    backend: str, canary: bool, lengths: list[int], device: torch.device, dtype: torch.dtype
+) -> dict:
+    """Train the compiled encoder once per frame count; Dynamo's compiled-frame count and limit hits."""
+    from salm.model.perception import build_from_target
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    recipe = "salm_canary_qwen_2.5b.yaml" if canary else "tiny.yaml"
+    section = OmegaConf.load(CONFIGS / recipe).model.perception.encoder
+    torch.manual_seed(0)
+    encoder = build_from_target("encoder", section).to(device=device, dtype=dtype).train()
+    use_strided_rel_shift(encoder)  # what AudioPerception gives every encoder
+    for layer in encoder.layers:
+        layer.compile(dynamic=True, backend=backend)  # as salm.model.compile.compile_repeated_layers
+    watcher = LimitWatcher()
+    logging.getLogger("torch._dynamo").addHandler(watcher)
+    try:
+        for frames in lengths:
+            mel = frames * 8  # 8x subsampling in both recipes
+            features = torch.randn(3, section.feat_in, mel, device=device, dtype=dtype)
+            lens = torch.tensor([mel, mel - 80, mel - 320], device=device)
+            encoded, _ = encoder(audio_signal=features, length=lens)
+            encoded.float().square().mean().backward()
+    finally:
+        logging.getLogger("torch._dynamo").removeHandler(watcher)
+    frames_compiled = torch._dynamo.utils.counters["frames"]["ok"]
+    return {"compiled_frames": frames_compiled, "recompile_limit_hit": watcher.hit}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--canary", action="store_true", help="canary-qwen-2.5b encoder shapes (for a GPU)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--lengths", type=int, default=10, help="batches, each with a new frame count")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    lengths = [60 + 7 * i for i in range(args.lengths)]  # encoder frames: 60, 67, 74, ...
+    rows = {
+        backend: count_compiles(backend, args.canary, lengths, device, dtype)
+        for backend in ("eager", "inductor")
+    }
+    print(
+        f"\n{'canary' if args.canary else 'tiny'} encoder on {device}, {dtype}; {len(lengths)} frame counts {lengths}"
+    )
+    print(f"{'backend':<28}{'compiled frames':>16}{'recompile limit hit':>21}")
+    for backend, row in rows.items():
+        name = "Dynamo only (eager)" if backend == "eager" else "Inductor (compile_layers)"
+        print(f"{name:<28}{row['compiled_frames']:>16}{str(row['recompile_limit_hit']):>21}")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        result = {"device": str(device), "canary": args.canary, "frame_counts": lengths, "backends": rows}
+        (args.out / "compile_recompiles.json").write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
