@@ -113,3 +113,10 @@ def test_channels_last_subsampling_is_an_opt_in_perception_key(tiny_model_cfg, m
         with torch.no_grad():
             perception(waveforms, lengths)
         assert (seen[0].stride(1) == 1) is enabled
+
+
+def test_a_channels_last_subsampling_that_is_not_a_boolean_is_refused(tiny_model_cfg) -> None:
+    tiny_model_cfg.perception.output_dim = 64
+    tiny_model_cfg.perception.channels_last_subsampling = "false"  # a string: truthy, so refused
+    with pytest.raises(SALMConfigError, match="channels_last_subsampling` must be true or false"):
+        AudioPerception(tiny_model_cfg.perception)

@@ -78,7 +78,12 @@ class AudioPerception(nn.Module):
 
         use_strided_rel_shift(self.encoder)  # same numbers; compiled, 19 ms of kernels per pass, not 282
         # Opt-in GPU layouts, same numbers (salm/model/encoder_layout.py says why they are off).
-        if cfg.get("channels_last_subsampling", False):
+        channels_last = cfg.get("channels_last_subsampling", False)
+        if not isinstance(channels_last, bool):
+            raise SALMConfigError(
+                f"`model.perception.channels_last_subsampling` must be true or false, got {channels_last!r}"
+            )
+        if channels_last:
             use_channels_last_subsampling(self.encoder)
         set_frame_padding(self.preprocessor, self.encoder, cfg.get("pad_frames_to"))
         spec_augment = cfg.get("spec_augment")
