@@ -89,6 +89,7 @@ def test_decoder_cache_keeps_recent_shapes_and_forgets_moved_weights(tiny_salm) 
     assert len(cache) == 2
     assert cache.capture_seconds() == 3.0  # an evicted decoder's capture still counts
     assert cache.get(*parts, 4, 64, 8, weight_ptrs=(1,), use_graph=False) is first
+    assert cache.get(*parts, 4, 64, 8, weight_ptrs=(1,), use_graph=True) is not first  # a graph or not
     assert cache.get(*parts, 8, 64, 8, weight_ptrs=(1,), use_graph=False) is not second
     assert cache.get(*parts, 4, 64, 8, weight_ptrs=(2,), use_graph=False) is not first  # weights moved
     assert len(cache) == 1

@@ -325,7 +325,7 @@ def compiled_step():
 
 
 class DecoderCache:
-    """Decoders by ``(batch, max_len, max_new_tokens, compile_step)``; the least recently used go
+    """Decoders by ``(batch, max_len, max_new_tokens, use_graph, compile_step)``; the least recently used go
     first when there are ``max_entries`` or their KV caches would pass ``max_bytes`` (default:
     ``DECODER_CACHE_MEMORY_SHARE`` of the memory of the GPU the first decoder is made on).
 
@@ -337,7 +337,7 @@ class DecoderCache:
     def __init__(self, max_entries: int = MAX_CACHED_DECODERS, max_bytes: int | None = None) -> None:
         self.max_entries, self.max_bytes = max_entries, max_bytes
         self.hits = self.misses = 0
-        self._entries: OrderedDict[tuple[int, int, int, bool], GreedyDecoder] = OrderedDict()
+        self._entries: OrderedDict[tuple[int, int, int, bool, bool], GreedyDecoder] = OrderedDict()
         self._dropped_capture_s = 0.0  # capture seconds of decoders no longer kept
         self._weight_ptrs: tuple[int, ...] = ()
 
@@ -359,7 +359,7 @@ class DecoderCache:
         if weight_ptrs != self._weight_ptrs:
             self.clear()
             self._weight_ptrs = weight_ptrs
-        key = (batch, max_len, max_new_tokens, compile_step)
+        key = (batch, max_len, max_new_tokens, use_graph, compile_step)
         if key in self._entries:
             self.hits += 1
             self._entries.move_to_end(key)
@@ -395,7 +395,7 @@ class DecoderCache:
         for key in list(self._entries):
             self._drop(key)
 
-    def _drop(self, key: tuple[int, int, int, bool]) -> None:
+    def _drop(self, key: tuple[int, int, int, bool, bool]) -> None:
         self._dropped_capture_s += self._entries.pop(key).capture_s
 
 
