@@ -127,6 +127,9 @@ def run_epochs(step, batches: list[dict], device: torch.device, warmup: int, rep
 # ----- ours: Ray Train + DeepSpeed -----
 # Run in this order: compiling is in place. The compiled_* variants turn on salm.model.encoder_layout's
 # opt-in levers on the compiled model (frames padded to 64, channels-last subsampling), same run.
+# Padding gives new frame counts, and each new one compiles the Conformer layers again
+# (bench/compile_recompiles.py): past Dynamo's recompile limit (8), i.e. with more than one padded
+# variant after "compiled", later variants run those layers eagerly. Time one padded variant per command.
 MODEL_VARIANTS = [
     "default",
     "encoder_sdpa",
