@@ -35,7 +35,7 @@ from omegaconf import OmegaConf
 
 from bench.common import CONFIGS, card
 from bench.train_throughput import BUCKETS, run_epochs
-from salm.model.encoder_layout import use_channels_last_subsampling
+from salm.model.encoder_layout import pad_position_tables, use_channels_last_subsampling
 from salm.model.rel_shift import use_strided_rel_shift
 
 FRAMES_PER_S = 100  # mel frames (10 ms hop)
@@ -78,8 +78,7 @@ def set_variant(model, variant: str) -> None:
     if variant.startswith(("strided", "aligned")):
         use_strided_rel_shift(model)
     if variant.startswith("aligned"):  # what pad_frames_to sets besides the featurizer's pad_to
-        for layer in model.layers:
-            layer.self_attn.pad_position_table = True
+        pad_position_tables(model, True)
     if variant == "aligned_cl":
         use_channels_last_subsampling(model)
     for layer in model.layers:

@@ -158,9 +158,8 @@ def set_encoder_layouts(model, variant: str) -> None:
     encoder_layout.set_frame_padding(
         perception.preprocessor, perception.encoder, 64 if "padded" in variant else 0
     )
-    if "channels_last" in variant and not getattr(perception, "_bench_channels_last", False):
-        encoder_layout.use_channels_last_subsampling(perception.encoder)
-        perception._bench_channels_last = True
+    if "channels_last" in variant:
+        encoder_layout.use_channels_last_subsampling(perception.encoder)  # hooks once
     encoder_layout.CHANNELS_LAST_DEVICES = {"cuda"} if "channels_last" in variant else set()
 
 

@@ -27,15 +27,21 @@ def dw_striding_encoder() -> ConformerEncoder:
     ).eval()  # eval: dropout off, so both copies compute the same thing
 
 
+def depthwise_conv(encoder: torch.nn.Module) -> torch.nn.Conv2d:
+    """The subsampling's first depthwise convolution: its input shows the layout the hook chose."""
+    return next(m for m in encoder.pre_encode.modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1)
+
+
 def test_channels_last_subsampling_changes_the_layout_not_the_outputs_or_gradients(monkeypatch) -> None:
     """On CUDA the hook is on; on this CPU we turn it on to check what it computes."""
     monkeypatch.setattr(encoder_layout, "CHANNELS_LAST_DEVICES", {"cpu"})
     nemo = dw_striding_encoder().double()  # float64: any difference left is not rounding
     ours = copy.deepcopy(nemo)
-    assert use_channels_last_subsampling(ours)
+    assert use_channels_last_subsampling(ours) and use_channels_last_subsampling(ours)
+    first_conv = next(m for m in ours.pre_encode.modules() if isinstance(m, torch.nn.Conv2d))
+    assert len(first_conv._forward_pre_hooks) == 1  # a second call hooks nothing more
     depthwise_inputs = []
-    depthwise = [m for m in ours.pre_encode.modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1][0]
-    depthwise.register_forward_pre_hook(lambda module, args: depthwise_inputs.append(args[0]))
+    depthwise_conv(ours).register_forward_pre_hook(lambda module, args: depthwise_inputs.append(args[0]))
     features, lengths = torch.randn(3, 16, 131, dtype=torch.float64), torch.tensor([131, 90, 41])
     results = []
     for model in (nemo, ours):
@@ -59,10 +65,7 @@ def test_the_cpu_keeps_nchw_and_encoders_without_conv_subsampling_are_left_alone
     encoder = dw_striding_encoder()
     use_channels_last_subsampling(encoder)
     seen = []
-    depthwise = [m for m in encoder.pre_encode.modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1][
-        0
-    ]
-    depthwise.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    depthwise_conv(encoder).register_forward_pre_hook(lambda module, args: seen.append(args[0]))
     encoder(audio_signal=torch.randn(1, 16, 64), length=torch.tensor([64]))
     assert seen[0].is_contiguous()  # NCHW: channels-last is measured on GPUs only
     assert not use_channels_last_subsampling(torch.nn.Linear(2, 2))

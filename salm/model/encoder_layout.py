@@ -43,7 +43,8 @@ def use_channels_last_subsampling(encoder: nn.Module) -> bool:
     """Make the encoder's convolutional subsampling run channels-last on CUDA; returns whether it has one.
 
     Hooks the first Conv2d of ``encoder.pre_encode`` (a forward pre-hook, so the module, its weights
-    and its state-dict keys stay NeMo's). Encoders without a Conv2d subsampling are left alone.
+    and its state-dict keys stay NeMo's), once however often it is called. Encoders without a Conv2d
+    subsampling are left alone.
     """
     pre_encode = getattr(encoder, "pre_encode", None)
     first_conv = (
@@ -51,7 +52,8 @@ def use_channels_last_subsampling(encoder: nn.Module) -> bool:
     )
     if first_conv is None:
         return False
-    first_conv.register_forward_pre_hook(_channels_last_input)
+    if _channels_last_input not in first_conv._forward_pre_hooks.values():
+        first_conv.register_forward_pre_hook(_channels_last_input)
     return True
 
 
@@ -76,8 +78,13 @@ def set_frame_padding(preprocessor: nn.Module, encoder: nn.Module, multiple: int
             f"(it sets its featurizer's pad_to); this preprocessor is a {type(preprocessor).__name__}"
         )
     featurizer.pad_to = multiple
+    pad_position_tables(encoder, multiple > 0)
+
+
+def pad_position_tables(encoder: nn.Module, enabled: bool) -> None:
+    """Give (or take back) every strided-shift attention of ``encoder`` its 2T-row position table."""
     from salm.model.rel_shift import StridedRelPositionAttention  # imports NeMo, like the builders
 
     for module in encoder.modules():
         if isinstance(module, StridedRelPositionAttention):
-            module.pad_position_table = multiple > 0
+            module.pad_position_table = enabled
