@@ -2,10 +2,15 @@
 
 ``salm.model.compile`` compiles each Conformer layer with ``dynamic=True`` so that one graph serves
 every bucketed batch. This script checks that: it trains (forward + backward) the recipe's encoder,
-its layers compiled exactly as ``compile_repeated_layers`` does, over ``--lengths`` batches that
-each have a different frame count, and counts the compiled frames Dynamo produced. The baseline in
-the same run is Dynamo alone (``backend="eager"``: tracing and guards, no Inductor), which shows
-whether a recompile comes from the traced code or from Inductor/AOTAutograd's compile.
+its layers compiled with ``dynamic=True``, over ``--lengths`` batches that each have a different
+frame count, and counts the compiled frames Dynamo produced, three ways in one run:
+
+- Dynamo alone (``backend="eager"``: tracing and guards, no Inductor), the baseline: it shows
+  whether a recompile comes from the traced code or from Inductor/AOTAutograd's compile;
+- Inductor with torch's own lowering of the convolution backward;
+- Inductor after ``keep_conv1d_backward_dynamic()``, as ``compile_repeated_layers`` compiles.
+
+Inductor's and AOTAutograd's caches are off, so no row reuses another's compiled artefacts.
 
 Dynamo stops compiling a code object after ``torch._dynamo.config.recompile_limit`` (8) entries;
 later shapes then run that layer eagerly, which the last column reports::
@@ -23,8 +28,11 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from torch._functorch import config as functorch_config
+from torch._inductor import config as inductor_config
 
 from bench.common import CONFIGS
+from salm.model.compile import keep_conv1d_backward_dynamic
 from salm.model.rel_shift import use_strided_rel_shift
 
 
@@ -45,6 +53,10 @@ def count_compiles(
     """Train the compiled encoder once per frame count; Dynamo's compiled-frame count and limit hits."""
     from salm.model.perception import build_from_target
 
+    if backend == "inductor_conv1d_dynamic":
+        replaced = keep_conv1d_backward_dynamic()
+        print(f"keep_conv1d_backward_dynamic: {'replaced' if replaced else 'no such lowering in this torch'}")
+        backend = "inductor"
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     recipe = "salm_canary_qwen_2.5b.yaml" if canary else "tiny.yaml"
@@ -53,7 +65,7 @@ def count_compiles(
     encoder = build_from_target("encoder", section).to(device=device, dtype=dtype).train()
     use_strided_rel_shift(encoder)  # what AudioPerception gives every encoder
     for layer in encoder.layers:
-        layer.compile(dynamic=True, backend=backend)  # as salm.model.compile.compile_repeated_layers
+        layer.compile(dynamic=True, backend=backend)
     watcher = LimitWatcher()
     logging.getLogger("torch._dynamo").addHandler(watcher)
     try:
@@ -81,17 +93,25 @@ def main() -> None:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     lengths = [60 + 7 * i for i in range(args.lengths)]  # encoder frames: 60, 67, 74, ...
-    rows = {
-        backend: count_compiles(backend, args.canary, lengths, device, dtype)
-        for backend in ("eager", "inductor")
-    }
+    with (
+        inductor_config.patch(fx_graph_cache=False),
+        functorch_config.patch(enable_autograd_cache=False),
+    ):  # torch's lowering goes first: keep_conv1d_backward_dynamic() cannot be undone in a process
+        rows = {
+            backend: count_compiles(backend, args.canary, lengths, device, dtype)
+            for backend in ("eager", "inductor", "inductor_conv1d_dynamic")
+        }
     print(
         f"\n{'canary' if args.canary else 'tiny'} encoder on {device}, {dtype}; {len(lengths)} frame counts {lengths}"
     )
-    print(f"{'backend':<28}{'compiled frames':>16}{'recompile limit hit':>21}")
+    names = {
+        "eager": "Dynamo only (eager)",
+        "inductor": "Inductor, torch's conv lowering",
+        "inductor_conv1d_dynamic": "Inductor, compile_layers",
+    }
+    print(f"{'backend':<34}{'compiled frames':>16}{'recompile limit hit':>21}")
     for backend, row in rows.items():
-        name = "Dynamo only (eager)" if backend == "eager" else "Inductor (compile_layers)"
-        print(f"{name:<28}{row['compiled_frames']:>16}{str(row['recompile_limit_hit']):>21}")
+        print(f"{names[backend]:<34}{row['compiled_frames']:>16}{str(row['recompile_limit_hit']):>21}")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         result = {"device": str(device), "canary": args.canary, "frame_counts": lengths, "backends": rows}

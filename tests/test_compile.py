@@ -2,9 +2,13 @@
 
 import copy
 
+import torch
+from nemo.collections.asr.parts.submodules.conformer_modules import ConformerConvolution
 from torch._dynamo.utils import counters
+from torch._functorch import config as functorch_config
+from torch._inductor import config as inductor_config
 
-from salm.model.compile import compile_repeated_layers, repeated_layers
+from salm.model.compile import compile_repeated_layers, keep_conv1d_backward_dynamic, repeated_layers
 
 PROMPT = "Transcribe the following: <|audioplaceholder|>"
 
@@ -25,3 +29,28 @@ def test_compiled_layers_keep_the_state_dict_and_the_transcripts(tiny_salm, spee
     again = model.generate(prompts, max_new_tokens=8)  # encoder compiled, LLM eager (force_eager)
     assert counters["stats"]["unique_graphs"] > graphs_before  # the compiled encoder layers ran
     assert again.token_ids == eager.token_ids
+
+
+def test_the_compiled_conformer_convolution_trains_on_every_frame_count_with_one_graph() -> None:
+    """NeMo's Conformer convolution module, compiled as compile_repeated_layers does, over 3 lengths.
+
+    Torch 2.13's Inductor lowering of the convolution backward pinned the frame count, so each new
+    length compiled again (and past 8, the layer ran eagerly); the gradients must stay eager's.
+    """
+    assert keep_conv1d_backward_dynamic()  # the pinned torch has the lowering to replace
+    torch.manual_seed(0)
+    eager = ConformerConvolution(d_model=8, kernel_size=9).train()
+    compiled = copy.deepcopy(eager)
+    compiled.compile(dynamic=True)
+    torch._dynamo.reset()
+    counters.clear()
+    # A cached artefact compiled with torch's lowering would bring its pinned length back with it.
+    with inductor_config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
+        for frames in (20, 27, 34):
+            x = torch.randn(3, frames, 8)
+            for model in (eager, compiled):
+                model.zero_grad()
+                model(x).square().mean().backward()
+            for mine, reference in zip(compiled.parameters(), eager.parameters(), strict=True):
+                torch.testing.assert_close(mine.grad, reference.grad)
+    assert counters["frames"]["ok"] == 1  # one dynamic graph; a recompile per length gave 3

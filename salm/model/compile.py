@@ -11,10 +11,13 @@ shares one compiled code, every LLM decoder layer another, so compiling costs th
 layers, not of the model, and the glue between them (mel front end, placeholder splicing, the
 loss, NeMo's and PEFT's Python) stays eager. ``dynamic=True`` because bucketed batches change batch
 size and length every step: one graph should serve them all instead of a recompile per shape.
-It does not for the Conformer layers in training, measured on CPU with torch 2.13
-(``bench/compile_recompiles.py``): compiling the backward pins the frame count, so every new frame
-count compiles the layer again, and after Dynamo's ``recompile_limit`` (8) new ones run eagerly
-(Dynamo logs "hit config.recompile_limit"). The GPU benchmarks use 5 fixed buckets, under the limit.
+Torch 2.13 breaks that for the Conformer layers in training (``bench/compile_recompiles.py``): its
+Inductor lowering of ``aten.convolution_backward`` turns the gradient's strides into integer guards,
+which pins the frame count of every 1-D convolution (the Conformer's pointwise and depthwise
+convolutions). Every new frame count then compiled the layer again, and after Dynamo's
+``recompile_limit`` (8) new ones ran eagerly. ``keep_conv1d_backward_dynamic`` sends 1-D
+convolution backwards to ATen's kernel, which is what Inductor runs for them anyway (its Triton
+templates are 2-D only), so the graph stays dynamic.
 
 Generation runs the LLM eagerly (``SALM.generate`` sets the ``force_eager`` stance): the decoding
 step is already one replayed CUDA graph, and with a KV cache the layer index becomes part of the
@@ -26,6 +29,7 @@ compiled code (one recompile per layer, past torch's recompile limit). The encod
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from salm.model.llm import base_causal_lm
@@ -44,6 +48,41 @@ def compile_repeated_layers(model: nn.Module) -> int:
     minutes on a small CPU); later steps reuse it.
     """
     layers = repeated_layers(model)
+    keep_conv1d_backward_dynamic()
     for layer in layers:
         layer.compile(dynamic=True)
     return len(layers)
+
+
+def keep_conv1d_backward_dynamic() -> bool:
+    """Lower 1-D convolution backwards to ATen's kernel so that Inductor keeps their length symbolic.
+
+    Torch 2.13's Inductor lowering of ``aten.convolution_backward`` guards the gradient's strides
+    as integers when it picks their order (``guard_int_seq`` in ``torch/_inductor/kernel/conv.py``).
+    For ``[batch, channels, frames]`` that guard is ``frames == <this batch's frames>``, so a layer
+    compiled with ``dynamic=True`` recompiles for every frame count. 1-D convolutions have no
+    Triton template there, so the lowering ends in ATen's kernel anyway; calling that fallback
+    directly gives the same kernel without the guard. 2-D convolutions keep torch's lowering.
+
+    Idempotent; returns True when the lowering was replaced (or already had been), False on a torch
+    without that lowering, where nothing pins the length.
+    """
+    from torch._inductor import lowering
+    from torch._inductor.kernel import conv
+
+    fallback = getattr(conv, "aten_convolution_backward_fallback", None)
+    op = torch.ops.aten.convolution_backward.default
+    torch_lowering = lowering.lowerings.get(op)
+    if fallback is None or torch_lowering is None:
+        return False
+    if getattr(torch_lowering, "keeps_conv1d_dynamic", False):
+        return True
+
+    def lower_convolution_backward(grad_out, input, weight, *args, **kwargs):  # noqa: ANN001, ANN202
+        if len(weight.get_size()) == 3:  # [out_channels, in_channels / groups, kernel]: a Conv1d
+            return fallback(grad_out, input, weight, *args, **kwargs)
+        return torch_lowering(grad_out, input, weight, *args, **kwargs)
+
+    lower_convolution_backward.keeps_conv1d_dynamic = True
+    lowering.lowerings[op] = lower_convolution_backward
+    return True
