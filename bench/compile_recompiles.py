@@ -17,6 +17,11 @@ later shapes then run that layer eagerly, which the last column reports::
 
     python3 -m bench.compile_recompiles                # tiny recipe encoder, CPU, ~4 min on 2 cores
     python3 -m bench.compile_recompiles --canary --device cuda
+
+``--salm`` trains the whole tiny SALM instead (CPU, ~10 min on 2 cores): ``compile_repeated_layers``
+on its Conformer and Qwen3 layers, over ``--lengths`` bucketed batches as
+``bench/train_throughput.py`` makes them (every one a new audio and text length), with torch's
+lowering and then with ``keep_conv1d_backward_dynamic``.
 """
 
 from __future__ import annotations
@@ -24,12 +29,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import tempfile
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 from torch._functorch import config as functorch_config
 from torch._inductor import config as inductor_config
+from tqdm import tqdm
 
 from bench.common import CONFIGS
 from salm.model.compile import keep_conv1d_backward_dynamic
@@ -81,6 +88,78 @@ def count_compiles(
     return {"compiled_frames": frames_compiled, "recompile_limit_hit": watcher.hit}
 
 
+def count_salm_compiles(keep_dynamic: bool, batches: list[dict]) -> dict:
+    """Train the tiny SALM, compiled as ``trainer.compile_layers`` compiles it, on ``batches``;
+    with ``keep_dynamic`` false, without ``keep_conv1d_backward_dynamic`` (torch's lowering)."""
+    from bench.train_throughput import recipe, write_llm_dir
+    from salm.model.compile import compile_repeated_layers, repeated_layers
+    from salm.train.engine import build_model
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    cfg = recipe(write_llm_dir(Path(tempfile.mkdtemp()) / "llm", tiny=True), tiny=True)
+    torch.manual_seed(0)
+    model = build_model(cfg, torch.device("cpu")).train()
+    if keep_dynamic:
+        compile_repeated_layers(model)
+    else:  # the same compile without its keep_conv1d_backward_dynamic() call
+        for layer in repeated_layers(model):
+            layer.compile(dynamic=True)
+    watcher = LimitWatcher()
+    logging.getLogger("torch._dynamo").addHandler(watcher)
+    frames_after = []
+    try:
+        for batch in tqdm(batches, desc="compile_layers" if keep_dynamic else "torch's conv lowering"):
+            model.loss(batch)["loss"].backward()
+            frames_after.append(torch._dynamo.utils.counters["frames"]["ok"])
+    finally:
+        logging.getLogger("torch._dynamo").removeHandler(watcher)
+    return {
+        "compiled_frames": frames_after[-1],
+        "frames_after_each_batch": frames_after,
+        "recompile_limit_hit": watcher.hit,
+    }
+
+
+def salm_batches(count: int) -> list[dict]:
+    """``count`` bucketed batches of the tiny recipe, as ``bench/train_throughput.py --tiny`` makes them."""
+    from bench.train_throughput import build_tokenizer_model, make_batches, recipe, write_llm_dir
+
+    cfg = recipe(write_llm_dir(Path(tempfile.mkdtemp()) / "llm", tiny=True), tiny=True)
+    model = build_tokenizer_model(cfg)
+    batches: list[dict] = []
+    seed = 0
+    while len(batches) < count:
+        batches += make_batches(model, 6.0, seed, tiny=True)
+        seed += 1
+    return batches[:count]
+
+
+def main_salm(args: argparse.Namespace) -> None:
+    """``--salm``: the whole tiny SALM on bucketed batches, torch's lowering first (it cannot come back)."""
+    batches = salm_batches(max(args.lengths, 2))
+    with (
+        inductor_config.patch(fx_graph_cache=False),
+        functorch_config.patch(enable_autograd_cache=False),
+    ):
+        rows = {
+            "inductor": count_salm_compiles(False, batches),
+            "inductor_conv1d_dynamic": count_salm_compiles(True, batches),
+        }
+    shapes = [(tuple(b["audios"].shape), tuple(b["input_ids"].shape)) for b in batches]
+    print(f"\ntiny SALM on cpu; {len(batches)} batches (audios, input_ids): {shapes}")
+    print(f"{'backend':<34}{'compiled frames':>16}{'recompile limit hit':>21}  frames after each batch")
+    for backend, row in rows.items():
+        name = "Inductor, torch's conv lowering" if backend == "inductor" else "Inductor, compile_layers"
+        print(
+            f"{name:<34}{row['compiled_frames']:>16}{str(row['recompile_limit_hit']):>21}  {row['frames_after_each_batch']}"
+        )
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        result = {"device": "cpu", "salm": True, "batch_shapes": shapes, "backends": rows}
+        (args.out / "compile_recompiles_salm.json").write_text(json.dumps(result, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -88,8 +167,12 @@ def main() -> None:
     parser.add_argument("--canary", action="store_true", help="canary-qwen-2.5b encoder shapes (for a GPU)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--lengths", type=int, default=10, help="batches, each with a new frame count")
+    parser.add_argument("--salm", action="store_true", help="the whole tiny SALM on bucketed batches (CPU)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    if args.salm:
+        main_salm(args)
+        return
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     lengths = [60 + 7 * i for i in range(args.lengths)]  # encoder frames: 60, 67, 74, ...

@@ -1,6 +1,10 @@
 """Regional compilation (``salm.model.compile``) changes speed, not the model or its outputs."""
 
 import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 from nemo.collections.asr.parts.submodules.conformer_modules import ConformerConvolution
@@ -8,8 +12,14 @@ from torch._dynamo.utils import counters
 from torch._functorch import config as functorch_config
 from torch._inductor import config as inductor_config
 
-from salm.model.compile import compile_repeated_layers, keep_conv1d_backward_dynamic, repeated_layers
+from salm.model.compile import (
+    CACHE_KEY_TAG,
+    compile_repeated_layers,
+    keep_conv1d_backward_dynamic,
+    repeated_layers,
+)
 
+REPO = Path(__file__).resolve().parents[1]
 PROMPT = "Transcribe the following: <|audioplaceholder|>"
 
 
@@ -38,6 +48,8 @@ def test_the_compiled_conformer_convolution_trains_on_every_frame_count_with_one
     length compiled again (and past 8, the layer ran eagerly); the gradients must stay eager's.
     """
     assert keep_conv1d_backward_dynamic()  # the pinned torch has the lowering to replace
+    assert keep_conv1d_backward_dynamic()  # idempotent: one replacement, one cache-key tag
+    assert torch.compiler.config.cache_key_tag.split(";").count(CACHE_KEY_TAG) == 1
     torch.manual_seed(0)
     eager = ConformerConvolution(d_model=8, kernel_size=9).train()
     compiled = copy.deepcopy(eager)
@@ -54,3 +66,37 @@ def test_the_compiled_conformer_convolution_trains_on_every_frame_count_with_one
             for mine, reference in zip(compiled.parameters(), eager.parameters(), strict=True):
                 torch.testing.assert_close(mine.grad, reference.grad)
     assert counters["frames"]["ok"] == 1  # one dynamic graph; a recompile per length gave 3
+
+
+COMPILE_THREE_LENGTHS = """
+import sys, torch
+from nemo.collections.asr.parts.submodules.conformer_modules import ConformerConvolution
+from torch._dynamo.utils import counters
+from salm.model.compile import keep_conv1d_backward_dynamic
+if sys.argv[1] == "ours":
+    keep_conv1d_backward_dynamic()
+block = ConformerConvolution(d_model=8, kernel_size=9).train()
+block.compile(dynamic=True)
+for frames in (20, 27, 34):
+    block(torch.randn(3, frames, 8)).square().mean().backward()
+print("frames", counters["frames"]["ok"])
+"""
+
+
+def test_artefacts_cached_with_torchs_lowering_are_not_reused(tmp_path) -> None:
+    """A cache filled by a build without the fix (pinned lengths) must not pin ours: one graph."""
+
+    def compiled_frames(lowering: str) -> int:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path), "PYTHONPATH": str(REPO)}
+        done = subprocess.run(
+            [sys.executable, "-c", COMPILE_THREE_LENGTHS, lowering],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=True,
+        )
+        return int(done.stdout.split("frames")[-1])
+
+    assert compiled_frames("torch") == 3  # a recompile per length, and the cache now holds them
+    assert compiled_frames("ours") == 1

@@ -34,6 +34,9 @@ from torch import nn
 
 from salm.model.llm import base_causal_lm
 
+# Added to torch's compile cache key once 1-D convolution backwards are lowered our way.
+CACHE_KEY_TAG = "salm-ray:conv1d-backward-aten"
+
 
 def repeated_layers(model: nn.Module) -> list[nn.Module]:
     """The SALM's repeated blocks: the Conformer encoder's layers, then the LLM decoder's layers."""
@@ -64,6 +67,11 @@ def keep_conv1d_backward_dynamic() -> bool:
     Triton template there, so the lowering ends in ATen's kernel anyway; calling that fallback
     directly gives the same kernel without the guard. 2-D convolutions keep torch's lowering.
 
+    Compiled artefacts in Inductor's and AOTAutograd's on-disk caches do not record which lowering
+    built them, and one built with torch's carries the pinned length. So the cache key gets a tag
+    (``torch.compiler.config.cache_key_tag``, added to any tag the user set): artefacts built before
+    the replacement are not reused after it.
+
     Idempotent; returns True when the lowering was replaced (or already had been), False on a torch
     without that lowering, where nothing pins the length.
     """
@@ -85,4 +93,6 @@ def keep_conv1d_backward_dynamic() -> bool:
 
     lower_convolution_backward.keeps_conv1d_dynamic = True
     lowering.lowerings[op] = lower_convolution_backward
+    user_tag = torch.compiler.config.cache_key_tag
+    torch.compiler.config.cache_key_tag = f"{user_tag};{CACHE_KEY_TAG}" if user_tag else CACHE_KEY_TAG
     return True
