@@ -2,8 +2,10 @@
 
 Two levers (``model.perception`` keys). In the encoder alone (4 canary-shape layers, eager, H200)
 they cut a forward + backward by 23%; in the canary recipe's compiled training step, both on made
-a pass 1.55x slower (4.30 vs 2.78 s, same run; BENCHMARKS.md, "Encoder layouts"). The cause is
-not found yet, so the recipe leaves them off and ``bench/train_throughput.py`` times each one.
+a pass 1.55x slower (4.30 vs 2.78 s, same run; BENCHMARKS.md, "Encoder layouts"). Alone,
+channels-last made the compiled step 11% slower, and padded frames made it fail to compile on the
+GPU image (torch 2.11), so the recipes leave both off and ``salm.train.recipe`` refuses
+``pad_frames_to`` with ``trainer.compile_layers``. Eager training may use them (unmeasured there).
 
 - **``channels_last_subsampling``.** ``dw_striding`` subsampling is a Conv2d then depthwise +
   pointwise Conv2d pairs. In bf16 with the default (NCHW) layout, PyTorch runs a depthwise
