@@ -348,8 +348,20 @@ def batch_rows(batch: dict, rows: list[int]) -> dict:
     return {key: value[rows] for key, value in batch.items()}
 
 
-def count_in_parts(model, batch: dict, parts: int, count, autocast) -> tuple[int, int]:
-    """``count(batch)`` summed over ``parts`` slices of the batch's clips: the same numbers with
+def count_flops(model, batch: dict, autocast) -> tuple[int, int]:
+    """(model FLOPs of our loss's forward + backward, real LLM positions) of one batch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        with autocast:
+            out = model.loss(batch)
+        out["loss"].backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops(), int(out["num_positions"])
+
+
+def count_in_parts(model, batch: dict, parts: int, autocast) -> tuple[int, int]:
+    """``count_flops`` summed over ``parts`` slices of the batch's clips: the same numbers with
     about 1/parts of the activation memory (a 1280 audio s batch of the canary shape does not fit
     an H200 in one eager forward + backward).
 
@@ -358,7 +370,7 @@ def count_in_parts(model, batch: dict, parts: int, count, autocast) -> tuple[int
     frames): these anchors join every part, and their own count is taken off all but once.
     """
     if parts <= 1:
-        return count(batch)
+        return count_flops(model, batch, autocast)
     clips = batch["audio_lens"].shape[0]
     with torch.no_grad(), autocast:
         llm_lengths = model.prepare_inputs(batch)["attention_mask"].sum(dim=1)
@@ -366,9 +378,9 @@ def count_in_parts(model, batch: dict, parts: int, count, autocast) -> tuple[int
     others = [i for i in range(clips) if i not in anchors]
     slices = [others[i::parts] for i in range(min(parts, len(others)))]
     if len(slices) < 2:
-        return count(batch)
-    counted = [count(batch_rows(batch, sorted([*rows, *anchors]))) for rows in slices]
-    anchor_flops, anchor_positions = count(batch_rows(batch, anchors))
+        return count_flops(model, batch, autocast)
+    counted = [count_flops(model, batch_rows(batch, sorted([*rows, *anchors])), autocast) for rows in slices]
+    anchor_flops, anchor_positions = count_flops(model, batch_rows(batch, anchors), autocast)
     extra = len(slices) - 1
     return (
         sum(f for f, _ in counted) - extra * anchor_flops,
@@ -384,27 +396,15 @@ def run_plain(
 
     Returns (plain timing or None, per-batch counts, our model's state dict on CPU for NeMo).
     """
-    from torch.utils.flop_counter import FlopCounterMode
-
     from salm.model.placeholders import IGNORE_INDEX
     from salm.train.engine import build_model
 
     model = build_model(cfg, device)
     model.train()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16)
-
-    def count(batch: dict) -> tuple[int, int]:
-        """(model FLOPs of forward + backward, real LLM positions) of one batch."""
-        with FlopCounterMode(display=False) as counter:
-            with autocast:
-                out = model.loss(batch)
-            out["loss"].backward()
-        model.zero_grad(set_to_none=True)
-        return counter.get_total_flops(), int(out["num_positions"])
-
     counts = []
     for batch in batches:
-        flops, positions = count_in_parts(model, to_device(batch, device), args.flop_parts, count, autocast)
+        flops, positions = count_in_parts(model, to_device(batch, device), args.flop_parts, autocast)
         counts.append({"flops": flops, "positions": positions})
 
     def plain_loss(batch: dict) -> torch.Tensor:
