@@ -30,6 +30,8 @@ import argparse
 import json
 import logging
 import tempfile
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
@@ -54,6 +56,32 @@ class LimitWatcher(logging.Handler):
         self.hit = self.hit or "recompile_limit" in record.getMessage()
 
 
+BACKEND_NAMES = {
+    "eager": "Dynamo only (eager)",
+    "inductor": "Inductor, torch's conv lowering",
+    "inductor_conv1d_dynamic": "Inductor, compile_layers",
+}
+
+
+@contextmanager
+def watching_recompile_limit() -> Iterator[LimitWatcher]:
+    """A ``LimitWatcher`` on Dynamo's logger for the ``with`` block."""
+    watcher = LimitWatcher()
+    logging.getLogger("torch._dynamo").addHandler(watcher)
+    try:
+        yield watcher
+    finally:
+        logging.getLogger("torch._dynamo").removeHandler(watcher)
+
+
+def caches_off() -> ExitStack:
+    """Inductor's and AOTAutograd's on-disk caches off, so no row reuses another's artefacts."""
+    stack = ExitStack()
+    stack.enter_context(inductor_config.patch(fx_graph_cache=False))
+    stack.enter_context(functorch_config.patch(enable_autograd_cache=False))
+    return stack
+
+
 def count_compiles(
     backend: str, canary: bool, lengths: list[int], device: torch.device, dtype: torch.dtype
 ) -> dict:
@@ -73,31 +101,25 @@ def count_compiles(
     use_strided_rel_shift(encoder)  # what AudioPerception gives every encoder
     for layer in encoder.layers:
         layer.compile(dynamic=True, backend=backend)
-    watcher = LimitWatcher()
-    logging.getLogger("torch._dynamo").addHandler(watcher)
-    try:
+    with watching_recompile_limit() as watcher:
         for frames in lengths:
             mel = frames * 8  # 8x subsampling in both recipes
             features = torch.randn(3, section.feat_in, mel, device=device, dtype=dtype)
             lens = torch.tensor([mel, mel - 80, mel - 320], device=device)
             encoded, _ = encoder(audio_signal=features, length=lens)
             encoded.float().square().mean().backward()
-    finally:
-        logging.getLogger("torch._dynamo").removeHandler(watcher)
     frames_compiled = torch._dynamo.utils.counters["frames"]["ok"]
     return {"compiled_frames": frames_compiled, "recompile_limit_hit": watcher.hit}
 
 
-def count_salm_compiles(keep_dynamic: bool, batches: list[dict]) -> dict:
-    """Train the tiny SALM, compiled as ``trainer.compile_layers`` compiles it, on ``batches``;
+def count_salm_compiles(cfg, keep_dynamic: bool, batches: list[dict]) -> dict:
+    """Train the tiny SALM of ``cfg``, compiled as ``trainer.compile_layers`` compiles it, on ``batches``;
     with ``keep_dynamic`` false, without ``keep_conv1d_backward_dynamic`` (torch's lowering)."""
-    from bench.train_throughput import recipe, write_llm_dir
     from salm.model.compile import compile_repeated_layers, repeated_layers
     from salm.train.engine import build_model
 
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    cfg = recipe(write_llm_dir(Path(tempfile.mkdtemp()) / "llm", tiny=True), tiny=True)
     torch.manual_seed(0)
     model = build_model(cfg, torch.device("cpu")).train()
     if keep_dynamic:
@@ -105,15 +127,11 @@ def count_salm_compiles(keep_dynamic: bool, batches: list[dict]) -> dict:
     else:  # the same compile without its keep_conv1d_backward_dynamic() call
         for layer in repeated_layers(model):
             layer.compile(dynamic=True)
-    watcher = LimitWatcher()
-    logging.getLogger("torch._dynamo").addHandler(watcher)
     frames_after = []
-    try:
+    with watching_recompile_limit() as watcher:
         for batch in tqdm(batches, desc="compile_layers" if keep_dynamic else "torch's conv lowering"):
             model.loss(batch)["loss"].backward()
             frames_after.append(torch._dynamo.utils.counters["frames"]["ok"])
-    finally:
-        logging.getLogger("torch._dynamo").removeHandler(watcher)
     return {
         "compiled_frames": frames_after[-1],
         "frames_after_each_batch": frames_after,
@@ -121,11 +139,10 @@ def count_salm_compiles(keep_dynamic: bool, batches: list[dict]) -> dict:
     }
 
 
-def salm_batches(count: int) -> list[dict]:
-    """``count`` bucketed batches of the tiny recipe, as ``bench/train_throughput.py --tiny`` makes them."""
-    from bench.train_throughput import build_tokenizer_model, make_batches, recipe, write_llm_dir
+def salm_batches(cfg, count: int) -> list[dict]:
+    """``count`` bucketed batches of ``cfg``'s tiny recipe, as ``bench/train_throughput.py --tiny`` makes them."""
+    from bench.train_throughput import build_tokenizer_model, make_batches
 
-    cfg = recipe(write_llm_dir(Path(tempfile.mkdtemp()) / "llm", tiny=True), tiny=True)
     model = build_tokenizer_model(cfg)
     batches: list[dict] = []
     seed = 0
@@ -137,22 +154,21 @@ def salm_batches(count: int) -> list[dict]:
 
 def main_salm(args: argparse.Namespace) -> None:
     """``--salm``: the whole tiny SALM on bucketed batches, torch's lowering first (it cannot come back)."""
-    batches = salm_batches(max(args.lengths, 2))
-    with (
-        inductor_config.patch(fx_graph_cache=False),
-        functorch_config.patch(enable_autograd_cache=False),
-    ):
+    from bench.train_throughput import recipe, write_llm_dir
+
+    cfg = recipe(write_llm_dir(Path(tempfile.mkdtemp()) / "llm", tiny=True), tiny=True)
+    batches = salm_batches(cfg, max(args.lengths, 2))
+    with caches_off():
         rows = {
-            "inductor": count_salm_compiles(False, batches),
-            "inductor_conv1d_dynamic": count_salm_compiles(True, batches),
+            "inductor": count_salm_compiles(cfg, False, batches),
+            "inductor_conv1d_dynamic": count_salm_compiles(cfg, True, batches),
         }
     shapes = [(tuple(b["audios"].shape), tuple(b["input_ids"].shape)) for b in batches]
     print(f"\ntiny SALM on cpu; {len(batches)} batches (audios, input_ids): {shapes}")
     print(f"{'backend':<34}{'compiled frames':>16}{'recompile limit hit':>21}  frames after each batch")
     for backend, row in rows.items():
-        name = "Inductor, torch's conv lowering" if backend == "inductor" else "Inductor, compile_layers"
         print(
-            f"{name:<34}{row['compiled_frames']:>16}{str(row['recompile_limit_hit']):>21}  {row['frames_after_each_batch']}"
+            f"{BACKEND_NAMES[backend]:<34}{row['compiled_frames']:>16}{str(row['recompile_limit_hit']):>21}  {row['frames_after_each_batch']}"
         )
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -176,10 +192,7 @@ def main() -> None:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     lengths = [60 + 7 * i for i in range(args.lengths)]  # encoder frames: 60, 67, 74, ...
-    with (
-        inductor_config.patch(fx_graph_cache=False),
-        functorch_config.patch(enable_autograd_cache=False),
-    ):  # torch's lowering goes first: keep_conv1d_backward_dynamic() cannot be undone in a process
+    with caches_off():  # torch's lowering goes first: keep_conv1d_backward_dynamic() cannot be undone
         rows = {
             backend: count_compiles(backend, args.canary, lengths, device, dtype)
             for backend in ("eager", "inductor", "inductor_conv1d_dynamic")
@@ -187,14 +200,11 @@ def main() -> None:
     print(
         f"\n{'canary' if args.canary else 'tiny'} encoder on {device}, {dtype}; {len(lengths)} frame counts {lengths}"
     )
-    names = {
-        "eager": "Dynamo only (eager)",
-        "inductor": "Inductor, torch's conv lowering",
-        "inductor_conv1d_dynamic": "Inductor, compile_layers",
-    }
     print(f"{'backend':<34}{'compiled frames':>16}{'recompile limit hit':>21}")
     for backend, row in rows.items():
-        print(f"{names[backend]:<34}{row['compiled_frames']:>16}{str(row['recompile_limit_hit']):>21}")
+        print(
+            f"{BACKEND_NAMES[backend]:<34}{row['compiled_frames']:>16}{str(row['recompile_limit_hit']):>21}"
+        )
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         result = {"device": str(device), "canary": args.canary, "frame_counts": lengths, "backends": rows}
