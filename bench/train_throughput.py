@@ -19,6 +19,7 @@ top kernels, host syncs and the top host ops.
 Model FLOPs of a step are counted once per batch with ``FlopCounterMode`` on our loss (forward +
 backward; the LM head at target positions only) and the same count is used for every path, so
 MFU ratios equal throughput ratios. The ceiling is a bf16 matmul measured in the same run.
+A baseline that runs out of memory at ``--budget-s`` is reported as not fitting (ours may fit).
 Tokens are LLM positions (audio frames + text). Run on the GPU machine::
 
     PYTHONPATH=$HOME/site:$PWD python3 -m bench.train_throughput --out $OUT
@@ -367,14 +368,19 @@ def count_in_parts(model, batch: dict, parts: int, autocast) -> tuple[int, int]:
 
     Exact because every FLOP of a step belongs to one clip at the batch's padded widths. The
     widths are set by two clips, the longest audio and the longest LLM sequence (text plus audio
-    frames): these anchors join every part, and their own count is taken off all but once.
+    frames): these anchors join every part, and their own count is taken off all but once. The
+    shortest LLM sequence is an anchor too, so that no count runs without padding: without it
+    transformers drops the mask and asks SDPA for grouped-query attention, which torch 2.11's
+    FLOP counter refuses ("query/key/value shapes are incompatible").
     """
     if parts <= 1:
         return count_flops(model, batch, autocast)
     clips = batch["audio_lens"].shape[0]
     with torch.no_grad(), autocast:
         llm_lengths = model.prepare_inputs(batch)["attention_mask"].sum(dim=1)
-    anchors = sorted({int(llm_lengths.argmax()), int(batch["audio_lens"].argmax())})
+    anchors = sorted(
+        {int(llm_lengths.argmax()), int(batch["audio_lens"].argmax()), int(llm_lengths.argmin())}
+    )
     others = [i for i in range(clips) if i not in anchors]
     slices = [others[i::parts] for i in range(min(parts, len(others)))]
     if len(slices) < 2:
@@ -470,7 +476,18 @@ def time_eager_path(
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    seconds = run_epochs(step, batches, device, args.warmup, args.repeats)
+    try:
+        seconds = run_epochs(step, batches, device, args.warmup, args.repeats)
+    except torch.OutOfMemoryError as error:
+        # A baseline that does not fit this batch is a result too (ours may fit it): keep the run going.
+        print(
+            f"{name}: out of memory at --budget-s {args.budget_s:g}: {str(error).splitlines()[0]}", flush=True
+        )
+        optimizer.zero_grad(set_to_none=True)
+        del optimizer
+        gc.collect()
+        torch.cuda.empty_cache()
+        return {"out_of_memory": True, "peak_mem_gb": peak_gb(device)}
     print(f"{name}: {seconds:.3f} s per pass", flush=True)
     result = {"seconds": seconds, "peak_mem_gb": peak_gb(device)}
     if args.profile:
@@ -555,7 +572,10 @@ def main() -> None:
     positions = sum(c["positions"] for c in counts)
     seconds_audio = audio_seconds(batches)
     rows = {}
+    did_not_fit = sorted(name for name, timing in paths.items() if timing.get("out_of_memory"))
     for name, timing in paths.items():
+        if name in did_not_fit:
+            continue
         s = timing["seconds"]
         rows[name] = {
             **timing,
@@ -565,6 +585,8 @@ def main() -> None:
             "mfu": flops / s / 1e12 / peak_tflops if not math.isnan(peak_tflops) else float("nan"),
         }
     print_table(rows, batches, counts, seconds_audio, peak_tflops)
+    for name in did_not_fit:
+        print(f"{name}: did not fit (CUDA out of memory; {paths[name]['peak_mem_gb']:.1f} GB at the failure)")
     ours = [
         name for name in rows if name.startswith("ours") and "compiled_" not in name
     ]  # the recipe's paths
@@ -581,6 +603,7 @@ def main() -> None:
                 "ratio_vs_nemo": ratio(rows, best, "nemo"),
                 "ratio_vs_plain": ratio(rows, best, "plain"),
                 "peak_mem_gb": rows[best]["peak_mem_gb"],
+                "out_of_memory": did_not_fit,
                 "bf16_matmul_tflops": peak_tflops,
                 "batches": [
                     {

@@ -29,3 +29,25 @@ def test_counting_a_batch_in_parts_gives_the_whole_batchs_count(tmp_path: Path) 
     assert count_in_parts(model, batch, 3, autocast) == whole
     first_half = count_flops(model, {key: value[:3] for key, value in batch.items()}, autocast)
     assert first_half[0] < whole[0]  # a slice alone counts less: the parts are really counted apart
+
+
+def test_every_slice_keeps_llm_padding(tmp_path: Path, monkeypatch) -> None:
+    """A slice without padding makes transformers drop the mask and use grouped-query SDPA, which
+    torch 2.11's FLOP counter refuses (it stopped a 1280 s count on the H200): each slice keeps one."""
+    import bench.train_throughput as bench_module
+
+    cfg = recipe(write_llm_dir(tmp_path / "llm", tiny=True), tiny=True)
+    batch = make_batches(build_tokenizer_model(cfg), 12.0, 3, tiny=True)[0]
+    model = build_model(cfg, torch.device("cpu")).train()
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+    unpadded = []
+    counted = count_flops
+
+    def count_and_check(model, batch: dict, autocast) -> tuple[int, int]:
+        with torch.no_grad(), autocast:
+            unpadded.append(bool(model.prepare_inputs(batch)["attention_mask"].all()))
+        return counted(model, batch, autocast)
+
+    monkeypatch.setattr(bench_module, "count_flops", count_and_check)
+    count_in_parts(model, batch, 3, autocast)
+    assert len(unpadded) == 4 and not any(unpadded)  # 3 slices + the anchors alone
