@@ -14,7 +14,8 @@ seconds per batch, as a duration-bucketing sampler makes them):
 
 ``--profile`` adds one profiled pass to every path and variant: the device's busy share of the
 wall, its time by kernel kind (matmul, attention, convolution, compiled fused, copies, ...) and its
-top kernels, host syncs and the top host ops.
+top kernels, host syncs, the top host ops, and where the device sat idle waiting for the host
+(``bench/device_gaps.py``: per step phase and per launching host op).
 
 Model FLOPs of a step are counted once per batch with ``FlopCounterMode`` on our loss (forward +
 backward; the LM head at target positions only) and the same count is used for every path, so
@@ -41,6 +42,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from torch.profiler import record_function
 
 from bench.common import (
     PROMPT,
@@ -52,6 +54,7 @@ from bench.common import (
     write_llm_dir,
     write_result,
 )
+from bench.device_gaps import PHASES, gap_table, idle_gaps, idle_summary
 from salm.model.compile import compile_repeated_layers
 from salm.train.batch_device import to_device
 
@@ -197,6 +200,8 @@ def profile_pass(step, batches: list[dict], device: torch.device) -> dict:
     table = averages.table(sort_by="self_cpu_time_total", row_limit=25)
     print(table, flush=True)
     print(kernel_table(kernels, device_s), flush=True)
+    gaps = idle_gaps(prof.events()) if device.type == "cuda" else []
+    print(gap_table(gaps, wall_s), flush=True)
     syncs = sum(e.count for e in averages if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize"))
     launches = sum(e.count for e in averages if e.key in ("cudaLaunchKernel", "cuLaunchKernelEx"))
     return {
@@ -204,6 +209,7 @@ def profile_pass(step, batches: list[dict], device: torch.device) -> dict:
         "device_busy_s": round(device_s, 3),
         "device_s_by_kind": kernel_seconds_by_kind(kernels),
         "device_busy_fraction": round(device_s / wall_s, 3),
+        "device_idle_s_by_phase": idle_summary(gaps),
         "host_syncs": syncs,
         "kernel_launches": launches,
         "top_host_ops": table,
@@ -263,9 +269,12 @@ def time_ds_variant(cfg, device: torch.device, config: dict, ds_variant: str) ->
     batches = make_batches(model, config["budget_s"], config["seed"], config["tiny"])
 
     def step(batch: dict) -> None:
-        out = engine(to_device(batch, device))
-        engine.backward(out["loss"])
-        engine.step()
+        with record_function(PHASES[0]):
+            out = engine(to_device(batch, device))
+        with record_function(PHASES[1]):
+            engine.backward(out["loss"])
+        with record_function(PHASES[2]):
+            engine.step()
 
     results = {}
     compiled = False
@@ -470,9 +479,13 @@ def time_eager_path(
     )
 
     def step(batch: dict) -> None:
-        loss_fn(batch).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        with record_function(PHASES[0]):
+            loss = loss_fn(batch)
+        with record_function(PHASES[1]):
+            loss.backward()
+        with record_function(PHASES[2]):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
