@@ -57,6 +57,7 @@ from bench.common import (
 from bench.device_gaps import PHASES, gap_table, idle_gaps, idle_summary
 from salm.model.compile import compile_repeated_layers
 from salm.train.batch_device import to_device
+from salm.train.grad_norm import use_deepspeed_grad_norm
 
 BUCKETS = [(5.0, 10.0), (10.0, 15.0), (15.0, 20.0), (20.0, 30.0), (30.0, 40.0)]  # audio seconds
 SAMPLE_RATE = 16000
@@ -163,11 +164,13 @@ def production_engine(cfg, device: torch.device):
 
 
 # DeepSpeed config variants: each replaces the recipe's `deepspeed.config` and gets its own engine.
-# "recipe" keeps what the recipe says; the others isolate the settings it chose: DeepSpeed's own
-# defaults, then without the throughput timer's 2 device syncs per step, then also without the bf16
+# "recipe" keeps what the recipe says; "deepspeed_grad_norm" is the recipe with DeepSpeed's own
+# per-tensor gradient norm loop put back; the others isolate the settings the recipe chose: DeepSpeed's
+# own defaults, then without the throughput timer's 2 device syncs per step, then also without the bf16
 # overflow scan (a `.item()` plus ~6 kernels per gradient tensor) and the contiguous gradient buffer.
 DS_VARIANTS: dict[str, dict | None] = {
     "recipe": None,
+    "deepspeed_grad_norm": None,  # the recipe, with DeepSpeed's per-tensor gradient norm (salm.train.grad_norm)
     "deepspeed_defaults": {},
     "no_timers": {"timers": {"throughput": {"enabled": False}}},
     "lean": {
@@ -266,6 +269,8 @@ def time_ds_variant(cfg, device: torch.device, config: dict, ds_variant: str) ->
     if DS_VARIANTS[ds_variant] is not None:
         cfg.deepspeed.config = DS_VARIANTS[ds_variant]
     model, engine = production_engine(cfg, device)
+    if ds_variant == "deepspeed_grad_norm":
+        use_deepspeed_grad_norm(engine.optimizer)
     batches = make_batches(model, config["budget_s"], config["seed"], config["tiny"])
 
     def step(batch: dict) -> None:

@@ -1,0 +1,68 @@
+"""DeepSpeed ZeRO-1/2's gradient norm (for ``gradient_clipping``) in a few fused kernels.
+
+DeepSpeed 0.19's ``DeepSpeedZeroOptimizer.get_grad_norm_direct`` loops over the gradient
+tensors in Python: per tensor a copy to fp64 and a ``vector_norm``. The canary shape has ~1,740
+trainable tensors, so every optimizer step launches ~3,500 small kernels one at a time. Profiled
+on an H200 (``bench/train_throughput.py --profile``, BENCHMARKS.md), the GPU sat idle 0.41 s per
+pass of 5 steps waiting for those launches: 76% of its idle time in the optimizer phase.
+
+``use_foreach_grad_norm`` swaps that method, on one optimizer, for the same sum over the same
+tensors through ``torch._foreach_norm`` (fp32 per tensor, summed in fp64): a handful of launches
+per step. It keeps DeepSpeed's reductions across data- and model-parallel ranks and its
+NaN/inf -> -1 masking. Cases it does not cover (other norms, model- or pipeline-parallel
+parameters) go to DeepSpeed's own loop.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+
+PATCHED = "salm_foreach_grad_norm"  # marks an optimizer whose norm this module replaced
+
+
+def _foreach_grad_norm_direct(self, gradients: list, params: list, norm_type: float = 2) -> torch.Tensor:
+    """``get_grad_norm_direct`` for the L2 norm of gradients owned by data-parallel ranks only."""
+    from deepspeed import comm as dist
+    from deepspeed.runtime.utils import mask_nan_or_inf_with_val_inplace
+
+    if float(norm_type) != 2.0 or self.model_parallel_rank != 0 or self.salm_has_replicated_params:
+        return type(self).get_grad_norm_direct(self, gradients, params, norm_type)
+    # As DeepSpeed: padding added by ZeRO's partitioning is not a gradient; zip pairs with params.
+    real = (g for g in gradients if not getattr(g, "_zero_padding", False))
+    grads = [g.detach() for g, _ in zip(real, params, strict=False)]
+    if grads:
+        norms = torch._foreach_norm(grads, 2.0, dtype=torch.float32)
+        total = torch.stack(norms).double().pow(2).sum().float()
+    else:
+        total = torch.tensor(0.0, dtype=torch.float32, device=self.device)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.dp_process_group)
+    self._model_parallel_all_reduce(tensor=total, op=dist.ReduceOp.SUM)
+    total = total.pow(0.5)
+    mask_nan_or_inf_with_val_inplace(total, device=self.device)
+    return total
+
+
+def use_foreach_grad_norm(optimizer) -> bool:
+    """Replace ``optimizer``'s per-tensor gradient norm loop (DeepSpeed ZeRO-1/2 only).
+
+    Returns whether it did: False for other optimizers (ZeRO-3, or no DeepSpeed ZeRO) and for a
+    DeepSpeed without the method, which keep their own norm.
+    """
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    if not isinstance(optimizer, DeepSpeedZeroOptimizer) or not hasattr(optimizer, "get_grad_norm_direct"):
+        return False
+    params = [p for group in optimizer.params_in_partition for p in group]
+    optimizer.salm_has_replicated_params = any(getattr(p, "ds_pipe_replicated", False) for p in params)
+    optimizer.get_grad_norm_direct = types.MethodType(_foreach_grad_norm_direct, optimizer)
+    setattr(optimizer, PATCHED, True)
+    return True
+
+
+def use_deepspeed_grad_norm(optimizer) -> None:
+    """Undo ``use_foreach_grad_norm``: DeepSpeed's own loop again (for before/after measurements)."""
+    if getattr(optimizer, PATCHED, False):
+        del optimizer.get_grad_norm_direct
+        setattr(optimizer, PATCHED, False)
