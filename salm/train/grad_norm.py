@@ -1,8 +1,8 @@
 """DeepSpeed ZeRO-1/2's gradient norm (for ``gradient_clipping``) in a few fused kernels.
 
 DeepSpeed 0.19's ``DeepSpeedZeroOptimizer.get_grad_norm_direct`` loops over the gradient
-tensors in Python: per tensor a copy to fp64 and a ``vector_norm``. The canary shape has ~1,740
-trainable tensors, so every optimizer step launches ~3,500 small kernels one at a time. Profiled
+tensors in Python: per tensor a copy to fp64 and a ``vector_norm``. The canary shape has 1,310
+trainable tensors, so every optimizer step launches ~2,600 small kernels one at a time. Profiled
 on an H200 (``bench/train_throughput.py --profile``, BENCHMARKS.md), the GPU sat idle 0.41 s per
 pass of 5 steps waiting for those launches: 76% of its idle time in the optimizer phase.
 
