@@ -19,8 +19,6 @@ import types
 
 import torch
 
-PATCHED = "salm_foreach_grad_norm"  # marks an optimizer whose norm this module replaced
-
 
 def _foreach_grad_norm_direct(self, gradients: list, params: list, norm_type: float = 2) -> torch.Tensor:
     """``get_grad_norm_direct`` for the L2 norm of gradients owned by data-parallel ranks only."""
@@ -57,12 +55,9 @@ def use_foreach_grad_norm(optimizer) -> bool:
     params = [p for group in optimizer.params_in_partition for p in group]
     optimizer.salm_has_replicated_params = any(getattr(p, "ds_pipe_replicated", False) for p in params)
     optimizer.get_grad_norm_direct = types.MethodType(_foreach_grad_norm_direct, optimizer)
-    setattr(optimizer, PATCHED, True)
     return True
 
 
 def use_deepspeed_grad_norm(optimizer) -> None:
     """Undo ``use_foreach_grad_norm``: DeepSpeed's own loop again (for before/after measurements)."""
-    if getattr(optimizer, PATCHED, False):
-        del optimizer.get_grad_norm_direct
-        setattr(optimizer, PATCHED, False)
+    vars(optimizer).pop("get_grad_norm_direct", None)  # the instance's method; the class keeps DeepSpeed's
