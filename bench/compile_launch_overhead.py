@@ -1,24 +1,28 @@
-"""Do CUDA graphs over the compiled layers speed up the canary-shape training step? (GPU)
+"""Inductor's launch-overhead options on the compiled layers of the canary-shape training step (GPU).
 
 ``trainer.compile_layers`` compiles every Conformer and Qwen3 layer with Inductor's default mode.
 The profile of that step (BENCHMARKS.md, "Where the GPU waits for the host") leaves ~1.3 s of GPU
 idle per 5 steps in the forward and backward: the compiled regions launching their kernels one at a
-time. Inductor's CUDA graphs (``triton.cudagraphs``, what ``mode="reduce-overhead"`` turns on)
-replay a region's kernels as one graph per input shape instead.
+time from Inductor's Python wrapper. Two Inductor options attack that:
+
+- CUDA graphs (``triton.cudagraphs``, what ``mode="reduce-overhead"`` turns on) replay a region's
+  kernels as one graph per input shape;
+- ``cpp_wrapper`` generates the wrapper that launches the kernels in C++ instead of Python.
 
 This script trains the canary-qwen-2.5b shape (random weights, the same 5 bucketed batches as
 ``bench/train_throughput.py``) in a plain AdamW loop with bf16 autocast, its layers compiled as
-``salm.model.compile`` compiles them, and puts CUDA graphs on ``--modes``:
+``salm.model.compile`` compiles them, in each of ``--modes``:
 
 - ``none``: every layer in the default mode (the recipe's compiled layers, the baseline);
+- ``cpp_wrapper``: every layer with Inductor's C++ wrapper;
 - ``encoder`` / ``llm``: CUDA graphs on the Conformer layers / on the Qwen3 layers only;
-- ``both``: on all of them.
+- ``both``: CUDA graphs on all of them.
 
 Each mode runs in its own process: a crash in one (torch 2.11 segfaulted in the Qwen3 layers'
 backward, BENCHMARKS.md) is reported as a row of the table, and no mode inherits another's compiled
 code. ``--inductor KEY=VALUE`` passes Inductor options to every mode (e.g. ``graph_partition=False``)::
 
-    source bench/device_setup.sh; python3 -m bench.compile_cudagraphs --out $OUT
+    source bench/device_setup.sh; python3 -m bench.compile_launch_overhead --out $OUT
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import torch
 
 from bench.common import card, peak_gb, recipe, timed, write_llm_dir, write_result
 
-MODES = ["none", "encoder", "llm", "both"]
+MODES = ["none", "cpp_wrapper", "encoder", "llm", "both"]
 RESULT_PREFIX = "RESULT "
 
 
@@ -68,7 +72,7 @@ def run_isolated(command: list[str], timeout_s: float) -> dict:
 
 
 def train_one_mode(mode: str, options: dict, budget_s: float, passes: int) -> dict:
-    """Child process: compile the layers with CUDA graphs where ``mode`` says, time ``passes`` passes."""
+    """Child process: compile the layers as ``mode`` says, time ``passes`` passes."""
     from torch._dynamo.utils import counters
 
     from bench.train_throughput import make_batches, to_device
@@ -86,7 +90,8 @@ def train_one_mode(mode: str, options: dict, budget_s: float, passes: int) -> di
     for index, layer in enumerate(repeated_layers(model)):
         in_encoder = index < encoder_layers
         graphs = mode == "both" or (mode == "encoder" and in_encoder) or (mode == "llm" and not in_encoder)
-        layer.compile(dynamic=True, options={**options, "triton.cudagraphs": graphs})
+        mode_options = {"triton.cudagraphs": graphs, "cpp_wrapper": mode == "cpp_wrapper"}
+        layer.compile(dynamic=True, options={**options, **mode_options})
     batches = make_batches(model, budget_s, 0, False)
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
 
@@ -117,7 +122,7 @@ def train_one_mode(mode: str, options: dict, budget_s: float, passes: int) -> di
 
 def print_table(rows: dict) -> None:
     baseline = rows.get("none", {}).get("seconds")
-    print(f"\n{'CUDA graphs on':<16}{'s/pass':>9}{'x none':>8}{'peak GB':>9}  first passes (compile, record)")
+    print(f"\n{'mode':<16}{'s/pass':>9}{'x none':>8}{'peak GB':>9}  first passes (compile, record)")
     for mode, row in rows.items():
         if "failed" in row:
             print(f"{mode:<16}{'failed: ' + row['failed']:>26}")
@@ -132,7 +137,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--modes", nargs="+", default=MODES, choices=MODES, help="where CUDA graphs go")
+    parser.add_argument("--modes", nargs="+", default=MODES, choices=MODES, help="what each run changes")
     parser.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE", help="Inductor options")
     parser.add_argument("--budget-s", type=float, default=640.0, help="audio seconds per batch")
     parser.add_argument("--passes", type=int, default=4, help="passes per mode; the first two are not timed")
@@ -149,7 +154,15 @@ def main() -> None:
         raise SystemExit("CUDA graphs need a GPU: run this on the device machine (BENCHMARKS.md).")
     rows = {}
     for mode in args.modes:
-        command = [sys.executable, "-X", "faulthandler", "-m", "bench.compile_cudagraphs", "--child", mode]
+        command = [
+            sys.executable,
+            "-X",
+            "faulthandler",
+            "-m",
+            "bench.compile_launch_overhead",
+            "--child",
+            mode,
+        ]
         command += [
             "--budget-s",
             str(args.budget_s),
@@ -162,7 +175,7 @@ def main() -> None:
         print(f"{mode}: {json.dumps(rows[mode])}", flush=True)
     print_table(rows)
     write_result(
-        "compile_cudagraphs",
+        "compile_launch_overhead",
         {
             "card": card(torch.device("cuda")),
             "inductor_options": options,

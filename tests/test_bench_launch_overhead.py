@@ -1,4 +1,4 @@
-"""bench/compile_cudagraphs.py's plumbing: a crashing mode is a row of the table, not the end of the run."""
+"""bench/compile_launch_overhead.py's plumbing: a crashing mode is a row of the table, not the end of the run."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from bench.compile_cudagraphs import parse_inductor_options, run_isolated
+from bench.compile_launch_overhead import parse_inductor_options, run_isolated
 
 
 def test_a_segfaulting_mode_is_reported_with_its_signal_and_last_words() -> None:
