@@ -1,8 +1,7 @@
 """``bench/train_throughput.py`` counts a batch's model FLOPs in slices (to fit 1280 s batches on a
 GPU): the slices must add up to the whole batch's count, FLOPs and LLM positions alike."""
 
-from pathlib import Path
-
+import pytest
 import torch
 
 from bench.train_throughput import (
@@ -16,11 +15,18 @@ from bench.train_throughput import (
 from salm.train.engine import build_model
 
 
-def test_counting_a_batch_in_parts_gives_the_whole_batchs_count(tmp_path: Path) -> None:
-    cfg = recipe(write_llm_dir(tmp_path / "llm", tiny=True), tiny=True)
-    batch = make_batches(build_tokenizer_model(cfg), 12.0, 3, tiny=True)[0]  # 6 clips of 1-2 s
+@pytest.fixture(scope="module")
+def tiny_model_and_batch(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, dict]:
+    """The tiny recipe's SALM in train mode and one bucketed batch of 6 clips of 1-2 s (counting
+    FLOPs changes neither, so both tests share them)."""
+    cfg = recipe(write_llm_dir(tmp_path_factory.mktemp("llm") / "llm", tiny=True), tiny=True)
+    batch = make_batches(build_tokenizer_model(cfg), 12.0, 3, tiny=True)[0]
     torch.manual_seed(0)
-    model = build_model(cfg, torch.device("cpu")).train()
+    return build_model(cfg, torch.device("cpu")).train(), batch
+
+
+def test_counting_a_batch_in_parts_gives_the_whole_batchs_count(tiny_model_and_batch) -> None:
+    model, batch = tiny_model_and_batch
     autocast = torch.autocast("cpu", dtype=torch.bfloat16)
 
     whole = count_in_parts(model, batch, 1, autocast)
@@ -31,14 +37,12 @@ def test_counting_a_batch_in_parts_gives_the_whole_batchs_count(tmp_path: Path) 
     assert first_half[0] < whole[0]  # a slice alone counts less: the parts are really counted apart
 
 
-def test_every_slice_keeps_llm_padding(tmp_path: Path, monkeypatch) -> None:
+def test_every_slice_keeps_llm_padding(tiny_model_and_batch, monkeypatch) -> None:
     """A slice without padding makes transformers drop the mask and use grouped-query SDPA, which
     torch 2.11's FLOP counter refuses (it stopped a 1280 s count on the H200): each slice keeps one."""
     import bench.train_throughput as bench_module
 
-    cfg = recipe(write_llm_dir(tmp_path / "llm", tiny=True), tiny=True)
-    batch = make_batches(build_tokenizer_model(cfg), 12.0, 3, tiny=True)[0]
-    model = build_model(cfg, torch.device("cpu")).train()
+    model, batch = tiny_model_and_batch
     autocast = torch.autocast("cpu", dtype=torch.bfloat16)
     unpadded = []
     counted = count_flops
