@@ -61,14 +61,22 @@ def run_isolated(command: list[str], timeout_s: float) -> dict:
     """Run ``command``; its ``RESULT {json}`` line, or why there is none (crash, timeout, error)."""
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        return {"failed": f"timed out after {timeout_s:.0f} s"}
+    except subprocess.TimeoutExpired as timeout:
+        # Its last words say how far it got (which passes ran): on an H200 both modes once timed out
+        # at 185 s with nothing else to show.
+        return {"failed": f"timed out after {timeout_s:.0f} s", "stderr_tail": last_lines(timeout.stderr)}
     for line in done.stdout.splitlines():
         if line.startswith(RESULT_PREFIX):
             return json.loads(line[len(RESULT_PREFIX) :])
     how = f"killed by signal {-done.returncode}" if done.returncode < 0 else f"exit code {done.returncode}"
-    last = [line for line in done.stderr.splitlines() if line.strip()][-12:]
-    return {"failed": how, "stderr_tail": last}
+    return {"failed": how, "stderr_tail": last_lines(done.stderr)}
+
+
+def last_lines(text: str | bytes | None, count: int = 12) -> list[str]:
+    """The last ``count`` non-blank lines of a child's output (a timeout hands it over as bytes)."""
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    return [line for line in (text or "").splitlines() if line.strip()][-count:]
 
 
 def train_one_mode(mode: str, options: dict, budget_s: float, passes: int) -> dict:

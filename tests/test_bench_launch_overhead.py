@@ -19,8 +19,9 @@ def test_a_segfaulting_mode_is_reported_with_its_signal_and_last_words() -> None
 def test_a_finished_mode_returns_its_result_line_and_a_hung_one_times_out() -> None:
     ok = "print('log line'); print('RESULT {\"seconds\": 2.5}')"
     assert run_isolated([sys.executable, "-c", ok], timeout_s=60) == {"seconds": 2.5}
-    hung = run_isolated([sys.executable, "-c", "import time; time.sleep(30)"], timeout_s=1)
-    assert hung == {"failed": "timed out after 1 s"}
+    slow = "import sys, time; print('pass 0: 110 s', file=sys.stderr, flush=True); time.sleep(30)"
+    hung = run_isolated([sys.executable, "-c", slow], timeout_s=2)
+    assert hung == {"failed": "timed out after 2 s", "stderr_tail": ["pass 0: 110 s"]}
 
 
 def test_inductor_options_are_typed_and_malformed_ones_are_refused() -> None:
