@@ -159,7 +159,7 @@ def main() -> None:
         print(RESULT_PREFIX + json.dumps(result), flush=True)
         return
     if not torch.cuda.is_available():
-        raise SystemExit("CUDA graphs need a GPU: run this on the device machine (BENCHMARKS.md).")
+        raise SystemExit("This benchmark times CUDA kernels: run it on the GPU machine (BENCHMARKS.md).")
     rows = {}
     for mode in args.modes:
         command = [
