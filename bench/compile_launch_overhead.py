@@ -83,9 +83,8 @@ def train_one_mode(mode: str, options: dict, budget_s: float, passes: int) -> di
     """Child process: compile the layers as ``mode`` says, time ``passes`` passes."""
     from torch._dynamo.utils import counters
 
-    from bench.train_throughput import make_batches, to_device
+    from bench.train_throughput import full_vocab_loss, make_batches, to_device
     from salm.model.compile import keep_conv1d_backward_dynamic, repeated_layers
-    from salm.model.placeholders import IGNORE_INDEX
     from salm.train.engine import build_model
 
     device = torch.device("cuda")
@@ -102,17 +101,11 @@ def train_one_mode(mode: str, options: dict, budget_s: float, passes: int) -> di
         layer.compile(dynamic=True, options={**options, **mode_options})
     batches = make_batches(model, budget_s, 0, False)
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16)
 
     def step(batch: dict) -> None:
         torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are dead from here
-        batch = to_device(batch, device)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            inputs = model.prepare_inputs(batch)
-            logits = model(inputs["input_embeds"], inputs["attention_mask"])
-        loss = torch.nn.functional.cross_entropy(
-            logits.float().flatten(0, 1), inputs["target_ids"].flatten(), ignore_index=IGNORE_INDEX
-        )
-        loss.backward()
+        full_vocab_loss(model, to_device(batch, device), autocast).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

@@ -408,6 +408,19 @@ def count_in_parts(model, batch: dict, parts: int, autocast) -> tuple[int, int]:
     )
 
 
+def full_vocab_loss(model, batch: dict, autocast) -> torch.Tensor:
+    """The plain loop's loss: our SALM's logits over the full vocabulary under ``autocast``, then
+    cross-entropy at the target positions (no Ray, no DeepSpeed, no loss tricks)."""
+    from salm.model.placeholders import IGNORE_INDEX
+
+    with autocast:
+        inputs = model.prepare_inputs(batch)
+        logits = model(inputs["input_embeds"], inputs["attention_mask"])  # (B, T, V): full vocabulary
+    return torch.nn.functional.cross_entropy(
+        logits.float().flatten(0, 1), inputs["target_ids"].flatten(), ignore_index=IGNORE_INDEX
+    )
+
+
 def run_plain(
     cfg, batches: list[dict], device: torch.device, args, time_it: bool = True
 ) -> tuple[dict | None, list[dict], dict]:
@@ -416,7 +429,6 @@ def run_plain(
 
     Returns (plain timing or None, per-batch counts, our model's state dict on CPU for NeMo).
     """
-    from salm.model.placeholders import IGNORE_INDEX
     from salm.train.engine import build_model
 
     model = build_model(cfg, device)
@@ -428,13 +440,7 @@ def run_plain(
         counts.append({"flops": flops, "positions": positions})
 
     def plain_loss(batch: dict) -> torch.Tensor:
-        batch = to_device(batch, device)
-        with autocast:
-            inputs = model.prepare_inputs(batch)
-            logits = model(inputs["input_embeds"], inputs["attention_mask"])  # (B, T, V): full vocabulary
-        return torch.nn.functional.cross_entropy(
-            logits.float().flatten(0, 1), inputs["target_ids"].flatten(), ignore_index=IGNORE_INDEX
-        )
+        return full_vocab_loss(model, to_device(batch, device), autocast)
 
     result = (
         time_eager_path("plain", plain_loss, model.trainable_parameters(), cfg, batches, device, args)
