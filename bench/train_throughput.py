@@ -289,7 +289,7 @@ def time_ds_variant(cfg, device: torch.device, config: dict, ds_variant: str) ->
         set_encoder_layouts(model, variant)
         compile_s = None
         if variant.startswith("compiled") and not compiled:  # in place, hence last; its first pass compiles
-            compile_repeated_layers(model)
+            compile_repeated_layers(model, cfg.trainer.compile_options)  # the recipe's Inductor options
             compiled = True
             compile_s = timed(lambda: [step(b) for b in batches], device)
             print(f"ours[{name}]: first pass (compiling) {compile_s:.1f} s", flush=True)

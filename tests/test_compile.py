@@ -39,6 +39,19 @@ def test_compiled_layers_keep_the_state_dict_and_the_transcripts(tiny_salm, spee
     assert again.token_ids == eager.token_ids
 
 
+def test_the_recipes_inductor_options_reach_every_compiled_layer(tiny_salm) -> None:
+    """``trainer.compile_options`` (the canary recipe's ``cpp_wrapper``) must configure each layer's compiler."""
+    with_options, without = copy.deepcopy(tiny_salm), copy.deepcopy(tiny_salm)
+    compile_repeated_layers(with_options, {"cpp_wrapper": True})
+    compile_repeated_layers(without)
+    configs = [layer._compiled_call_impl.get_compiler_config() for layer in repeated_layers(with_options)]
+    assert configs and all(config["cpp_wrapper"] is True for config in configs)
+    assert all(
+        layer._compiled_call_impl.get_compiler_config()["cpp_wrapper"] is False
+        for layer in repeated_layers(without)
+    )
+
+
 def test_the_compiled_conformer_convolution_trains_on_every_frame_count_with_one_graph() -> None:
     """NeMo's Conformer convolution module, compiled as compile_repeated_layers does, over 3 lengths.
 

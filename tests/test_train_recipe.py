@@ -22,6 +22,7 @@ def test_bundled_recipes_load_and_overrides_apply() -> None:
     assert canary.model.optimizer.lr == 5e-4 and list(canary.model.optimizer.betas) == [0.9, 0.98]
     assert canary.model.lr_scheduler.warmup_steps == 1000 and canary.trainer.precision == "bf16"
     assert canary.trainer.compile_layers is True and cfg.trainer.compile_layers is False
+    assert dict(canary.trainer.compile_options) == {"cpp_wrapper": True} and not cfg.trainer.compile_options
 
 
 def test_the_canary_recipe_configures_its_training_batches() -> None:
@@ -50,6 +51,14 @@ def test_unset_mandatory_values_are_named() -> None:
         (
             "trainer.compile_layers=sometimes",
             "`trainer.compile_layers` must be true or false, got 'sometimes'",
+        ),
+        (
+            "trainer.compile_options=cpp_wrapper",
+            "`trainer.compile_options` must be a mapping of Inductor options",
+        ),
+        (
+            "trainer.compile_options.cpp_wraper=true",
+            "`trainer.compile_options` has keys that are not Inductor options: cpp_wraper",
         ),
         ("model.optimizer.lr=0", "`model.optimizer.lr` must be > 0"),
         ("trainer.max_steps", "overrides must look like key.path=value"),

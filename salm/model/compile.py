@@ -29,6 +29,9 @@ compiled code (one recompile per layer, past torch's recompile limit). The encod
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -44,17 +47,32 @@ def repeated_layers(model: nn.Module) -> list[nn.Module]:
     return encoder_layers + list(base_causal_lm(model.llm).model.layers)
 
 
-def compile_repeated_layers(model: nn.Module) -> int:
+def compile_repeated_layers(model: nn.Module, inductor_options: Mapping[str, Any] | None = None) -> int:
     """Compile every repeated block of ``model`` in place (``dynamic=True``); returns how many.
 
-    The first step after this pays the compilation (about a minute per block type on a GPU host,
-    minutes on a small CPU); later steps reuse it.
+    ``inductor_options`` go to Inductor as ``torch.compile(options=...)`` does (the recipe's
+    ``trainer.compile_options``; the canary recipe sets ``cpp_wrapper``: the code that launches a
+    layer's kernels is generated in C++ instead of Python, which cuts the host time the step is
+    bound by). The first step after this pays the compilation (about a minute per block type on a
+    GPU host, minutes on a small CPU); later steps reuse it.
     """
     layers = repeated_layers(model)
     keep_conv1d_backward_dynamic()
+    options = dict(inductor_options or {}) or None
     for layer in layers:
-        layer.compile(dynamic=True)
+        layer.compile(dynamic=True, options=options)
     return len(layers)
+
+
+def unknown_inductor_options(options: Mapping[str, Any]) -> list[str]:
+    """The keys of ``options`` that are not Inductor settings: the recipe refuses them before a run starts.
+
+    ``torch.compile`` itself refuses them only in the Ray worker, after the model and engine are built.
+    """
+    from torch._inductor import config
+
+    known = set(config.get_config_copy())
+    return sorted(key for key in options if key not in known)
 
 
 def keep_conv1d_backward_dynamic() -> bool:

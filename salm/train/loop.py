@@ -70,7 +70,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     engine, scheduler = wrap_in_deepspeed(cfg, model, device, start_step=step)
     if cfg.trainer.compile_layers:
-        compiled = compile_repeated_layers(model)
+        compiled = compile_repeated_layers(model, cfg.trainer.compile_options)
         if is_chief:
             print(
                 f"compiling {compiled} repeated layers (torch.compile): the first step takes minutes",

@@ -3,6 +3,7 @@ with dotted ``key=value`` overrides from the command line, validated before any 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -30,6 +31,7 @@ TRAINER_DEFAULTS = {
     "log_prediction_valid_samples": 2,
     "max_new_tokens": 64,
     "compile_layers": False,
+    "compile_options": {},  # Inductor options for the compiled layers, e.g. {cpp_wrapper: true}
 }
 DEEPSPEED_DEFAULTS = {"zero_stage": 2, "offload_optimizer": False, "offload_param": False, "config": {}}
 # DeepSpeed keys that other recipe fields set: `deepspeed.config` may not set them a second way.
@@ -118,6 +120,19 @@ def validate_recipe(cfg: DictConfig) -> None:
         raise SALMConfigError(
             f"`trainer.compile_layers` must be true or false, got {trainer.compile_layers!r}"
         )
+    if not isinstance(trainer.compile_options, Mapping):
+        raise SALMConfigError(
+            "`trainer.compile_options` must be a mapping of Inductor options (e.g. {cpp_wrapper: true}), "
+            f"got {trainer.compile_options!r}"
+        )
+    if trainer.compile_options:
+        from salm.model.compile import unknown_inductor_options  # imports torch: only when options are set
+
+        if unknown := unknown_inductor_options(trainer.compile_options):
+            raise SALMConfigError(
+                f"`trainer.compile_options` has keys that are not Inductor options: {', '.join(unknown)}; "
+                "the names are those of torch._inductor.config (e.g. cpp_wrapper, triton.cudagraphs)"
+            )
     if precision_of(cfg) not in ("32", "bf16", "16"):
         raise SALMConfigError(f"`trainer.precision` must be 32, bf16 or 16, got {trainer.precision!r}")
     if int(ds.zero_stage) not in (0, 1, 2, 3):
