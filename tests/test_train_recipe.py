@@ -58,7 +58,11 @@ def test_unset_mandatory_values_are_named() -> None:
         ),
         (
             "trainer.compile_options.cpp_wraper=true",
-            "`trainer.compile_options` has keys that are not Inductor options: cpp_wraper",
+            "`trainer.compile_options`: not Inductor options: cpp_wraper",
+        ),
+        (
+            "trainer.compile_options.cpp_wrapper=sometimes",
+            "`trainer.compile_options`: Unexpected type of attr cpp_wrapper, got str should be bool",
         ),
         ("model.optimizer.lr=0", "`model.optimizer.lr` must be > 0"),
         ("trainer.max_steps", "overrides must look like key.path=value"),

@@ -64,15 +64,26 @@ def compile_repeated_layers(model: nn.Module, inductor_options: Mapping[str, Any
     return len(layers)
 
 
-def unknown_inductor_options(options: Mapping[str, Any]) -> list[str]:
-    """The keys of ``options`` that are not Inductor settings: the recipe refuses them before a run starts.
+def inductor_options_error(options: Mapping[str, Any]) -> str | None:
+    """Why Inductor would refuse ``options`` (a name it does not have, a value of the wrong type), or None.
 
-    ``torch.compile`` itself refuses them only in the Ray worker, after the model and engine are built.
+    The recipe asks this when it loads: ``torch.compile`` itself refuses them only in the Ray
+    worker, after the model and the DeepSpeed engine are built.
     """
     from torch._inductor import config
 
     known = set(config.get_config_copy())
-    return sorted(key for key in options if key not in known)
+    unknown = sorted(key for key in options if key not in known)
+    if unknown:
+        return (
+            f"not Inductor options: {', '.join(unknown)}; the names are those of torch._inductor.config "
+            "(e.g. cpp_wrapper, triton.cudagraphs)"
+        )
+    try:  # torch checks each value's type when the options are handed over, before anything compiles
+        torch.compile(lambda: None, options=dict(options))
+    except RuntimeError as error:
+        return str(error)
+    return None
 
 
 def keep_conv1d_backward_dynamic() -> bool:

@@ -126,13 +126,10 @@ def validate_recipe(cfg: DictConfig) -> None:
             f"got {trainer.compile_options!r}"
         )
     if trainer.compile_options:
-        from salm.model.compile import unknown_inductor_options  # imports torch: only when options are set
+        from salm.model.compile import inductor_options_error  # imports torch: only when options are set
 
-        if unknown := unknown_inductor_options(trainer.compile_options):
-            raise SALMConfigError(
-                f"`trainer.compile_options` has keys that are not Inductor options: {', '.join(unknown)}; "
-                "the names are those of torch._inductor.config (e.g. cpp_wrapper, triton.cudagraphs)"
-            )
+        if error := inductor_options_error(trainer.compile_options):
+            raise SALMConfigError(f"`trainer.compile_options`: {error}")
     if precision_of(cfg) not in ("32", "bf16", "16"):
         raise SALMConfigError(f"`trainer.precision` must be 32, bf16 or 16, got {trainer.precision!r}")
     if int(ds.zero_stage) not in (0, 1, 2, 3):
