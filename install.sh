@@ -4,7 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-SYSTEM_PACKAGES=(flite espeak-ng sox libsndfile1)
+# g++: torch.compile's Inductor builds C++ (CPU kernels; the canary recipe's `cpp_wrapper` on GPUs)
+# and DeepSpeed builds its ops with it.
+SYSTEM_PACKAGES=(flite espeak-ng sox libsndfile1 g++)
 missing=()
 for package in "${SYSTEM_PACKAGES[@]}"; do
   dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
