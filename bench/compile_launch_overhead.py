@@ -13,8 +13,9 @@ This script trains the canary-qwen-2.5b shape (random weights, the same 5 bucket
 ``bench/train_throughput.py``) in a plain AdamW loop with bf16 autocast, its layers compiled as
 ``salm.model.compile`` compiles them, in each of ``--modes``:
 
-- ``none``: every layer in the default mode (the recipe's compiled layers, the baseline);
-- ``cpp_wrapper``: every layer with Inductor's C++ wrapper;
+- ``none``: every layer with Inductor's default options (the baseline);
+- ``cpp_wrapper``: every layer with Inductor's C++ wrapper (what the canary recipe's
+  ``trainer.compile_options`` sets since it bought 1.12-1.15x, BENCHMARKS.md);
 - ``encoder`` / ``llm``: CUDA graphs on the Conformer layers / on the Qwen3 layers only;
 - ``both``: CUDA graphs on all of them.
 
