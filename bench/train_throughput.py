@@ -293,10 +293,22 @@ def time_ds_variant(cfg, device: torch.device, config: dict, ds_variant: str) ->
             compiled = True
             compile_s = timed(lambda: [step(b) for b in batches], device)
             print(f"ours[{name}]: first pass (compiling) {compile_s:.1f} s", flush=True)
+            # Dynamo's counts (imported here: a function of `python -m`'s __main__ reaches the Ray
+            # worker pickled by value, with copies of its globals): one graph per layer type, no breaks.
+            from torch._dynamo.utils import counters
+
+            graphs = {
+                "graph_breaks": sum(counters["graph_break"].values()),
+                "graphs": counters["stats"]["unique_graphs"],
+                "frames": counters["frames"]["ok"],
+            }
+            print(f"ours[{name}]: {json.dumps(graphs)}", flush=True)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         seconds = run_epochs(step, batches, device, config["warmup"], config["repeats"])
         results[name] = {"seconds": seconds, "peak_mem_gb": peak_gb(device), "compile_pass_s": compile_s}
+        if compile_s is not None:
+            results[name].update(graphs)
         print(f"ours[{name}]: {seconds:.3f} s per pass", flush=True)
         if config["profile"]:
             profiled = profile_pass(step, batches, device)
