@@ -35,12 +35,11 @@ def strided_rel_shift(scores: torch.Tensor) -> torch.Tensor:
         raise ValueError(
             f"position scores {tuple(scores.shape)}: need at least 2T - 1 = {2 * time - 1} columns"
         )
-    # The offset comes from slicing, not from ``storage_offset()``: that call returns an int, which
-    # torch.compile cannot trace, so it split every compiled Conformer layer in two (a graph break).
-    first_column = scores.contiguous().view(-1)[time - 1 :]
-    return first_column.as_strided(
+    scores = scores.contiguous()
+    return scores.as_strided(
         (batch, heads, time, positions - time + 1),
         (heads * time * positions, time * positions, positions - 1, 1),
+        scores.storage_offset() + time - 1,
     )
 
 
