@@ -111,3 +111,10 @@ def test_bench_aligned_variant_pads_frames_and_positions_without_changing_the_ou
 def test_every_attention_of_the_salm_encoder_shifts_with_strides(tiny_salm) -> None:
     attentions = [layer.self_attn for layer in tiny_salm.perception.encoder.layers]
     assert attentions and all(type(a) is StridedRelPositionAttention for a in attentions)
+
+
+def test_the_benchmarks_other_codings_of_the_shift_are_nemos_shift() -> None:
+    """``bench/rel_shift_codings.py`` times alternatives to the recipe's shift; each must be NeMo's."""
+    from bench.rel_shift_codings import check_codings
+
+    check_codings()  # raises AssertionError naming the coding that differs
