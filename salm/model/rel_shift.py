@@ -39,6 +39,8 @@ def strided_rel_shift(scores: torch.Tensor) -> torch.Tensor:
     return scores.as_strided(
         (batch, heads, time, positions - time + 1),
         (heads * time * positions, time * positions, positions - 1, 1),
+        # An int Dynamo cannot trace: a graph break in each compiled Conformer layer. The break-free
+        # form (offset by slicing a flat view) measured level end to end so far (BENCHMARKS.md).
         scores.storage_offset() + time - 1,
     )
 
