@@ -85,15 +85,18 @@ def set_variant(model, variant: str) -> None:
         layer.self_attn.use_pytorch_sdpa = variant.endswith("_sdpa")
 
 
+def train_step(model, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """Forward + backward of the encoder on one bucket's mel features."""
+    features, lengths = batch
+    encoded, _ = model(audio_signal=features, length=lengths)
+    encoded.float().square().mean().backward()
+
+
 def pass_ms(model, batches, device: torch.device, repeats: int) -> float:
     """Median milliseconds of forward + backward over all buckets, after 2 passes (compiling)."""
-
-    def step(batch: tuple[torch.Tensor, torch.Tensor]) -> None:
-        features, lengths = batch
-        encoded, _ = model(audio_signal=features, length=lengths)
-        encoded.float().square().mean().backward()
-
-    return 1000 * run_epochs(step, batches, device, warmup=2, repeats=repeats)
+    return 1000 * run_epochs(
+        lambda batch: train_step(model, batch), batches, device, warmup=2, repeats=repeats
+    )
 
 
 def main() -> None:

@@ -13,7 +13,8 @@ over the five duration buckets of ``bench/train_throughput.py``, each layer comp
   scatter (one pointwise kernel each way).
 
 All three are NeMo's shift on the key columns (float64 check at start). Prints ms per pass, Dynamo's
-graph and break counts, and the top GPU kernels of one profiled pass per coding::
+graph and break counts, and one profiled pass per coding (``train_throughput``'s ``profile_pass``:
+host ops, GPU time by kernel kind, top kernels, idle gaps)::
 
     python3 -m bench.rel_shift_codings --layers 4
 """
@@ -22,13 +23,15 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 from pathlib import Path
 
 import torch
 
 from bench.common import card
-from bench.encoder_attention import buckets, encoder, pass_ms
+from bench.encoder_attention import buckets, encoder, pass_ms, train_step
+from bench.train_throughput import profile_pass
 from salm.model import rel_shift
 
 
@@ -89,20 +92,6 @@ def check_codings() -> None:
                 raise AssertionError(f"{name} is not NeMo's shift at T={time}, P={positions}")
 
 
-def top_kernels(model, batches, rows: int) -> list[tuple[str, int, float]]:
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for features, lengths in batches:
-            encoded, _ = model(audio_signal=features, length=lengths)
-            encoded.float().square().mean().backward()
-        torch.cuda.synchronize()
-    kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
-    kernels.sort(key=lambda e: e.self_device_time_total, reverse=True)
-    return [(e.key[:100], e.count, e.self_device_time_total / 1000) for e in kernels[:rows]]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -137,14 +126,13 @@ def main() -> None:
             "ms_per_pass": ms,
             "graph_breaks": sum(counters["graph_break"].values()),
             "graphs": counters["stats"]["unique_graphs"],
-            "top_kernels": top_kernels(model, batches, rows=8),
         }
         print(
             f"{name}: {ms:.1f} ms per pass; {rows[name]['graphs']} graphs, {rows[name]['graph_breaks']} breaks",
             flush=True,
         )
-        for kernel, calls, kernel_ms in rows[name]["top_kernels"]:
-            print(f"    {kernel:<100}{calls:>6}{kernel_ms:>9.1f} ms", flush=True)
+        profiled = profile_pass(functools.partial(train_step, model), batches, device)
+        rows[name]["profile"] = {k: v for k, v in profiled.items() if k != "top_host_ops"}
         del model
     first = args.codings[0]
     print(
