@@ -4,11 +4,11 @@ Forward + backward of the canary recipe's FastConformer (``--layers`` deep, bf16
 over the five duration buckets of ``bench/train_throughput.py``, each layer compiled with
 ``dynamic=True`` and the canary recipe's Inductor options (``cpp_wrapper``), one coding at a time:
 
-- ``view_break``: ``salm.model.rel_shift.strided_rel_shift`` as the recipe runs it, a strided view
-  whose offset comes from ``storage_offset()``: Dynamo cannot trace that int, so it breaks the graph
-  and the layer runs as several graphs;
-- ``view``: the same view with its offset taken by slicing a flat view: no break, one graph, but
-  the view's backward is an ``as_strided_scatter`` inside the compiled graph;
+- ``view_break``: the strided view with its offset from ``storage_offset()`` (the recipe's until
+  2026-12-03): Dynamo cannot trace that int, so it breaks the graph and the layer runs as several graphs;
+- ``view``: ``salm.model.rel_shift.strided_rel_shift``, the same view with its offset taken by
+  slicing a flat view: no break, one graph, but the view's backward is an ``as_strided_scatter``
+  inside the compiled graph;
 - ``gather``: a gather over an iota index whose backward is the opposite gather: no break, no
   scatter (one pointwise kernel each way).
 
@@ -35,15 +35,14 @@ from bench.train_throughput import profile_pass
 from salm.model import rel_shift
 
 
-def view_without_break(scores: torch.Tensor) -> torch.Tensor:
+def view_with_break(scores: torch.Tensor) -> torch.Tensor:
+    """The recipe's view before it took its offset by slicing: ``storage_offset()`` breaks the graph."""
     batch, heads, time, positions = scores.shape
-    return (
-        scores.contiguous()
-        .view(-1)[time - 1 :]
-        .as_strided(
-            (batch, heads, time, positions - time + 1),
-            (heads * time * positions, time * positions, positions - 1, 1),
-        )
+    scores = scores.contiguous()
+    return scores.as_strided(
+        (batch, heads, time, positions - time + 1),
+        (heads * time * positions, time * positions, positions - 1, 1),
+        scores.storage_offset() + time - 1,
     )
 
 
@@ -70,8 +69,8 @@ class GatheredShift(torch.autograd.Function):
 
 
 CODINGS = {
-    "view_break": rel_shift.strided_rel_shift,
-    "view": view_without_break,
+    "view_break": view_with_break,
+    "view": rel_shift.strided_rel_shift,
     "gather": GatheredShift.apply,
 }
 

@@ -130,30 +130,10 @@ def run_epochs(step, batches: list[dict], device: torch.device, warmup: int, rep
 
 
 # ----- ours: Ray Train + DeepSpeed -----
-# Run in this order: compiling is in place. "compiled_break_free" swaps the Conformer's position shift
-# for the same view without `storage_offset()` (Dynamo's graph break in every compiled Conformer layer)
-# and compiles again (a variant of RETRACED_VARIANTS gets its own compiling pass), so the recipe's
-# step with and without the break run on one engine and one machine. "compiled_channels_last" turns on
-# salm.model.encoder_layout's channels-last subsampling on the compiled model, same run. There is no
-# padded variant: the recipe refuses perception.pad_frames_to with compiled layers (the compiled step
-# failed with it on an H200).
-MODEL_VARIANTS = ["default", "encoder_sdpa", "compiled", "compiled_break_free", "compiled_channels_last"]
-RETRACED_VARIANTS = {"compiled_break_free"}
-
-
-def set_rel_shift(variant: str) -> None:
-    """The break-free view for "compiled_break_free", the recipe's ``strided_rel_shift`` otherwise.
-
-    ``StridedRelPositionAttention.rel_shift`` reads the module's ``strided_rel_shift`` at every call
-    and Dynamo guards on it, so a switch makes the compiled layers trace again.
-    """
-    from bench.rel_shift_codings import view_without_break
-    from salm.model import rel_shift
-
-    if not hasattr(rel_shift, "recipe_strided_rel_shift"):
-        rel_shift.recipe_strided_rel_shift = rel_shift.strided_rel_shift
-    breaks = variant != "compiled_break_free"
-    rel_shift.strided_rel_shift = rel_shift.recipe_strided_rel_shift if breaks else view_without_break
+# Run in this order: compiling is in place. "compiled_channels_last" turns on salm.model.encoder_layout's
+# channels-last subsampling on the compiled model, same run. There is no padded variant: the recipe
+# refuses perception.pad_frames_to with compiled layers (the compiled step failed with it on an H200).
+MODEL_VARIANTS = ["default", "encoder_sdpa", "compiled", "compiled_channels_last"]
 
 
 def set_encoder_sdpa(model, enabled: bool) -> None:
@@ -307,19 +287,16 @@ def time_ds_variant(cfg, device: torch.device, config: dict, ds_variant: str) ->
         name = variant if ds_variant == "recipe" else f"{variant},ds={ds_variant}"
         set_encoder_sdpa(model, variant == "encoder_sdpa")
         set_encoder_layouts(model, variant)
-        set_rel_shift(variant)
         compile_s = None
-        if variant.startswith("compiled") and (not compiled or variant in RETRACED_VARIANTS):
+        if variant.startswith("compiled") and not compiled:  # in place, hence last; its first pass compiles
+            compile_repeated_layers(model, cfg.trainer.compile_options)  # the recipe's Inductor options
+            compiled = True
+            compile_s = timed(lambda: [step(b) for b in batches], device)
+            print(f"ours[{name}]: first pass (compiling) {compile_s:.1f} s", flush=True)
             # Dynamo's counts (imported here: a function of `python -m`'s __main__ reaches the Ray
             # worker pickled by value, with copies of its globals): one graph per layer type, no breaks.
             from torch._dynamo.utils import counters
 
-            if not compiled:  # in place, hence last; its first pass compiles
-                compile_repeated_layers(model, cfg.trainer.compile_options)  # the recipe's Inductor options
-                compiled = True
-            counters.clear()  # this variant's graphs only
-            compile_s = timed(lambda: [step(b) for b in batches], device)
-            print(f"ours[{name}]: first pass (compiling) {compile_s:.1f} s", flush=True)
             graphs = {
                 "graph_breaks": sum(counters["graph_break"].values()),
                 "graphs": counters["stats"]["unique_graphs"],

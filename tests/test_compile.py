@@ -46,6 +46,7 @@ def test_the_recipes_inductor_options_reach_every_compiled_layer(tiny_salm) -> N
     compile_repeated_layers(without)
     configs = [layer._compiled_call_impl.get_compiler_config() for layer in repeated_layers(with_options)]
     assert configs and all(config["cpp_wrapper"] is True for config in configs)
+    assert all(config["layout_optimization"] is False for config in configs)  # ours, under the recipe's
     assert all(
         layer._compiled_call_impl.get_compiler_config()["cpp_wrapper"] is False
         for layer in repeated_layers(without)

@@ -9,7 +9,15 @@ import torch
 from nemo.collections.asr.modules import ConformerEncoder
 from nemo.collections.asr.parts.submodules.multi_head_attention import RelPositionMultiHeadAttention
 
-from salm.model.rel_shift import StridedRelPositionAttention, strided_rel_shift, use_strided_rel_shift
+from salm.errors import SALMConfigError
+from salm.model.compile import DEFAULT_INDUCTOR_OPTIONS, keep_conv1d_backward_dynamic
+from salm.model.perception import AudioPerception
+from salm.model.rel_shift import (
+    StridedRelPositionAttention,
+    set_key_padding,
+    strided_rel_shift,
+    use_strided_rel_shift,
+)
 
 
 def nemo_rel_shift(scores: torch.Tensor) -> torch.Tensor:
@@ -82,6 +90,94 @@ def test_an_encoder_with_the_strided_shift_computes_the_same_outputs_and_gradien
     torch.testing.assert_close(our_out, nemo_out, rtol=1e-5, atol=1e-5)
     for ours_grad, nemo_grad in zip(our_grads, nemo_grads, strict=True):
         torch.testing.assert_close(ours_grad, nemo_grad, rtol=1e-4, atol=1e-5)
+
+
+def small_encoder(layers: int = 2) -> ConformerEncoder:
+    return ConformerEncoder(
+        feat_in=16,
+        n_layers=layers,
+        d_model=32,
+        n_heads=4,
+        subsampling_factor=4,
+        subsampling_conv_channels=8,
+        dropout=0.0,
+        dropout_pre_encoder=0.0,
+        dropout_emb=0.0,
+        dropout_att=0.0,
+    ).train()
+
+
+@pytest.mark.parametrize("masked", [True, False])
+@pytest.mark.parametrize("time", [5, 8, 13])
+def test_padded_keys_give_nemos_attention_outputs_and_gradients(time: int, masked: bool) -> None:
+    """Keys padded to a multiple of 8 are masked: NeMo's outputs and gradients, float64, with NeMo's
+    padding mask or none (then the padded keys alone are masked)."""
+    torch.manual_seed(0)
+    nemo = RelPositionMultiHeadAttention(
+        n_head=2, n_feat=8, dropout_rate=0.0, pos_bias_u=None, pos_bias_v=None
+    ).double()
+    torch.nn.init.normal_(nemo.pos_bias_u)  # NeMo starts them at zero: make the position term count
+    torch.nn.init.normal_(nemo.pos_bias_v)
+    ours = copy.deepcopy(nemo)
+    ours.__class__ = StridedRelPositionAttention
+    ours.key_multiple = 8
+    x = torch.randn(2, time, 8, dtype=torch.float64)
+    pos_emb = torch.randn(1, 2 * time - 1, 8, dtype=torch.float64)
+    mask = None
+    if masked:  # the second clip is 3 frames long, as the encoder's padding mask says
+        valid = torch.arange(time) < torch.tensor([time, 3])[:, None]
+        mask = ~(valid[:, :, None] & valid[:, None, :])
+    results = []
+    for module in (nemo, ours):
+        module.zero_grad()
+        inputs = x.clone().requires_grad_()
+        out = module(inputs, inputs, inputs, mask, pos_emb)
+        out.square().sum().backward()
+        results.append((out, inputs.grad, [p.grad for p in module.parameters()]))
+    (nemo_out, nemo_dx, nemo_grads), (our_out, our_dx, our_grads) = results
+    torch.testing.assert_close(our_out, nemo_out)
+    torch.testing.assert_close(our_dx, nemo_dx)
+    for mine, reference in zip(our_grads, nemo_grads, strict=True):
+        torch.testing.assert_close(mine, reference)
+
+
+def test_a_compiled_layer_with_padded_keys_is_one_graph_over_frame_counts_with_eagers_gradients() -> None:
+    """Compiled as ``compile_repeated_layers`` does (``dynamic=True``): the shift's offset must not
+    break the graph (``storage_offset()`` did: 4 graphs per layer) and the padded width, a function
+    of the frame count, must not pin it (a recompile per length)."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    eager = small_encoder(layers=1).double()  # float64: eager's and Inductor's sums agree closely
+    use_strided_rel_shift(eager)
+    set_key_padding(eager, 8)
+    compiled = copy.deepcopy(eager)
+    keep_conv1d_backward_dynamic()  # what compile_repeated_layers does first
+    compiled.layers[0].compile(dynamic=True, options=DEFAULT_INDUCTOR_OPTIONS)
+    torch._dynamo.reset()
+    counters.clear()
+    for frames in (57, 40, 81):  # 15, 10 and 21 encoder frames: padded to 16, 16 and 24 keys
+        features = torch.randn(2, 16, frames, dtype=torch.float64)
+        lengths = torch.tensor([frames, frames - 13])
+        for model in (eager, compiled):
+            model.zero_grad()
+            encoded, _ = model(audio_signal=features, length=lengths)
+            encoded.square().sum().backward()
+        for mine, reference in zip(compiled.parameters(), eager.parameters(), strict=True):
+            torch.testing.assert_close(mine.grad, reference.grad)
+    assert sum(counters["graph_break"].values()) == 0
+    assert counters["frames"]["ok"] == 1
+
+
+def test_pad_attention_keys_to_is_a_perception_key_and_a_bad_value_is_refused(tiny_model_cfg) -> None:
+    tiny_model_cfg.perception.output_dim = 64
+    tiny_model_cfg.perception.pad_attention_keys_to = 8
+    attentions = [layer.self_attn for layer in AudioPerception(tiny_model_cfg.perception).encoder.layers]
+    assert attentions and all(a.key_multiple == 8 for a in attentions)
+    for bad in (-8, "8", True):
+        tiny_model_cfg.perception.pad_attention_keys_to = bad
+        with pytest.raises(SALMConfigError, match=r"pad_attention_keys_to` must be a whole number >= 0"):
+            AudioPerception(tiny_model_cfg.perception)
 
 
 def test_bench_aligned_variant_pads_frames_and_positions_without_changing_the_outputs() -> None:

@@ -40,6 +40,13 @@ from salm.model.llm import base_causal_lm
 # Added to torch's compile cache key once 1-D convolution backwards are lowered our way.
 CACHE_KEY_TAG = "salm-ray:conv1d-backward-aten"
 
+# Under the recipe's ``trainer.compile_options``. Inductor's layout optimisation (channels-last
+# activations around convolutions) is always on for CPU graphs with convolutions in torch 2.13: in a
+# Conformer layer compiled as one graph it specialised the frame count (a recompile per length) and,
+# with padded attention keys, crashed Inductor ("Exponent must be non-negative"). On CUDA Inductor
+# leaves it off for dynamic shapes anyway, so this changes nothing on the GPU.
+DEFAULT_INDUCTOR_OPTIONS = {"layout_optimization": False}
+
 
 def repeated_layers(model: nn.Module) -> list[nn.Module]:
     """The SALM's repeated blocks: the Conformer encoder's layers, then the LLM decoder's layers."""
@@ -58,7 +65,7 @@ def compile_repeated_layers(model: nn.Module, inductor_options: Mapping[str, Any
     """
     layers = repeated_layers(model)
     keep_conv1d_backward_dynamic()
-    options = dict(inductor_options or {}) or None
+    options = {**DEFAULT_INDUCTOR_OPTIONS, **(inductor_options or {})}
     for layer in layers:
         layer.compile(dynamic=True, options=options)
     return len(layers)

@@ -74,9 +74,13 @@ class AudioPerception(nn.Module):
         self.preprocessor = build_from_target("preprocessor", cfg.preprocessor)
         _unpin_featurizer_forward(self.preprocessor)
         self.encoder = build_from_target("encoder", cfg.encoder)
-        from salm.model.rel_shift import use_strided_rel_shift  # imports NeMo, like the builders
+        from salm.model.rel_shift import (  # imports NeMo, like the builders
+            set_key_padding,
+            use_strided_rel_shift,
+        )
 
         use_strided_rel_shift(self.encoder)  # same numbers; compiled, 19 ms of kernels per pass, not 282
+        set_key_padding(self.encoder, cfg.get("pad_attention_keys_to"))  # same numbers, aligned matmuls
         # Opt-in GPU layouts, same numbers (salm/model/encoder_layout.py says why they are off).
         channels_last = cfg.get("channels_last_subsampling", False)
         if not isinstance(channels_last, bool):
