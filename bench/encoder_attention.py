@@ -8,11 +8,12 @@ seconds each), in variants timed in the same run:
   with ``dynamic=True`` as ``trainer.compile_layers`` does;
 - ``strided``: the same with ``salm.model.rel_shift`` (the shift as a strided view);
 - ``*_sdpa``: NeMo's ``use_pytorch_sdpa`` path (position scores passed to SDPA as a float mask);
-- ``aligned``: ``strided`` with the mel frames padded to a multiple of 64 (lengths unchanged:
-  masked) and a 2T-row position table, so the T frames after 8x subsampling are a multiple of 8 and
-  the attention's matmuls are 8-aligned (``perception.pad_frames_to``). The profile of the compiled training step showed ~0.19 s
-  per pass in SM75 ``align1`` GEMM kernels (BENCHMARKS.md);
-- ``aligned_cl``: ``aligned`` with the subsampling's convolutions channels-last
+- ``padded_keys``: ``strided`` with each attention's keys padded to a multiple of 8 (masked;
+  ``perception.pad_attention_keys_to: 8``, the canary recipe's), so the attention's matmuls are
+  8-aligned. The profile of the compiled training step showed ~0.19 s per pass in SM75 ``align1``
+  GEMM kernels (BENCHMARKS.md). Until 2026-12-03 this bench's ``aligned`` variant padded the mel
+  frames instead (the removed ``perception.pad_frames_to``);
+- ``padded_keys_cl``: ``padded_keys`` with the subsampling's convolutions channels-last
   (``salm.model.encoder_layout.use_channels_last_subsampling``). In bf16 and NCHW, PyTorch runs a
   depthwise convolution on its own native kernel (cuDNN only for fp16); channels-last sends it to
   cuDNN. The profile showed ~90 ms per pass in that kernel's backward.
@@ -35,12 +36,12 @@ from omegaconf import OmegaConf
 
 from bench.common import CONFIGS, card
 from bench.train_throughput import BUCKETS, run_epochs
-from salm.model.encoder_layout import pad_position_tables, use_channels_last_subsampling
-from salm.model.rel_shift import use_strided_rel_shift
+from salm.model.compile import DEFAULT_INDUCTOR_OPTIONS, keep_conv1d_backward_dynamic
+from salm.model.encoder_layout import use_channels_last_subsampling
+from salm.model.rel_shift import set_key_padding, use_strided_rel_shift
 
 FRAMES_PER_S = 100  # mel frames (10 ms hop)
-ALIGN_MEL_FRAMES = 64  # 8x subsampling: a multiple of 8 frames after it
-VARIANTS = ["nemo", "strided", "nemo_sdpa", "strided_sdpa", "aligned", "aligned_cl"]
+VARIANTS = ["nemo", "strided", "nemo_sdpa", "strided_sdpa", "padded_keys", "padded_keys_cl"]
 
 
 def encoder(layers: int, device: torch.device):
@@ -67,19 +68,12 @@ def buckets(budget_s: float, device: torch.device) -> list[tuple[torch.Tensor, t
     return batches
 
 
-def aligned_frames(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mel frames padded to a multiple of ``ALIGN_MEL_FRAMES``; the lengths (and so the masks) unchanged."""
-    features, lengths = batch
-    extra = -features.shape[-1] % ALIGN_MEL_FRAMES
-    return torch.nn.functional.pad(features, (0, extra)), lengths
-
-
 def set_variant(model, variant: str) -> None:
-    if variant.startswith(("strided", "aligned")):
+    if variant.startswith(("strided", "padded_keys")):
         use_strided_rel_shift(model)
-    if variant.startswith("aligned"):  # what pad_frames_to sets besides the featurizer's pad_to
-        pad_position_tables(model, True)
-    if variant == "aligned_cl":
+    if variant.startswith("padded_keys"):
+        set_key_padding(model, 8)
+    if variant == "padded_keys_cl":
         use_channels_last_subsampling(model)
     for layer in model.layers:
         layer.self_attn.use_pytorch_sdpa = variant.endswith("_sdpa")
@@ -119,11 +113,11 @@ def main() -> None:
             model = copy.deepcopy(base)
             set_variant(model, variant)
             if compiled:
+                keep_conv1d_backward_dynamic()  # as compile_repeated_layers does, without cpp_wrapper
                 for layer in model.layers:
-                    layer.compile(dynamic=True)
+                    layer.compile(dynamic=True, options=DEFAULT_INDUCTOR_OPTIONS)
             name = f"{variant}{' compiled' if compiled else ''}"
-            inputs = [aligned_frames(b) for b in batches] if variant.startswith("aligned") else batches
-            rows[name] = pass_ms(model, inputs, device, args.repeats)
+            rows[name] = pass_ms(model, batches, device, args.repeats)
             print(f"{name}: {rows[name]:.1f} ms per pass", flush=True)
             del model
             torch._dynamo.reset()

@@ -131,8 +131,7 @@ def run_epochs(step, batches: list[dict], device: torch.device, warmup: int, rep
 
 # ----- ours: Ray Train + DeepSpeed -----
 # Run in this order: compiling is in place. "compiled_channels_last" turns on salm.model.encoder_layout's
-# channels-last subsampling on the compiled model, same run. There is no padded variant: the recipe
-# refuses perception.pad_frames_to with compiled layers (the compiled step failed with it on an H200).
+# channels-last subsampling on the compiled model, same run.
 MODEL_VARIANTS = ["default", "encoder_sdpa", "compiled", "compiled_channels_last"]
 
 

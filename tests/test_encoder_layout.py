@@ -71,38 +71,6 @@ def test_the_cpu_keeps_nchw_and_encoders_without_conv_subsampling_are_left_alone
     assert not use_channels_last_subsampling(torch.nn.Linear(2, 2))
 
 
-def test_pad_frames_to_pads_the_mel_frames_and_keeps_lengths_and_outputs(tiny_model_cfg) -> None:
-    tiny_model_cfg.perception.output_dim = 64
-    torch.manual_seed(0)
-    plain = AudioPerception(tiny_model_cfg.perception).eval()
-    padded_cfg = copy.deepcopy(tiny_model_cfg.perception)
-    padded_cfg.pad_frames_to = 64
-    padded = AudioPerception(padded_cfg).eval()
-    padded.load_state_dict(plain.state_dict())
-    waveforms, lengths = torch.randn(2, 16000), torch.tensor([16000, 9000])  # ~100 and ~56 mel frames
-    with torch.no_grad():
-        plain_features, plain_lens = plain.preprocessor(input_signal=waveforms, length=lengths)
-        features, feature_lens = padded.preprocessor(input_signal=waveforms, length=lengths)
-        reference, reference_lens = plain(waveforms, lengths)
-        ours, our_lens = padded(waveforms, lengths)
-    assert not any(getattr(m, "pad_position_table", False) for m in plain.encoder.modules())  # off by default
-    assert all(layer.self_attn.pad_position_table for layer in padded.encoder.layers)  # 2T-row tables
-    assert plain_features.shape[-1] % 64 != 0 and features.shape[-1] == 128
-    assert torch.equal(feature_lens, plain_lens)
-    assert ours.shape[1] == 128 // plain.encoder.subsampling_factor  # 16 frames: 8-aligned
-    assert torch.equal(our_lens, reference_lens)
-    for row, length in enumerate(reference_lens.tolist()):
-        torch.testing.assert_close(ours[row, :length], reference[row, :length], rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("value", [-64, 6.4, "64", True])
-def test_a_bad_pad_frames_to_says_what_it_takes(tiny_model_cfg, value) -> None:
-    tiny_model_cfg.perception.output_dim = 64
-    tiny_model_cfg.perception.pad_frames_to = value
-    with pytest.raises(SALMConfigError, match=r"pad_frames_to.*whole number >= 0.*e\.g\. 64"):
-        AudioPerception(tiny_model_cfg.perception)
-
-
 def test_channels_last_subsampling_is_an_opt_in_perception_key(tiny_model_cfg, monkeypatch) -> None:
     monkeypatch.setattr(encoder_layout, "CHANNELS_LAST_DEVICES", {"cpu"})
     tiny_model_cfg.perception.output_dim = 64

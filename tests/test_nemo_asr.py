@@ -70,11 +70,11 @@ def _member(archive, name):
         return io.BytesIO(tar.extractfile(f"./{name}").read())
 
 
-def test_pad_frames_to_outlives_the_asr_models_preprocessor(asr_nemo, tiny_model_cfg) -> None:
-    """The canary recipe's ``pad_frames_to: 64`` must reach the featurizer although the ASR model's
-    preprocessor section (with its own ``pad_to``) replaces the recipe's."""
+def test_pad_attention_keys_to_outlives_the_asr_models_encoder(asr_nemo, tiny_model_cfg) -> None:
+    """The canary recipe's ``pad_attention_keys_to: 8`` must reach the attentions although the ASR
+    model's encoder section replaces the recipe's."""
     perception_cfg = _perception_cfg(tiny_model_cfg)
-    perception_cfg.pad_frames_to = 64
+    perception_cfg.pad_attention_keys_to = 8
     cfg = perception_config_from_asr(asr_nemo, perception_cfg)
-    assert cfg.preprocessor.get("pad_to", 16) != 64
-    assert AudioPerception(cfg).preprocessor.featurizer.pad_to == 64
+    attentions = [layer.self_attn for layer in AudioPerception(cfg).encoder.layers]
+    assert attentions and all(a.key_multiple == 8 for a in attentions)

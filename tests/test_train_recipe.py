@@ -159,10 +159,3 @@ def test_compiled_layers_are_refused_under_zero3() -> None:
         SALMConfigError, match="`trainer.compile_layers` works with `deepspeed.zero_stage` 0-2"
     ):
         load_recipe("tiny", [*FILLED, "trainer.compile_layers=true", "deepspeed.zero_stage=3"])
-
-
-def test_padded_frames_are_refused_with_compiled_layers() -> None:
-    with pytest.raises(SALMConfigError, match="`model.perception.pad_frames_to` does not work with"):
-        load_recipe("tiny", [*FILLED, "trainer.compile_layers=true", "model.perception.pad_frames_to=64"])
-    eager = load_recipe("tiny", [*FILLED, "model.perception.pad_frames_to=64"])  # eager layers: allowed
-    assert eager.model.perception.pad_frames_to == 64

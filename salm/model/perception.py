@@ -1,8 +1,9 @@
 """Audio perception: NeMo mel preprocessor -> FastConformer encoder -> modality adapter -> proj.
 
 Built from the same config section as NeMo's ``AudioPerceptionModule`` (``preprocessor``,
-``encoder``, ``modality_adapter``, ``spec_augment``, ``output_dim``; ours adds ``pad_frames_to``
-and ``channels_last_subsampling``, see ``salm.model.encoder_layout``) and with the same
+``encoder``, ``modality_adapter``, ``spec_augment``, ``output_dim``; ours adds
+``pad_attention_keys_to``, see ``salm.model.rel_shift``, and ``channels_last_subsampling``, see
+``salm.model.encoder_layout``) and with the same
 state-dict keys, so canary-qwen-2.5b's ``perception.*`` weights load unchanged.
 ``_target_`` entries are resolved against an allow-list rather than imported blindly: a config
 file must not be able to run arbitrary code.
@@ -18,7 +19,7 @@ from torch import nn
 
 from salm.errors import SALMConfigError
 from salm.model.adapters import IdentityAdapter, StackingMLPAdapter
-from salm.model.encoder_layout import set_frame_padding, use_channels_last_subsampling
+from salm.model.encoder_layout import use_channels_last_subsampling
 
 
 def _nemo_preprocessor(**kwargs):
@@ -81,7 +82,7 @@ class AudioPerception(nn.Module):
 
         use_strided_rel_shift(self.encoder)  # same numbers; compiled, 19 ms of kernels per pass, not 282
         set_key_padding(self.encoder, cfg.get("pad_attention_keys_to"))  # same numbers, aligned matmuls
-        # Opt-in GPU layouts, same numbers (salm/model/encoder_layout.py says why they are off).
+        # Opt-in GPU layout, same numbers (salm/model/encoder_layout.py says why it is off).
         channels_last = cfg.get("channels_last_subsampling", False)
         if not isinstance(channels_last, bool):
             raise SALMConfigError(
@@ -89,7 +90,6 @@ class AudioPerception(nn.Module):
             )
         if channels_last:
             use_channels_last_subsampling(self.encoder)
-        set_frame_padding(self.preprocessor, self.encoder, cfg.get("pad_frames_to"))
         spec_augment = cfg.get("spec_augment")
         self.spec_augmentation = build_from_target("spec_augment", spec_augment) if spec_augment else None
         self.modality_adapter = build_from_target("modality_adapter", cfg.modality_adapter)

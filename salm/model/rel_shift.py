@@ -21,11 +21,6 @@ One graph per layer measured 1.4% faster per training pass on one H200 engine (B
 ``perception.pad_attention_keys_to`` (``pad_keys``, on in the canary recipe) pads the keys to a
 multiple of 8 so that every score matrix is 16-byte aligned for cuBLAS: 5% faster per training pass
 with the break-free view (same engine, BENCHMARKS.md).
-
-With ``pad_position_table`` (set by ``perception.pad_frames_to``), ``StridedRelPositionAttention``
-gives the position table one unused row (``2T`` rows, not ``2T - 1``): the position scores are then
-8-aligned when ``T`` is a multiple of 4. The extra column is never read: the view stops at column
-``2T - 2``.
 """
 
 from __future__ import annotations
@@ -79,23 +74,23 @@ def pad_keys(
     value = nn.functional.pad(value, (0, 0, 0, keys - time))
     if mask is None:  # NeMo's "attend everywhere"
         mask = torch.zeros(1, queries, time, dtype=torch.bool, device=key.device)
-    mask = nn.functional.pad(mask, (0, keys - time), value=True)
+    # Each pad is written against the tensor's own length, so that every padded width is `keys` or
+    # `2 x keys` in Dynamo's symbols: "mask's T + keys - key's T" broke Inductor's stride reasoning in
+    # a recompile (torch 2.13, a batch of one clip with dropout).
+    mask = nn.functional.pad(mask, (0, keys - mask.shape[-1]), value=True)
     pos_emb = nn.functional.pad(pos_emb, (0, 0, 0, 2 * keys - pos_emb.shape[1]))
     return key, value, mask, pos_emb
 
 
 class StridedRelPositionAttention(RelPositionMultiHeadAttention):
     """NeMo's relative-position attention with ``strided_rel_shift``; optionally keys padded to
-    aligned widths (``key_multiple``) or a 2T-row position table."""
+    aligned widths (``key_multiple``)."""
 
-    pad_position_table = False  # salm.model.encoder_layout.set_frame_padding
     key_multiple = 0  # pad_keys to this multiple (set_key_padding); 0: NeMo's T keys
 
     def forward(self, query, key, value, mask, pos_emb, cache=None):
         if self.key_multiple and cache is None and pos_emb.shape[1] == 2 * key.shape[1] - 1:
             key, value, mask, pos_emb = pad_keys(key, value, mask, pos_emb, query.shape[1], self.key_multiple)
-        elif self.pad_position_table and cache is None and pos_emb.shape[1] == 2 * query.shape[1] - 1:
-            pos_emb = nn.functional.pad(pos_emb, (0, 0, 0, 1))  # one unused row: 2T-wide position scores
         return super().forward(query, key, value, mask, pos_emb, cache)
 
     def rel_shift(self, x: torch.Tensor) -> torch.Tensor:

@@ -139,13 +139,6 @@ def validate_recipe(cfg: DictConfig) -> None:
             "`trainer.compile_layers` works with `deepspeed.zero_stage` 0-2 only: ZeRO-3 gathers each "
             "layer's weights in module hooks that torch.compile would trace; set trainer.compile_layers=false"
         )
-    if trainer.compile_layers and cfg.model.perception.get("pad_frames_to"):
-        raise SALMConfigError(
-            "`model.perception.pad_frames_to` does not work with `trainer.compile_layers`: on an H200 "
-            "(torch 2.11) the compiled training step failed with padded frames, and padding never made a "
-            "compiled step faster (BENCHMARKS.md); set model.perception.pad_frames_to=0 or "
-            "trainer.compile_layers=false"
-        )
     if ds.offload_param and int(ds.zero_stage) != 3:
         raise SALMConfigError("`deepspeed.offload_param` needs `deepspeed.zero_stage=3`")
     if ds.offload_optimizer and int(ds.zero_stage) == 0:
