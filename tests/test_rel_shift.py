@@ -62,20 +62,25 @@ def test_attention_with_a_streaming_cache_matches_nemos(cached: int) -> None:
     assert torch.equal(our_cache, nemo_cache)
 
 
-def test_an_encoder_with_the_strided_shift_computes_the_same_outputs_and_gradients() -> None:
-    torch.manual_seed(0)
-    nemo = ConformerEncoder(
+def small_encoder(layers: int = 2, dropout: float = 0.0) -> ConformerEncoder:
+    """A 32-wide FastConformer in training mode; ``dropout`` for all of its dropouts."""
+    return ConformerEncoder(
         feat_in=16,
-        n_layers=2,
+        n_layers=layers,
         d_model=32,
         n_heads=4,
         subsampling_factor=4,
         subsampling_conv_channels=8,
-        dropout=0.0,
-        dropout_pre_encoder=0.0,
-        dropout_emb=0.0,
-        dropout_att=0.0,
+        dropout=dropout,
+        dropout_pre_encoder=dropout,
+        dropout_emb=dropout,
+        dropout_att=dropout,
     ).train()
+
+
+def test_an_encoder_with_the_strided_shift_computes_the_same_outputs_and_gradients() -> None:
+    torch.manual_seed(0)
+    nemo = small_encoder()
     ours = copy.deepcopy(nemo)
     assert use_strided_rel_shift(ours) == 2
     assert list(ours.state_dict()) == list(nemo.state_dict())
@@ -90,21 +95,6 @@ def test_an_encoder_with_the_strided_shift_computes_the_same_outputs_and_gradien
     torch.testing.assert_close(our_out, nemo_out, rtol=1e-5, atol=1e-5)
     for ours_grad, nemo_grad in zip(our_grads, nemo_grads, strict=True):
         torch.testing.assert_close(ours_grad, nemo_grad, rtol=1e-4, atol=1e-5)
-
-
-def small_encoder(layers: int = 2) -> ConformerEncoder:
-    return ConformerEncoder(
-        feat_in=16,
-        n_layers=layers,
-        d_model=32,
-        n_heads=4,
-        subsampling_factor=4,
-        subsampling_conv_channels=8,
-        dropout=0.0,
-        dropout_pre_encoder=0.0,
-        dropout_emb=0.0,
-        dropout_att=0.0,
-    ).train()
 
 
 @pytest.mark.parametrize("masked", [True, False])
@@ -174,15 +164,7 @@ def test_a_compiled_layer_with_padded_keys_recompiles_for_one_clip_with_dropout(
     that graph once broke Inductor (torch 2.13: "Exponent must be non-negative") when the mask's
     padded width was written as "mask's T + keys - key's T", a second symbol for the same length."""
     torch.manual_seed(0)
-    encoder = ConformerEncoder(
-        feat_in=16,
-        n_layers=1,
-        d_model=32,
-        n_heads=4,
-        subsampling_factor=4,
-        subsampling_conv_channels=8,
-        dropout_att=0.1,  # the canary recipe's; NeMo's default is 0
-    ).train()
+    encoder = small_encoder(layers=1, dropout=0.1)  # the canary recipe's dropouts
     use_strided_rel_shift(encoder)
     set_key_padding(encoder, 8)
     keep_conv1d_backward_dynamic()
