@@ -36,7 +36,7 @@ from omegaconf import OmegaConf
 
 from bench.common import CONFIGS, card
 from bench.train_throughput import BUCKETS, run_epochs
-from salm.model.compile import DEFAULT_INDUCTOR_OPTIONS, keep_conv1d_backward_dynamic
+from salm.model.compile import compile_layers
 from salm.model.encoder_layout import use_channels_last_subsampling
 from salm.model.rel_shift import set_key_padding, use_strided_rel_shift
 
@@ -113,9 +113,7 @@ def main() -> None:
             model = copy.deepcopy(base)
             set_variant(model, variant)
             if compiled:
-                keep_conv1d_backward_dynamic()  # as compile_repeated_layers does, without cpp_wrapper
-                for layer in model.layers:
-                    layer.compile(dynamic=True, options=DEFAULT_INDUCTOR_OPTIONS)
+                compile_layers(list(model.layers))  # as training does, without the recipe's cpp_wrapper
             name = f"{variant}{' compiled' if compiled else ''}"
             rows[name] = pass_ms(model, batches, device, args.repeats)
             print(f"{name}: {rows[name]:.1f} ms per pass", flush=True)

@@ -33,6 +33,7 @@ from bench.common import card
 from bench.encoder_attention import buckets, encoder, pass_ms, train_step
 from bench.train_throughput import profile_pass
 from salm.model import rel_shift
+from salm.model.compile import compile_layers
 
 
 def view_with_break(scores: torch.Tensor) -> torch.Tensor:
@@ -118,8 +119,7 @@ def main() -> None:
         rel_shift.use_strided_rel_shift(model)
         torch._dynamo.reset()
         counters.clear()
-        for layer in model.layers:
-            layer.compile(dynamic=True, options={"cpp_wrapper": True})
+        compile_layers(list(model.layers), {"cpp_wrapper": True})
         ms = pass_ms(model, batches, device, args.repeats)
         rows[name] = {
             "ms_per_pass": ms,

@@ -10,7 +10,7 @@ from nemo.collections.asr.modules import ConformerEncoder
 from nemo.collections.asr.parts.submodules.multi_head_attention import RelPositionMultiHeadAttention
 
 from salm.errors import SALMConfigError
-from salm.model.compile import DEFAULT_INDUCTOR_OPTIONS, keep_conv1d_backward_dynamic
+from salm.model.compile import compile_layers
 from salm.model.perception import AudioPerception
 from salm.model.rel_shift import (
     StridedRelPositionAttention,
@@ -142,8 +142,7 @@ def test_a_compiled_layer_with_padded_keys_is_one_graph_over_frame_counts_with_e
     use_strided_rel_shift(eager)
     set_key_padding(eager, 8)
     compiled = copy.deepcopy(eager)
-    keep_conv1d_backward_dynamic()  # what compile_repeated_layers does first
-    compiled.layers[0].compile(dynamic=True, options=DEFAULT_INDUCTOR_OPTIONS)
+    compile_layers([compiled.layers[0]])
     torch._dynamo.reset()
     counters.clear()
     for frames in (57, 40, 81):  # 15, 10 and 21 encoder frames: padded to 16, 16 and 24 keys
@@ -167,8 +166,7 @@ def test_a_compiled_layer_with_padded_keys_recompiles_for_one_clip_with_dropout(
     encoder = small_encoder(layers=1, dropout=0.1)  # the canary recipe's dropouts
     use_strided_rel_shift(encoder)
     set_key_padding(encoder, 8)
-    keep_conv1d_backward_dynamic()
-    encoder.layers[0].compile(dynamic=True, options=DEFAULT_INDUCTOR_OPTIONS)
+    compile_layers([encoder.layers[0]])
     torch._dynamo.reset()
     for frames, clips in ((157, 2), (140, 1)):
         lengths = torch.tensor([frames, frames - 13][:clips])

@@ -63,7 +63,16 @@ def compile_repeated_layers(model: nn.Module, inductor_options: Mapping[str, Any
     bound by). The first step after this pays the compilation (about a minute per block type on a
     GPU host, minutes on a small CPU); later steps reuse it.
     """
-    layers = repeated_layers(model)
+    return compile_layers(repeated_layers(model), inductor_options)
+
+
+def compile_layers(layers: list[nn.Module], inductor_options: Mapping[str, Any] | None = None) -> int:
+    """Compile each of ``layers`` in place as the recipe does; returns how many.
+
+    ``dynamic=True``, 1-D convolution backwards kept dynamic (``keep_conv1d_backward_dynamic``) and
+    ``inductor_options`` over ``DEFAULT_INDUCTOR_OPTIONS``. The benchmarks that time a slice of the
+    encoder call this too, so they compile what training compiles.
+    """
     keep_conv1d_backward_dynamic()
     options = {**DEFAULT_INDUCTOR_OPTIONS, **(inductor_options or {})}
     for layer in layers:
