@@ -14,6 +14,11 @@ detokenising), median of ``--repeats`` calls after one warm-up call per batch si
 
 What each optimisation of ours buys is measured in the same run with ``--ours-variants``:
 
+- ``nchw_subsampling``: ours with the encoder's subsampling in PyTorch's default (NCHW) layout
+  instead of the canary recipe's channels-last (``perception.channels_last_subsampling``), for this
+  path only;
+- ``unpadded_keys``: ours with NeMo's ``T`` attention keys in the encoder (``perception.pad_attention_keys_to:
+  0``) instead of the canary recipe's 8 (``salm.model.rel_shift.pad_keys``), for this path only;
 - ``transformers_sdpa``: ours with transformers' own ``sdpa`` attention in the decoder instead of
   ``sdpa_on_kv_heads`` (``salm/model/decoding.py``): with a mask it copies the KV cache per query
   group in the prefill (``repeat_kv``) and packs the groups for one eager query (``pack_gqa``);
@@ -25,7 +30,8 @@ What each optimisation of ours buys is measured in the same run with ``--ours-va
   decoding runs the LLM eagerly, so only the encoder is affected).
 
 Variants change the model in place and run in this order after the other paths, so each one
-includes the ones before it (``compiled`` is on the merged model).
+includes the ones before it (``compiled`` is on the merged model); ``nchw_subsampling``,
+``unpadded_keys`` and ``transformers_sdpa`` are undone after their own path.
 
 ``--serve-load`` then frees the GPU and runs ``bench/serve_load.py`` on the same model shape (random
 weights saved and served by Ray Serve, flite clips of ~9 s, 1/16/64/256 concurrent clients):
@@ -59,7 +65,9 @@ from omegaconf import OmegaConf
 from transformers import GenerationConfig
 
 from bench.common import PROMPT, RESULTS, card, peak_gb, recipe, sync, timed, write_llm_dir, write_result
+from salm.model import encoder_layout
 from salm.model.llm import base_causal_lm, embedding_inside
+from salm.model.rel_shift import set_key_padding
 
 SAMPLE_RATE = 16000
 
@@ -144,7 +152,14 @@ SERVE_LIMITS = [
     "Ingress.max_queued_requests=1024",
     "Transcriber.user_config.max_batch_audio_s=2560",
 ]
-OURS_VARIANTS = ("transformers_sdpa", "merged_lora", "compiled_decode", "compiled")
+OURS_VARIANTS = (
+    "nchw_subsampling",
+    "unpadded_keys",
+    "transformers_sdpa",
+    "merged_lora",
+    "compiled_decode",
+    "compiled",
+)
 
 
 def transformers_sdpa_in_decoding(enabled: bool) -> None:
@@ -331,6 +346,10 @@ def main() -> None:
     errors: dict[str, str] = {}
     for name, fn in named.items():  # path-major: a variant changes the model for the paths after it
         try:
+            if name == "ours_nchw_subsampling":
+                encoder_layout.CHANNELS_LAST_DEVICES = set()  # the hook reads it at every call
+            if name == "ours_unpadded_keys":
+                set_key_padding(ours.perception.encoder, 0)
             if name == "ours_transformers_sdpa":
                 transformers_sdpa_in_decoding(True)
                 ours._decoders.clear()  # captured graphs hold the attention they were captured with
@@ -371,6 +390,10 @@ def main() -> None:
             errors[name] = f"{type(error).__name__}: {error}"
             print(f"{name} FAILED: {errors[name]}", flush=True)
         finally:
+            if name == "ours_nchw_subsampling":
+                encoder_layout.CHANNELS_LAST_DEVICES = {"cuda"}
+            if name == "ours_unpadded_keys":
+                set_key_padding(ours.perception.encoder, cfg.model.perception.get("pad_attention_keys_to"))
             if name == "ours_transformers_sdpa":
                 transformers_sdpa_in_decoding(False)
                 ours._decoders.clear()

@@ -6,8 +6,9 @@ seconds per batch, as a duration-bucketing sampler makes them):
 
 - ours: Ray Train ``TorchTrainer`` with 1 GPU worker, the model and DeepSpeed engine built by
   ``salm.train.engine`` as ``salm/train/loop.py`` builds them (the recipe's ``deepspeed_config``:
-  bf16, ZeRO-2; AdamW; warmup+cosine; ``LossModule``), optionally in model variants (``--variants``)
-  and DeepSpeed config variants (``--ds-variants``, each with its own engine);
+  bf16, ZeRO-2; AdamW; warmup+cosine; ``LossModule``), its batches pinned by the training loop's
+  prefetch thread (``salm.train.batch_device.prefetch_pinned``), optionally in model variants
+  (``--variants``) and DeepSpeed config variants (``--ds-variants``, each with its own engine);
 - NeMo: NeMo 3.0's ``SALM.training_step`` -> backward -> AdamW step, bf16 weights;
 - plain: our model in fp32 under bf16 autocast, full-vocabulary logits + cross-entropy, AdamW,
   no Ray and no DeepSpeed.
@@ -38,6 +39,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -56,7 +58,7 @@ from bench.common import (
 )
 from bench.device_gaps import PHASES, gap_table, idle_gaps, idle_summary
 from salm.model.compile import compile_repeated_layers
-from salm.train.batch_device import to_device
+from salm.train.batch_device import prefetch_pinned, to_device
 from salm.train.grad_norm import use_deepspeed_grad_norm
 
 BUCKETS = [(5.0, 10.0), (10.0, 15.0), (15.0, 20.0), (20.0, 30.0), (30.0, 40.0)]  # audio seconds
@@ -118,7 +120,7 @@ def audio_seconds(batches: list[dict]) -> float:
     return sum(float(b["audio_lens"].sum()) for b in batches) / SAMPLE_RATE
 
 
-def run_epochs(step, batches: list[dict], device: torch.device, warmup: int, repeats: int) -> float:
+def run_epochs(step, batches: Iterable[dict], device: torch.device, warmup: int, repeats: int) -> float:
     """Wall seconds per pass over ``batches`` (median of ``repeats``), after ``warmup`` passes."""
     for _ in range(warmup):
         for batch in batches:
@@ -130,9 +132,20 @@ def run_epochs(step, batches: list[dict], device: torch.device, warmup: int, rep
 
 
 # ----- ours: Ray Train + DeepSpeed -----
-# Run in this order: compiling is in place. "compiled_channels_last" turns on salm.model.encoder_layout's
-# channels-last subsampling on the compiled model, same run.
-MODEL_VARIANTS = ["default", "encoder_sdpa", "compiled", "compiled_channels_last"]
+# Run in this order: compiling is in place. "compiled_pageable" feeds the compiled model pageable batches
+# (the training loop before salm.train.batch_device.prefetch_pinned); "compiled_nchw" runs the compiled
+# model's subsampling NCHW (the recipe before perception.channels_last_subsampling), same run.
+MODEL_VARIANTS = ["default", "encoder_sdpa", "compiled", "compiled_pageable", "compiled_nchw"]
+
+
+class PrefetchedBatches:
+    """The batches as ``salm/train/loop.py`` feeds them: every pass through ``prefetch_pinned``'s thread."""
+
+    def __init__(self, batches: list[dict], device: torch.device) -> None:
+        self.batches, self.device = batches, device
+
+    def __iter__(self) -> Iterator[dict]:
+        return prefetch_pinned(self.batches, self.device)
 
 
 def set_encoder_sdpa(model, enabled: bool) -> None:
@@ -141,16 +154,12 @@ def set_encoder_sdpa(model, enabled: bool) -> None:
         layer.self_attn.use_pytorch_sdpa = enabled
 
 
-def set_encoder_layouts(model, variant: str) -> None:
-    """``salm.model.encoder_layout``'s channels-last subsampling as ``variant`` names it, switched at
-    run time: the hook reads its device set at every call."""
+def set_encoder_layouts(variant: str) -> None:
+    """The recipe's channels-last subsampling (``salm.model.encoder_layout``) off for "compiled_nchw", as the
+    recipe says for every other variant; switched at run time: the hook reads its device set at every call."""
     from salm.model import encoder_layout
 
-    if not variant.startswith("compiled"):
-        return  # the recipe's own settings
-    if variant == "compiled_channels_last":
-        encoder_layout.use_channels_last_subsampling(model.perception.encoder)  # hooks once
-    encoder_layout.CHANNELS_LAST_DEVICES = {"cuda"} if variant == "compiled_channels_last" else set()
+    encoder_layout.CHANNELS_LAST_DEVICES = set() if variant == "compiled_nchw" else {"cuda"}
 
 
 def production_engine(cfg, device: torch.device):
@@ -180,7 +189,7 @@ DS_VARIANTS: dict[str, dict | None] = {
 }
 
 
-def profile_pass(step, batches: list[dict], device: torch.device) -> dict:
+def profile_pass(step, batches: Iterable[dict], device: torch.device) -> dict:
     """One pass under ``torch.profiler``: the device's busy share of the wall and the top host ops."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
@@ -271,6 +280,7 @@ def time_ds_variant(cfg, device: torch.device, config: dict, ds_variant: str) ->
     if ds_variant == "deepspeed_grad_norm":
         use_deepspeed_grad_norm(engine.optimizer)
     batches = make_batches(model, config["budget_s"], config["seed"], config["tiny"])
+    prefetched = PrefetchedBatches(batches, device)
 
     def step(batch: dict) -> None:
         with record_function(PHASES[0]):
@@ -285,12 +295,13 @@ def time_ds_variant(cfg, device: torch.device, config: dict, ds_variant: str) ->
     for variant in config["variants"]:
         name = variant if ds_variant == "recipe" else f"{variant},ds={ds_variant}"
         set_encoder_sdpa(model, variant == "encoder_sdpa")
-        set_encoder_layouts(model, variant)
+        set_encoder_layouts(variant)
+        feed = batches if variant == "compiled_pageable" else prefetched
         compile_s = None
         if variant.startswith("compiled") and not compiled:  # in place, hence last; its first pass compiles
             compile_repeated_layers(model, cfg.trainer.compile_options)  # the recipe's Inductor options
             compiled = True
-            compile_s = timed(lambda: [step(b) for b in batches], device)
+            compile_s = timed(lambda feed=feed: [step(b) for b in feed], device)
             print(f"ours[{name}]: first pass (compiling) {compile_s:.1f} s", flush=True)
             # Dynamo's counts (imported here: a function of `python -m`'s __main__ reaches the Ray
             # worker pickled by value, with copies of its globals): one graph per layer type, no breaks.
@@ -304,13 +315,13 @@ def time_ds_variant(cfg, device: torch.device, config: dict, ds_variant: str) ->
             print(f"ours[{name}]: {json.dumps(graphs)}", flush=True)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        seconds = run_epochs(step, batches, device, config["warmup"], config["repeats"])
+        seconds = run_epochs(step, feed, device, config["warmup"], config["repeats"])
         results[name] = {"seconds": seconds, "peak_mem_gb": peak_gb(device), "compile_pass_s": compile_s}
         if compile_s is not None:
             results[name].update(graphs)
         print(f"ours[{name}]: {seconds:.3f} s per pass", flush=True)
         if config["profile"]:
-            profiled = profile_pass(step, batches, device)
+            profiled = profile_pass(step, feed, device)
             results[name]["profile"] = profiled
             summary = {k: v for k, v in profiled.items() if k != "top_host_ops"}
             print(f"ours[{name}] profiled: {json.dumps(summary)}", flush=True)

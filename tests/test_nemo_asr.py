@@ -70,11 +70,17 @@ def _member(archive, name):
         return io.BytesIO(tar.extractfile(f"./{name}").read())
 
 
-def test_pad_attention_keys_to_outlives_the_asr_models_encoder(asr_nemo, tiny_model_cfg) -> None:
-    """The canary recipe's ``pad_attention_keys_to: 8`` must reach the attentions although the ASR
-    model's encoder section replaces the recipe's."""
+def test_the_recipes_encoder_keys_outlive_the_asr_models_encoder(asr_nemo, tiny_model_cfg) -> None:
+    """The canary recipe's ``pad_attention_keys_to: 8`` and ``channels_last_subsampling: true`` must
+    reach the encoder although the ASR model's encoder section replaces the recipe's."""
+    from salm.model.encoder_layout import _channels_last_input
+
     perception_cfg = _perception_cfg(tiny_model_cfg)
     perception_cfg.pad_attention_keys_to = 8
+    perception_cfg.channels_last_subsampling = True
     cfg = perception_config_from_asr(asr_nemo, perception_cfg)
-    attentions = [layer.self_attn for layer in AudioPerception(cfg).encoder.layers]
+    encoder = AudioPerception(cfg).encoder
+    attentions = [layer.self_attn for layer in encoder.layers]
     assert attentions and all(a.key_multiple == 8 for a in attentions)
+    first_conv = next(m for m in encoder.pre_encode.modules() if isinstance(m, torch.nn.Conv2d))
+    assert _channels_last_input in first_conv._forward_pre_hooks.values()

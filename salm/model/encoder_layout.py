@@ -1,4 +1,4 @@
-"""A memory layout for the FastConformer's GPU kernels, same numbers: opt-in, off by default.
+"""A memory layout for the FastConformer's GPU kernels, same numbers: off by default, on in the canary recipe.
 
 **``channels_last_subsampling``** (a ``model.perception`` key). ``dw_striding`` subsampling is a
 Conv2d then depthwise + pointwise Conv2d pairs. In bf16 with the default (NCHW) layout, PyTorch runs
@@ -9,10 +9,11 @@ shapes. A channels-last input to the first convolution makes every later one cha
 safetensors need them contiguous.
 
 In the encoder alone (4 canary-shape layers, eager, H200) it cut a forward + backward by 23% (with
-8-aligned frames); in the canary recipe's compiled training step it made a pass 11% slower
-(BENCHMARKS.md, "Encoder layouts"), so the recipes leave it off. Eager training may use it
-(unmeasured there). The attention's alignment, the other lever of that section, is
-``perception.pad_attention_keys_to`` now (``salm.model.rel_shift.pad_keys``).
+8-aligned frames). In the canary recipe's compiled training step it first made a pass 11% slower
+(fifth session, cause not found); with today's step (one graph per Conformer layer, C++ wrapper,
+padded attention keys) it takes 70 ms of convolution time off the GPU per pass and the pass
+0.8-6% less wall, and serving is level (BENCHMARKS.md, "Channels-last subsampling"), so the
+canary recipe turns it on. The tiny recipe (CPU) leaves it off: the CPU keeps NCHW anyway.
 """
 
 from __future__ import annotations

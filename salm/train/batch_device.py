@@ -1,6 +1,16 @@
-"""Moving a collated batch (tensors plus id/text lists) to the training device."""
+"""Moving a collated batch (tensors plus id/text lists) to the training device.
+
+``prefetch_pinned`` runs the batch source (bucketing, collation) one or two batches ahead in a
+background thread and copies each batch's tensors to pinned (page-locked) host memory there, so
+``to_device``'s copy is asynchronous: from pageable memory CUDA first waits for the stream to drain,
+which stalled the GPU at every step (BENCHMARKS.md, "Pinned batches").
+"""
 
 from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterable, Iterator
 
 import torch
 
@@ -10,3 +20,58 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {
         k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
     }
+
+
+def pin_batch(batch: dict) -> dict:
+    """The batch with every tensor in pinned host memory (needs CUDA); other values as they are."""
+    return {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def prefetch_pinned(batches: Iterable[dict], device: torch.device, depth: int = 2) -> Iterator[dict]:
+    """``batches`` in their order, produced up to ``depth`` ahead by a background thread; pinned for a CUDA ``device``.
+
+    The source's own work (reading rows, bucketing, collating) overlaps the training step instead of
+    running between steps. An error in the source is raised here, in the training loop, as itself;
+    a finite source ends this iterator. Closing the iterator (or dropping it) stops the thread at
+    its next batch.
+    """
+    if depth < 1:
+        raise ValueError(f"prefetch depth must be >= 1, got {depth}")
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: tuple) -> bool:
+        """Hand ``item`` over, waiting for a free slot; False once the consumer has gone."""
+        while not stop.is_set():
+            try:
+                slots.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    pin = device.type == "cuda"
+
+    def produce() -> None:
+        try:
+            if pin:  # pinned buffers belong to the worker's GPU, not GPU 0 (a context there costs memory)
+                torch.cuda.set_device(device)
+            for batch in batches:
+                if not put(("batch", pin_batch(batch) if pin else batch)):
+                    return
+            put(("end", None))
+        except BaseException as error:  # noqa: BLE001 - handed to the consumer, which raises it
+            put(("error", error))
+
+    thread = threading.Thread(target=produce, name="salm-batch-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, item = slots.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise item
+            yield item
+    finally:
+        stop.set()

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from salm.model.compile import compile_repeated_layers
 from salm.model.salm import SALM
 from salm.train import checkpointing
-from salm.train.batch_device import to_device
+from salm.train.batch_device import prefetch_pinned, to_device
 from salm.train.data_feed import train_batches, validation_batches
 from salm.train.engine import build_model, wrap_in_deepspeed
 from salm.train.prediction_log import SampleTokens, format_block
@@ -86,7 +86,10 @@ def train_loop_per_worker(config: dict) -> None:
     val_every = int(trainer_cfg.val_check_interval)
     ckpt_every = int(exp.checkpoint_every_n_steps or val_every)
     accumulate = int(trainer_cfg.accumulate_grad_batches)
-    batches = train_batches(cfg, model.text_pad_id, model.token_equivalent_duration, seed_offset=step)
+    batches = prefetch_pinned(  # collated ahead in a thread, pinned so the copy to the GPU is asynchronous
+        train_batches(cfg, model.text_pad_id, model.token_equivalent_duration, seed_offset=step),
+        device,
+    )
     meter = StepMeter(run_name=str(exp.name), world_size=world_size)
     last_checkpoint_step = step if checkpoint_dir is not None else -1
     metrics_log = (
