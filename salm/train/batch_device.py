@@ -54,7 +54,7 @@ def prefetch_pinned(batches: Iterable[dict], device: torch.device, depth: int = 
 
     def produce() -> None:
         try:
-            if pin:  # pinned buffers belong to the worker's GPU, not GPU 0 (a context there costs memory)
+            if pin and device.index is not None:  # the worker's GPU, not GPU 0: a context there costs memory
                 torch.cuda.set_device(device)
             for batch in batches:
                 if not put(("batch", pin_batch(batch) if pin else batch)):
