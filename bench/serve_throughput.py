@@ -347,6 +347,7 @@ def main() -> None:
     for name, fn in named.items():  # path-major: a variant changes the model for the paths after it
         try:
             if name == "ours_nchw_subsampling":
+                recipe_layout = encoder_layout.CHANNELS_LAST_DEVICES
                 encoder_layout.CHANNELS_LAST_DEVICES = set()  # the hook reads it at every call
             if name == "ours_unpadded_keys":
                 set_key_padding(ours.perception.encoder, 0)
@@ -391,7 +392,7 @@ def main() -> None:
             print(f"{name} FAILED: {errors[name]}", flush=True)
         finally:
             if name == "ours_nchw_subsampling":
-                encoder_layout.CHANNELS_LAST_DEVICES = {"cuda"}
+                encoder_layout.CHANNELS_LAST_DEVICES = recipe_layout
             if name == "ours_unpadded_keys":
                 set_key_padding(ours.perception.encoder, cfg.model.perception.get("pad_attention_keys_to"))
             if name == "ours_transformers_sdpa":

@@ -82,7 +82,7 @@ class AudioPerception(nn.Module):
 
         use_strided_rel_shift(self.encoder)  # same numbers; compiled, 19 ms of kernels per pass, not 282
         set_key_padding(self.encoder, cfg.get("pad_attention_keys_to"))  # same numbers, aligned matmuls
-        # Opt-in GPU layout, same numbers (salm/model/encoder_layout.py says why it is off).
+        # GPU layout, same numbers: off by default, on in the canary recipe (salm/model/encoder_layout.py says why).
         channels_last = cfg.get("channels_last_subsampling", False)
         if not isinstance(channels_last, bool):
             raise SALMConfigError(
