@@ -19,6 +19,8 @@ What each optimisation of ours buys is measured in the same run with ``--ours-va
   path only;
 - ``unpadded_keys``: ours with NeMo's ``T`` attention keys in the encoder (``perception.pad_attention_keys_to:
   0``) instead of the canary recipe's 8 (``salm.model.rel_shift.pad_keys``), for this path only;
+- ``conv_pointwise``: ours with the Conformer's pointwise convolutions as NeMo's ``Conv1d`` over
+  ``[B, C, T]`` instead of matmuls over ``[B, T, C]`` (``salm.model.pointwise_conv``), for this path only;
 - ``transformers_sdpa``: ours with transformers' own ``sdpa`` attention in the decoder instead of
   ``sdpa_on_kv_heads`` (``salm/model/decoding.py``): with a mask it copies the KV cache per query
   group in the prefill (``repeat_kv``) and packs the groups for one eager query (``pack_gqa``);
@@ -31,7 +33,7 @@ What each optimisation of ours buys is measured in the same run with ``--ours-va
 
 Variants change the model in place and run in this order after the other paths, so each one
 includes the ones before it (``compiled`` is on the merged model); ``nchw_subsampling``,
-``unpadded_keys`` and ``transformers_sdpa`` are undone after their own path.
+``unpadded_keys``, ``conv_pointwise`` and ``transformers_sdpa`` are undone after their own path.
 
 ``--serve-load`` then frees the GPU and runs ``bench/serve_load.py`` on the same model shape (random
 weights saved and served by Ray Serve, flite clips of ~9 s, 1/16/64/256 concurrent clients):
@@ -67,6 +69,7 @@ from transformers import GenerationConfig
 from bench.common import PROMPT, RESULTS, card, peak_gb, recipe, sync, timed, write_llm_dir, write_result
 from salm.model import encoder_layout
 from salm.model.llm import base_causal_lm, embedding_inside
+from salm.model.pointwise_conv import PointwiseConvAsMatmul, is_pointwise
 from salm.model.rel_shift import set_key_padding
 
 SAMPLE_RATE = 16000
@@ -155,11 +158,20 @@ SERVE_LIMITS = [
 OURS_VARIANTS = (
     "nchw_subsampling",
     "unpadded_keys",
+    "conv_pointwise",
     "transformers_sdpa",
     "merged_lora",
     "compiled_decode",
     "compiled",
 )
+
+
+def set_pointwise_class(encoder: torch.nn.Module, cls: type) -> None:
+    """The Conformer's pointwise convolutions as ``cls``: NeMo's ``Conv1d`` (``conv_pointwise``) or the
+    recipe's ``PointwiseConvAsMatmul``; same weights either way."""
+    for module in encoder.modules():
+        if type(module) in (torch.nn.Conv1d, PointwiseConvAsMatmul) and is_pointwise(module):
+            module.__class__ = cls
 
 
 def transformers_sdpa_in_decoding(enabled: bool) -> None:
@@ -351,6 +363,8 @@ def main() -> None:
                 encoder_layout.CHANNELS_LAST_DEVICES = set()  # the hook reads it at every call
             if name == "ours_unpadded_keys":
                 set_key_padding(ours.perception.encoder, 0)
+            if name == "ours_conv_pointwise":
+                set_pointwise_class(ours.perception.encoder, torch.nn.Conv1d)
             if name == "ours_transformers_sdpa":
                 transformers_sdpa_in_decoding(True)
                 ours._decoders.clear()  # captured graphs hold the attention they were captured with
@@ -395,6 +409,8 @@ def main() -> None:
                 encoder_layout.CHANNELS_LAST_DEVICES = recipe_layout
             if name == "ours_unpadded_keys":
                 set_key_padding(ours.perception.encoder, cfg.model.perception.get("pad_attention_keys_to"))
+            if name == "ours_conv_pointwise":
+                set_pointwise_class(ours.perception.encoder, PointwiseConvAsMatmul)
             if name == "ours_transformers_sdpa":
                 transformers_sdpa_in_decoding(False)
                 ours._decoders.clear()

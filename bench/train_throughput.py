@@ -57,7 +57,7 @@ from bench.common import (
     write_result,
 )
 from bench.device_gaps import PHASES, gap_table, idle_gaps, idle_summary
-from salm.model.compile import compile_repeated_layers
+from salm.model.compile import compile_repeated_layers, repeated_layers
 from salm.train.batch_device import prefetch_pinned, to_device
 from salm.train.grad_norm import use_deepspeed_grad_norm
 
@@ -135,7 +135,18 @@ def run_epochs(step, batches: Iterable[dict], device: torch.device, warmup: int,
 # Run in this order: compiling is in place. "compiled_pageable" feeds the compiled model pageable batches
 # (the training loop before salm.train.batch_device.prefetch_pinned); "compiled_nchw" runs the compiled
 # model's subsampling NCHW (the recipe before perception.channels_last_subsampling), same run.
-MODEL_VARIANTS = ["default", "encoder_sdpa", "compiled", "compiled_pageable", "compiled_nchw"]
+# "compiled_inductor_dropout" draws the compiled layers' dropout masks with Inductor's Triton RNG and
+# "compiled_conv_pointwise" runs the Conformer's pointwise convolutions as NeMo's Conv1d (the recipe
+# before salm.model.dropout and salm.model.pointwise_conv): each traces every layer again.
+MODEL_VARIANTS = [
+    "default",
+    "encoder_sdpa",
+    "compiled",
+    "compiled_pageable",
+    "compiled_nchw",
+    "compiled_inductor_dropout",
+    "compiled_conv_pointwise",
+]
 
 
 class PrefetchedBatches:
@@ -160,6 +171,27 @@ def set_encoder_layouts(variant: str) -> None:
     from salm.model import encoder_layout
 
     encoder_layout.CHANNELS_LAST_DEVICES = set() if variant == "compiled_nchw" else {"cuda"}
+
+
+def set_compiled_levers(model, variant: str) -> bool:
+    """The recipe's dropout kernel and matmul pointwise convolutions, or NeMo's/Inductor's for their
+    "before" variants; returns whether a module changed class (Dynamo must then trace the layers again)."""
+    from torch import nn
+
+    from salm.model.dropout import EagerKernelDropout
+    from salm.model.pointwise_conv import PointwiseConvAsMatmul
+
+    dropout = nn.Dropout if variant == "compiled_inductor_dropout" else EagerKernelDropout
+    pointwise = nn.Conv1d if variant == "compiled_conv_pointwise" else PointwiseConvAsMatmul
+    changed = False
+    for layer in repeated_layers(model):
+        for module in layer.modules():
+            if type(module) in (nn.Dropout, EagerKernelDropout) and type(module) is not dropout:
+                module.__class__, changed = dropout, True
+            is_pointwise = type(module) in (nn.Conv1d, PointwiseConvAsMatmul) and module.kernel_size == (1,)
+            if is_pointwise and type(module) is not pointwise:
+                module.__class__, changed = pointwise, True
+    return changed
 
 
 def production_engine(cfg, device: torch.device):
@@ -296,6 +328,10 @@ def time_ds_variant(cfg, device: torch.device, config: dict, ds_variant: str) ->
         name = variant if ds_variant == "recipe" else f"{variant},ds={ds_variant}"
         set_encoder_sdpa(model, variant == "encoder_sdpa")
         set_encoder_layouts(variant)
+        if compiled and set_compiled_levers(model, variant):
+            from torch._dynamo import reset  # here, not at the top: see the counters' import below
+
+            reset()  # every layer is traced again in this variant's warm-up passes
         feed = batches if variant == "compiled_pageable" else prefetched
         compile_s = None
         if variant.startswith("compiled") and not compiled:  # in place, hence last; its first pass compiles

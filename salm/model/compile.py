@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from salm.model.dropout import use_eager_kernel_dropout
 from salm.model.llm import base_causal_lm
 
 # Added to torch's compile cache key once 1-D convolution backwards are lowered our way.
@@ -69,11 +70,13 @@ def compile_repeated_layers(model: nn.Module, inductor_options: Mapping[str, Any
 def compile_layers(layers: list[nn.Module], inductor_options: Mapping[str, Any] | None = None) -> int:
     """Compile each of ``layers`` in place as the recipe does; returns how many.
 
-    ``dynamic=True``, 1-D convolution backwards kept dynamic (``keep_conv1d_backward_dynamic``) and
-    ``inductor_options`` over ``DEFAULT_INDUCTOR_OPTIONS``. The benchmarks that time a slice of the
-    encoder call this too, so they compile what training compiles.
+    ``dynamic=True``, 1-D convolution backwards kept dynamic (``keep_conv1d_backward_dynamic``),
+    dropout masks drawn by PyTorch's kernel (``salm.model.dropout``) and ``inductor_options`` over
+    ``DEFAULT_INDUCTOR_OPTIONS``. The benchmarks that time a slice of the encoder call this too, so
+    they compile what training compiles.
     """
     keep_conv1d_backward_dynamic()
+    use_eager_kernel_dropout(layers)
     options = {**DEFAULT_INDUCTOR_OPTIONS, **(inductor_options or {})}
     for layer in layers:
         layer.compile(dynamic=True, options=options)

@@ -75,12 +75,11 @@ class AudioPerception(nn.Module):
         self.preprocessor = build_from_target("preprocessor", cfg.preprocessor)
         _unpin_featurizer_forward(self.preprocessor)
         self.encoder = build_from_target("encoder", cfg.encoder)
-        from salm.model.rel_shift import (  # imports NeMo, like the builders
-            set_key_padding,
-            use_strided_rel_shift,
-        )
+        from salm.model.pointwise_conv import use_matmul_pointwise_convs  # imports NeMo, like the builders
+        from salm.model.rel_shift import set_key_padding, use_strided_rel_shift
 
         use_strided_rel_shift(self.encoder)  # same numbers; compiled, 19 ms of kernels per pass, not 282
+        use_matmul_pointwise_convs(self.encoder)  # same numbers, aligned GEMMs for every frame count
         set_key_padding(self.encoder, cfg.get("pad_attention_keys_to"))  # same numbers, aligned matmuls
         # GPU layout, same numbers: off by default, on in the canary recipe (salm/model/encoder_layout.py says why).
         channels_last = cfg.get("channels_last_subsampling", False)

@@ -1,0 +1,70 @@
+"""Dropout inside compiled layers drawn by PyTorch's own dropout kernel, not by Inductor's Triton RNG.
+
+Why: Inductor lowers ``dropout`` into its fused Triton kernels with ``tl.rand``, one Philox-4x32-10
+evaluation per element of which three of the four outputs are thrown away (pytorch#120423, fixed
+after torch 2.11). At canary shapes that makes the fused kernels compute-bound on random numbers:
+the Conformer feed-forward's ``silu + dropout`` kernel took ~127 us per call for ~36 us of memory
+traffic on an H200 (BENCHMARKS.md). PyTorch's eager ``native_dropout`` uses each Philox draw for
+four elements. Every ``nn.Dropout`` of a compiled layer becomes ``EagerKernelDropout``, whose mask
+comes from ``salm::native_dropout``, a custom op that Inductor calls as it is instead of lowering;
+its backward (mask x scale) stays an ordinary op that Inductor fuses with its neighbours.
+
+Same module, no parameters, same masks as the eager model for the same seed; only a compiled
+layer's fusion around each dropout changes (one more read and write of the tensor).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+@torch.library.custom_op("salm::native_dropout", mutates_args=())
+def native_dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x * mask / (1 - p), mask)`` with PyTorch's dropout kernel (``torch.native_dropout``, training)."""
+    output, mask = torch.native_dropout(x, p, True)
+    return output, mask
+
+
+@native_dropout.register_fake
+def _native_dropout_fake(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(x), torch.empty_like(x, dtype=torch.bool)
+
+
+def _save_mask(ctx, inputs: tuple, output: tuple) -> None:  # noqa: ANN001
+    ctx.scale = 1.0 / (1.0 - inputs[1])
+    ctx.save_for_backward(output[1])
+
+
+def _native_dropout_backward(ctx, grad_output: torch.Tensor, _grad_mask: torch.Tensor | None):  # noqa: ANN001, ANN202
+    (mask,) = ctx.saved_tensors
+    return torch.ops.aten.native_dropout_backward(grad_output, mask, ctx.scale), None
+
+
+native_dropout.register_autograd(_native_dropout_backward, setup_context=_save_mask)
+
+
+class EagerKernelDropout(nn.Dropout):
+    """``nn.Dropout`` whose training-mode mask comes from ``salm::native_dropout`` (see the module doc)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if self.p == 1.0:  # native_dropout's scale would be 1 / 0
+            return torch.zeros_like(x)
+        return native_dropout(x, self.p)[0]
+
+
+def use_eager_kernel_dropout(layers: list[nn.Module]) -> int:
+    """Give every plain ``nn.Dropout`` inside ``layers`` the eager kernel; returns how many changed.
+
+    In-place dropouts are left alone: the custom op returns a new tensor, and a caller of an
+    in-place one may rely on its input being overwritten.
+    """
+    changed = 0
+    for layer in layers:
+        for module in layer.modules():
+            if type(module) is nn.Dropout and not module.inplace:
+                module.__class__ = EagerKernelDropout
+                changed += 1
+    return changed

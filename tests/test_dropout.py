@@ -1,0 +1,67 @@
+"""Dropout in compiled layers drawn by PyTorch's kernel (``salm.model.dropout``): eager's masks, eager's gradients."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from salm.model.compile import compile_layers, repeated_layers
+from salm.model.dropout import EagerKernelDropout, use_eager_kernel_dropout
+
+
+class FeedForward(nn.Module):
+    """The Conformer feed-forward's shape: linear, Swish, dropout, linear, dropout, residual."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(8, 32), nn.Linear(32, 8)
+        self.inner, self.outer = nn.Dropout(0.3), nn.Dropout(0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.outer(self.down(self.inner(nn.functional.silu(self.up(x)))))
+
+
+def test_a_compiled_layer_draws_eagers_dropout_masks_and_gradients() -> None:
+    """Inductor's own dropout draws other masks for the same seed; the recipe's compiled layers draw eager's."""
+    torch.manual_seed(0)
+    eager = FeedForward().train()
+    compiled = copy.deepcopy(eager)
+    assert compile_layers([compiled]) == 1
+    assert type(compiled.inner) is EagerKernelDropout and type(compiled.outer) is EagerKernelDropout
+    for frames in (5, 9):  # a second shape: the dynamic graph, not a recompile, must hold it
+        x = torch.randn(3, frames, 8, requires_grad=True)
+        results = []
+        for model in (eager, compiled):
+            model.zero_grad()
+            x.grad = None
+            torch.manual_seed(frames)
+            out = model(x)
+            out.square().mean().backward()
+            results.append((out, x.grad, [p.grad for p in model.parameters()]))
+        (eager_out, eager_dx, eager_grads), (our_out, our_dx, our_grads) = results
+        assert torch.equal(our_out, eager_out)  # the same elements dropped, the same scale
+        assert (eager_out - x).eq(0).any()  # dropout did drop something
+        torch.testing.assert_close(our_dx, eager_dx)
+        for mine, reference in zip(our_grads, eager_grads, strict=True):
+            torch.testing.assert_close(mine, reference)
+
+
+def test_eval_mode_zero_and_one_probabilities_and_in_place_dropouts() -> None:
+    x = torch.randn(4, 8)
+    dropout = EagerKernelDropout(0.5)
+    assert torch.equal(dropout.eval()(x), x)
+    assert torch.equal(EagerKernelDropout(0.0).train()(x), x)
+    assert torch.equal(EagerKernelDropout(1.0).train()(x), torch.zeros_like(x))
+    layer = nn.Sequential(nn.Dropout(0.1), nn.Dropout(0.1, inplace=True))
+    assert use_eager_kernel_dropout([layer]) == 1
+    assert type(layer[0]) is EagerKernelDropout and type(layer[1]) is nn.Dropout
+
+
+def test_the_salms_compiled_layers_use_the_eager_kernel(tiny_salm) -> None:
+    model = copy.deepcopy(tiny_salm)
+    dropouts = [m for layer in repeated_layers(model) for m in layer.modules() if isinstance(m, nn.Dropout)]
+    assert dropouts and not any(type(m) is EagerKernelDropout for m in dropouts)  # eager: PyTorch's own
+    compile_layers(repeated_layers(model))
+    assert all(type(m) is EagerKernelDropout for m in dropouts if not m.inplace)
