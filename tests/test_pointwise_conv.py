@@ -14,7 +14,11 @@ from salm.model.pointwise_conv import PointwiseConvAsMatmul, is_pointwise, use_m
 
 def conformer_encoder(layers: int = 2) -> ConformerEncoder:
     torch.manual_seed(0)
-    return ConformerEncoder(feat_in=16, n_layers=layers, d_model=32, n_heads=4, subsampling_factor=4).double().eval()
+    return (
+        ConformerEncoder(feat_in=16, n_layers=layers, d_model=32, n_heads=4, subsampling_factor=4)
+        .double()
+        .eval()
+    )
 
 
 @pytest.mark.parametrize("frames", [37, 40])  # an odd and an aligned frame count
