@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 
@@ -23,15 +24,25 @@ class FeedForward(nn.Module):
         return x + self.outer(self.down(self.inner(nn.functional.silu(self.up(x)))))
 
 
-def test_a_compiled_layer_draws_eagers_dropout_masks_and_gradients() -> None:
-    """Inductor's own dropout draws other masks for the same seed; the recipe's compiled layers draw eager's."""
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_compiled_layer_draws_eagers_dropout_masks_and_gradients(device: str) -> None:
+    """Inductor's own dropout draws other masks for the same seed; the recipe's compiled layers draw eager's.
+
+    On the GPU with the canary recipe's C++ wrapper, which calls the custom op from generated C++.
+    """
     torch.manual_seed(0)
-    eager = FeedForward().train()
+    eager = FeedForward().train().to(device)
     compiled = copy.deepcopy(eager)
-    assert compile_layers([compiled]) == 1
+    assert compile_layers([compiled], {"cpp_wrapper": True} if device == "cuda" else {}) == 1
     assert type(compiled.inner) is EagerKernelDropout and type(compiled.outer) is EagerKernelDropout
     for frames in (5, 9):  # a second shape: the dynamic graph, not a recompile, must hold it
-        x = torch.randn(3, frames, 8, requires_grad=True)
+        x = torch.randn(3, frames, 8, device=device, requires_grad=True)
         results = []
         for model in (eager, compiled):
             model.zero_grad()
