@@ -52,8 +52,11 @@ def test_a_compiled_layer_draws_eagers_dropout_masks_and_gradients(device: str) 
             out.square().mean().backward()
             results.append((out, x.grad, [p.grad for p in model.parameters()]))
         (eager_out, eager_dx, eager_grads), (our_out, our_dx, our_grads) = results
-        assert torch.equal(our_out, eager_out)  # the same elements dropped, the same scale
-        assert (eager_out - x).eq(0).any()  # dropout did drop something
+        # The outer dropout's zeros leave exactly the residual x: the same elements dropped. The values
+        # (on CUDA not bitwise: Inductor fuses the linear layers' epilogues) show the inner mask too.
+        assert torch.equal(our_out == x, eager_out == x)
+        assert (eager_out == x).any()  # dropout did drop something
+        torch.testing.assert_close(our_out, eager_out)
         torch.testing.assert_close(our_dx, eager_dx)
         for mine, reference in zip(our_grads, eager_grads, strict=True):
             torch.testing.assert_close(mine, reference)
