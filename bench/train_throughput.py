@@ -57,7 +57,7 @@ from bench.common import (
     write_result,
 )
 from bench.device_gaps import PHASES, gap_table, idle_gaps, idle_summary
-from salm.model.compile import compile_repeated_layers, repeated_layers
+from salm.model.compile import compile_layers, compile_repeated_layers, repeated_layers
 from salm.train.batch_device import prefetch_pinned, to_device
 from salm.train.grad_norm import use_deepspeed_grad_norm
 
@@ -138,6 +138,7 @@ def run_epochs(step, batches: Iterable[dict], device: torch.device, warmup: int,
 # "compiled_inductor_dropout" draws the compiled layers' dropout masks with Inductor's Triton RNG and
 # "compiled_conv_pointwise" runs the Conformer's pointwise convolutions as NeMo's Conv1d (the recipe
 # before salm.model.dropout and salm.model.pointwise_conv): each traces every layer again.
+# "compiled_checkpointed" adds trainer.activation_checkpointing: true (every repeated layer; it stays on).
 MODEL_VARIANTS = [
     "default",
     "encoder_sdpa",
@@ -146,6 +147,7 @@ MODEL_VARIANTS = [
     "compiled_nchw",
     "compiled_inductor_dropout",
     "compiled_conv_pointwise",
+    "compiled_checkpointed",
 ]
 
 
@@ -181,7 +183,9 @@ def set_compiled_levers(model, variant: str) -> bool:
     from salm.model.dropout import EagerKernelDropout
     from salm.model.pointwise_conv import PointwiseConvAsMatmul
 
-    dropout = nn.Dropout if variant == "compiled_inductor_dropout" else EagerKernelDropout
+    # Checkpointed layers keep Inductor's dropout, as salm.model.compile gives them.
+    inductor_dropout = variant in ("compiled_inductor_dropout", "compiled_checkpointed")
+    dropout = nn.Dropout if inductor_dropout else EagerKernelDropout
     pointwise = nn.Conv1d if variant == "compiled_conv_pointwise" else PointwiseConvAsMatmul
     changed = False
     for layer in repeated_layers(model):
@@ -192,6 +196,20 @@ def set_compiled_levers(model, variant: str) -> bool:
             if is_pointwise and type(module) is not pointwise:
                 module.__class__, changed = pointwise, True
     return changed
+
+
+def checkpoint_compiled_layers(model, inductor_options) -> None:
+    """Activation checkpointing on every repeated layer of a compiled model, compiled again after it, in
+    the training loop's order (``salm.model.activation_checkpointing``); the next passes compile."""
+    from salm.model.activation_checkpointing import checkpoint_layers, is_checkpointed
+
+    layers = repeated_layers(model)
+    if all(is_checkpointed(layer) for layer in layers):
+        return
+    for layer in layers:
+        layer._compiled_call_impl = None  # checkpoint_layers refuses compiled layers
+    checkpoint_layers(layers)
+    compile_layers(layers, inductor_options)
 
 
 def production_engine(cfg, device: torch.device):
@@ -332,6 +350,8 @@ def time_ds_variant(cfg, device: torch.device, config: dict, ds_variant: str) ->
             from torch._dynamo import reset  # here, not at the top: see the counters' import below
 
             reset()  # every layer is traced again in this variant's warm-up passes
+        if compiled and variant == "compiled_checkpointed":
+            checkpoint_compiled_layers(model, cfg.trainer.compile_options)
         feed = batches if variant == "compiled_pageable" else prefetched
         compile_s = None
         if variant.startswith("compiled") and not compiled:  # in place, hence last; its first pass compiles

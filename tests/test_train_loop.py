@@ -127,7 +127,7 @@ def test_rerun_with_more_steps_resumes_where_it_stopped(base_run, shar_corpus, t
         assert _losses(text)[-1] < first_losses[0], "the resumed run did not continue the loss curve"
 
 
-def test_other_world_size_resumes_from_consolidated_weights(
+def test_other_world_size_resumes_from_consolidated_weights_with_activation_checkpointing(
     base_run, shar_corpus, tiny_llm_dir, tmp_path, capfd
 ) -> None:
     from salm.train.driver import run_training
@@ -143,10 +143,12 @@ def test_other_world_size_resumes_from_consolidated_weights(
             "trainer.max_steps=30",
             "trainer.num_workers=1",
             f"exp_manager.resume_from_checkpoint={checkpoint}",
+            "trainer.activation_checkpointing=true",  # changes no weights: the checkpoint loads as it is
         )
     )
     text = capfd.readouterr().out
     assert "checkpoint was written by 2 workers, this run has 1" in text
+    assert re.search(r"activation checkpointing: \d+ layers recompute", text)
     steps = [int(s) for s in re.findall(r"step +(\d+)/30 \|", text)]
     assert steps and min(steps) > 24
     assert result.metrics["step"] == 30

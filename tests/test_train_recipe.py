@@ -64,6 +64,10 @@ def test_unset_mandatory_values_are_named() -> None:
             "trainer.compile_options.cpp_wrapper=sometimes",
             "`trainer.compile_options`: Unexpected type of attr cpp_wrapper, got str should be bool",
         ),
+        (
+            "trainer.activation_checkpointing=decoder",
+            "`trainer.activation_checkpointing` must be false, true (every repeated layer), encoder, llm",
+        ),
         ("model.optimizer.lr=0", "`model.optimizer.lr` must be > 0"),
         ("trainer.max_steps", "overrides must look like key.path=value"),
     ],

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from salm.model.activation_checkpointing import is_checkpointed
 from salm.model.dropout import use_eager_kernel_dropout
 from salm.model.llm import base_causal_lm
 
@@ -49,10 +50,19 @@ CACHE_KEY_TAG = "salm-ray:conv1d-backward-aten"
 DEFAULT_INDUCTOR_OPTIONS = {"layout_optimization": False}
 
 
+def encoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The SALM's Conformer encoder layers (none for an encoder without ``layers``)."""
+    return list(getattr(model.perception.encoder, "layers", []))
+
+
+def llm_layers(model: nn.Module) -> list[nn.Module]:
+    """The SALM's LLM decoder layers."""
+    return list(base_causal_lm(model.llm).model.layers)
+
+
 def repeated_layers(model: nn.Module) -> list[nn.Module]:
     """The SALM's repeated blocks: the Conformer encoder's layers, then the LLM decoder's layers."""
-    encoder_layers = list(getattr(model.perception.encoder, "layers", []))
-    return encoder_layers + list(base_causal_lm(model.llm).model.layers)
+    return encoder_layers(model) + llm_layers(model)
 
 
 def compile_repeated_layers(model: nn.Module, inductor_options: Mapping[str, Any] | None = None) -> int:
@@ -71,12 +81,15 @@ def compile_layers(layers: list[nn.Module], inductor_options: Mapping[str, Any] 
     """Compile each of ``layers`` in place as the recipe does; returns how many.
 
     ``dynamic=True``, 1-D convolution backwards kept dynamic (``keep_conv1d_backward_dynamic``),
-    dropout masks drawn by PyTorch's kernel (``salm.model.dropout``) and ``inductor_options`` over
+    dropout masks drawn by PyTorch's kernel (``salm.model.dropout``; not in layers with activation
+    checkpointing, see ``salm.model.activation_checkpointing``) and ``inductor_options`` over
     ``DEFAULT_INDUCTOR_OPTIONS``. The benchmarks that time a slice of the encoder call this too, so
     they compile what training compiles.
     """
     keep_conv1d_backward_dynamic()
-    use_eager_kernel_dropout(layers)
+    # Checkpointed layers keep Inductor's dropout: in a checkpointed region the compiled backward runs
+    # the forward again, and the custom op would draw a new mask there (tests/test_activation_checkpointing.py).
+    use_eager_kernel_dropout([layer for layer in layers if not is_checkpointed(layer)])
     options = {**DEFAULT_INDUCTOR_OPTIONS, **(inductor_options or {})}
     for layer in layers:
         layer.compile(dynamic=True, options=options)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 
-@torch.library.custom_op("salm::native_dropout", mutates_args=())
+@torch.library.custom_op("salm::native_dropout", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
 def native_dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x * mask / (1 - p), mask)`` with PyTorch's dropout kernel (``torch.native_dropout``, training)."""
     output, mask = torch.native_dropout(x, p, True)

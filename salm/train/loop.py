@@ -20,6 +20,7 @@ import ray.train.torch
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from salm.model.activation_checkpointing import use_activation_checkpointing
 from salm.model.compile import compile_repeated_layers
 from salm.model.salm import SALM
 from salm.train import checkpointing
@@ -69,7 +70,13 @@ def train_loop_per_worker(config: dict) -> None:
             step = int(state["step"])
 
     engine, scheduler = wrap_in_deepspeed(cfg, model, device, start_step=step)
-    if cfg.trainer.compile_layers:
+    checkpointed = use_activation_checkpointing(model, cfg.trainer.activation_checkpointing)
+    if checkpointed and is_chief:
+        print(
+            f"activation checkpointing: {checkpointed} layers recompute their forward in the backward",
+            flush=True,
+        )
+    if cfg.trainer.compile_layers:  # after checkpointing: the compiled region is the checkpointed forward
         compiled = compile_repeated_layers(model, cfg.trainer.compile_options)
         if is_chief:
             print(

@@ -32,6 +32,7 @@ TRAINER_DEFAULTS = {
     "max_new_tokens": 64,
     "compile_layers": False,
     "compile_options": {},  # Inductor options for the compiled layers, e.g. {cpp_wrapper: true}
+    "activation_checkpointing": False,  # true | encoder | llm | [encoder, llm]: recompute in the backward
 }
 DEEPSPEED_DEFAULTS = {"zero_stage": 2, "offload_optimizer": False, "offload_param": False, "config": {}}
 # DeepSpeed keys that other recipe fields set: `deepspeed.config` may not set them a second way.
@@ -130,6 +131,10 @@ def validate_recipe(cfg: DictConfig) -> None:
 
         if error := inductor_options_error(trainer.compile_options):
             raise SALMConfigError(f"`trainer.compile_options`: {error}")
+    if trainer.activation_checkpointing not in (False, None):
+        from salm.model.activation_checkpointing import checkpointed_parts  # imports torch: only when set
+
+        checkpointed_parts(trainer.activation_checkpointing)
     if precision_of(cfg) not in ("32", "bf16", "16"):
         raise SALMConfigError(f"`trainer.precision` must be 32, bf16 or 16, got {trainer.precision!r}")
     if int(ds.zero_stage) not in (0, 1, 2, 3):

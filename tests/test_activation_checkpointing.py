@@ -1,0 +1,137 @@
+"""Activation checkpointing (``trainer.activation_checkpointing``): less saved for the backward, the same gradients."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from test_model import _batch
+from torch import nn
+from torch.autograd.graph import saved_tensors_hooks
+
+from salm.errors import SALMConfigError
+from salm.model.activation_checkpointing import (
+    checkpoint_layers,
+    checkpointed_parts,
+    is_checkpointed,
+    use_activation_checkpointing,
+)
+from salm.model.compile import compile_layers, encoder_layers, llm_layers
+from salm.model.dropout import EagerKernelDropout
+
+
+class ScaledDropout(nn.Module):
+    """``dropout(x * w)``: d sum / dx = w * mask / (1 - p), readable from the output as out / x."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, 8))
+        self.dropout = nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(x * self.weight)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_the_recomputed_forward_draws_the_forwards_dropout_mask(compiled: bool) -> None:
+    """The backward must use the mask the forward used: out / x is exactly the gradient of sum(out).
+
+    Compiled, the eager-kernel dropout of ``salm.model.dropout`` drew a second mask in the recompute
+    (gradients wrong); checkpointed layers keep Inductor's dropout, which replays its numbers.
+    """
+    layer = ScaledDropout().train()
+    assert checkpoint_layers([layer]) == 1 and is_checkpointed(layer)
+    if compiled:
+        compile_layers([layer])
+        assert type(layer.dropout) is nn.Dropout  # not EagerKernelDropout
+    for frames in (6, 11):
+        x = torch.randn(4, frames, 8).abs().add(0.1).requires_grad_()
+        torch.manual_seed(frames)
+        out = layer(x)
+        out.sum().backward()
+        assert out.eq(0).any() and out.ne(0).any()
+        torch.testing.assert_close(x.grad, out.detach() / x.detach())
+
+
+def test_a_compiled_layer_cannot_be_checkpointed_afterwards() -> None:
+    layer = ScaledDropout()
+    compile_layers([layer])
+    assert type(layer.dropout) is EagerKernelDropout
+    with pytest.raises(RuntimeError, match="checkpoint before compiling"):
+        checkpoint_layers([layer])
+
+
+def saved_bytes_and_grads(model: nn.Module, batch: dict) -> tuple[int, int, list[torch.Tensor]]:
+    """Bytes the forward saves for the backward (all, and inside the repeated layers' forwards), and the
+    trainable parameters' gradients."""
+    saved = {"all": 0, "in layers": 0}
+    depth = 0
+
+    def enter(*_: object) -> None:
+        nonlocal depth
+        depth += 1
+
+    def leave(*_: object) -> None:
+        nonlocal depth
+        depth -= 1
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        size = tensor.numel() * tensor.element_size()
+        saved["all"] += size
+        saved["in layers"] += size if depth else 0
+        return tensor
+
+    layers = encoder_layers(model) + llm_layers(model)
+    handles = [
+        h
+        for layer in layers
+        for h in (layer.register_forward_pre_hook(enter), layer.register_forward_hook(leave))
+    ]
+    model.zero_grad()
+    with saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = model.loss(batch)["loss"]
+    for handle in handles:
+        handle.remove()
+    loss.backward()
+    return saved["all"], saved["in layers"], [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+
+def test_checkpointing_the_salms_layers_saves_less_for_the_same_gradients(tiny_salm, speech_clips) -> None:
+    plain = copy.deepcopy(tiny_salm).eval()  # eval: no dropout, so both runs compute the same thing
+    batch = _batch(plain, speech_clips[:2], ["hello there", "yes"])
+    checkpointed = copy.deepcopy(plain)
+    count = use_activation_checkpointing(checkpointed, True)
+
+    assert count == len(encoder_layers(checkpointed)) + len(llm_layers(checkpointed))
+    assert not any(is_checkpointed(layer) for layer in encoder_layers(plain))  # the copy is its own
+    assert list(checkpointed.state_dict()) == list(plain.state_dict())
+    plain_saved, plain_in_layers, plain_grads = saved_bytes_and_grads(plain, batch)
+    checkpointed_saved, checkpointed_in_layers, checkpointed_grads = saved_bytes_and_grads(
+        checkpointed, batch
+    )
+    # What the layers saved is gone but for their inputs; the rest (mel, LM head, loss) is unchanged.
+    assert checkpointed_in_layers < 0.2 * plain_in_layers
+    assert plain_saved - checkpointed_saved > 0.7 * plain_in_layers
+    for mine, reference in zip(checkpointed_grads, plain_grads, strict=True):
+        torch.testing.assert_close(mine, reference)
+
+
+@pytest.mark.parametrize(
+    ("value", "parts"),
+    [
+        (False, ()),
+        (None, ()),
+        (True, ("encoder", "llm")),
+        ("llm", ("llm",)),
+        (["llm", "encoder"], ("encoder", "llm")),
+    ],
+)
+def test_the_recipe_value_names_the_parts(value, parts) -> None:
+    assert checkpointed_parts(value) == parts
+
+
+@pytest.mark.parametrize("value", ["decoder", ["encoder", "adapter"], 3])
+def test_an_unknown_part_is_refused_with_the_choices(value) -> None:
+    with pytest.raises(SALMConfigError, match="false, true .* encoder, llm"):
+        checkpointed_parts(value)
