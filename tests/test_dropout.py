@@ -62,6 +62,32 @@ def test_a_compiled_layer_draws_eagers_dropout_masks_and_gradients(device: str) 
             torch.testing.assert_close(mine, reference)
 
 
+class TwoAdapters(nn.Module):
+    """PEFT's LoRA on q_proj and v_proj: two dropouts of the same input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.v = nn.Dropout(0.5), nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.q(x), self.v(x)
+
+
+def test_two_dropouts_of_one_tensor_draw_two_masks_when_compiled() -> None:
+    """AOTAutograd's common-subexpression elimination merged two identical custom-op calls into one mask."""
+    eager = TwoAdapters().train()
+    compiled = copy.deepcopy(eager)
+    compile_layers([compiled])
+    assert (compiled.q.draw, compiled.v.draw) == (0, 1)
+    x = torch.randn(16, 64)
+    torch.manual_seed(0)
+    eager_q, eager_v = eager(x)
+    torch.manual_seed(0)
+    q, v = compiled(x)
+    assert not torch.equal(q == 0, v == 0)
+    assert torch.equal(q, eager_q) and torch.equal(v, eager_v)
+
+
 def test_eval_mode_zero_and_one_probabilities_and_in_place_dropouts() -> None:
     x = torch.randn(4, 8)
     dropout = EagerKernelDropout(0.5)

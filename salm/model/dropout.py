@@ -20,14 +20,20 @@ from torch import nn
 
 
 @torch.library.custom_op("salm::native_dropout", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
-def native_dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x * mask / (1 - p), mask)`` with PyTorch's dropout kernel (``torch.native_dropout``, training)."""
+def native_dropout(x: torch.Tensor, p: float, draw: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x * mask / (1 - p), mask)`` with PyTorch's dropout kernel (``torch.native_dropout``, training).
+
+    ``draw`` is not used in the computation. It numbers the dropouts of a layer, so that two of them
+    on one tensor (PEFT's ``lora_dropout`` of q_proj and of v_proj both take the normed hidden states)
+    are two calls to the compiler: AOTAutograd's common-subexpression elimination knows ATen's random
+    ops by name only, and merged two identical calls to this op into one mask (tested).
+    """
     output, mask = torch.native_dropout(x, p, True)
     return output, mask
 
 
 @native_dropout.register_fake
-def _native_dropout_fake(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _native_dropout_fake(x: torch.Tensor, p: float, draw: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.empty_like(x), torch.empty_like(x, dtype=torch.bool)
 
 
@@ -38,7 +44,7 @@ def _save_mask(ctx, inputs: tuple, output: tuple) -> None:  # noqa: ANN001
 
 def _native_dropout_backward(ctx, grad_output: torch.Tensor, _grad_mask: torch.Tensor | None):  # noqa: ANN001, ANN202
     (mask,) = ctx.saved_tensors
-    return torch.ops.aten.native_dropout_backward(grad_output, mask, ctx.scale), None
+    return torch.ops.aten.native_dropout_backward(grad_output, mask, ctx.scale), None, None
 
 
 native_dropout.register_autograd(_native_dropout_backward, setup_context=_save_mask)
@@ -47,12 +53,14 @@ native_dropout.register_autograd(_native_dropout_backward, setup_context=_save_m
 class EagerKernelDropout(nn.Dropout):
     """``nn.Dropout`` whose training-mode mask comes from ``salm::native_dropout`` (see the module doc)."""
 
+    draw = 0  # this dropout's number in its layer (use_eager_kernel_dropout), see native_dropout
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
         if self.p == 1.0:  # native_dropout's scale would be 1 / 0
             return torch.zeros_like(x)
-        return native_dropout(x, self.p)[0]
+        return native_dropout(x, self.p, self.draw)[0]
 
 
 def use_eager_kernel_dropout(layers: list[nn.Module]) -> int:
@@ -63,8 +71,11 @@ def use_eager_kernel_dropout(layers: list[nn.Module]) -> int:
     """
     changed = 0
     for layer in layers:
+        draws = 0  # numbered per layer: every layer of a kind numbers alike, so they share compiled code
         for module in layer.modules():
             if type(module) is nn.Dropout and not module.inplace:
                 module.__class__ = EagerKernelDropout
                 changed += 1
+            if type(module) is EagerKernelDropout:
+                module.draw, draws = draws, draws + 1
     return changed
