@@ -9,8 +9,10 @@ four elements. Every ``nn.Dropout`` of a compiled layer becomes ``EagerKernelDro
 comes from ``salm::native_dropout``, a custom op that Inductor calls as it is instead of lowering;
 its backward (mask x scale) stays an ordinary op that Inductor fuses with its neighbours.
 
-Same module, no parameters, same masks as the eager model for the same seed; only a compiled
-layer's fusion around each dropout changes (one more read and write of the tensor).
+Same module, no parameters, the eager model's masks for the same seed (tested on the CPU; a
+GPU-only test checks it with the C++ wrapper, run on an H200 before its last change); only a
+compiled layer's fusion around each dropout changes (one more read and write of the tensor).
+Not for checkpointed layers: see ``salm.model.activation_checkpointing``.
 """
 
 from __future__ import annotations
