@@ -631,6 +631,14 @@ def main() -> None:
         help="count each batch's model FLOPs in this many slices of its clips (same count, less "
         "memory: 2 for --budget-s 1280 on a 141 GB card)",
     )
+    parser.add_argument(
+        "--flops-from",
+        type=Path,
+        default=None,
+        help="with --skip plain nemo: reuse the per-batch FLOP counts of an earlier run's JSON of the same "
+        "batches (e.g. bench/results/train_throughput.json) instead of building the fp32 model to count "
+        "them (about a minute of GPU time); refused when its batches differ",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args()
@@ -661,9 +669,14 @@ def main() -> None:
                 )
         print(f"ours took {time.perf_counter() - started:.0f} s end to end", flush=True)
     batches = make_batches(build_tokenizer_model(cfg), args.budget_s, args.seed, args.tiny)
-    plain, counts, state = run_plain(cfg, batches, device, args, time_it="plain" not in args.skip)
-    if plain is not None:
-        paths["plain"] = plain
+    counts_from = args.flops_from if {"plain", "nemo"} <= set(args.skip) else None
+    if counts_from is not None:
+        counts = reused_counts(counts_from, batches)
+        print(f"model FLOPs per batch reused from {args.flops_from} (same batches)", flush=True)
+    else:
+        plain, counts, state = run_plain(cfg, batches, device, args, time_it="plain" not in args.skip)
+        if plain is not None:
+            paths["plain"] = plain
     gc.collect()
     if use_gpu:
         torch.cuda.empty_cache()
@@ -707,19 +720,44 @@ def main() -> None:
                 "peak_mem_gb": rows[best]["peak_mem_gb"],
                 "out_of_memory": did_not_fit,
                 "bf16_matmul_tflops": peak_tflops,
-                "batches": [
-                    {
-                        "clips": int(b["audios"].shape[0]),
-                        "max_audio_s": b["audios"].shape[1] / SAMPLE_RATE,
-                        **c,
-                    }
-                    for b, c in zip(batches, counts, strict=True)
-                ],
+                "batches": [{**d, **c} for d, c in zip(describe_batches(batches), counts, strict=True)],
+                "flops_from": str(counts_from) if counts_from is not None else None,
                 "paths": rows,
             },
             args.out,
             record=not args.tiny,
         )
+
+
+def describe_batches(batches: list[dict]) -> list[dict]:
+    """Clips and padded duration of each batch: how a results JSON names the batches it counted."""
+    return [
+        {"clips": int(b["audios"].shape[0]), "max_audio_s": b["audios"].shape[1] / SAMPLE_RATE}
+        for b in batches
+    ]
+
+
+def reused_counts(path: Path, batches: list[dict]) -> list[dict]:
+    """The per-batch FLOP and position counts of an earlier run (``--flops-from``), if it counted these batches.
+
+    The batches are a function of ``--budget-s``, ``--seed`` and ``--tiny``; equal clip counts and
+    padded durations (random floats) identify them. The model must be the same too: a results JSON
+    does not record it, so reuse counts only of the same commit's model shapes.
+    """
+    try:
+        recorded = json.loads(path.read_text())["batches"]
+        counts = [{"flops": int(r["flops"]), "positions": int(r["positions"])} for r in recorded]
+        described = [{"clips": int(r["clips"]), "max_audio_s": float(r["max_audio_s"])} for r in recorded]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise SystemExit(
+            f"--flops-from {path}: no per-batch counts to reuse ({error}); run without it"
+        ) from None
+    if described != describe_batches(batches):
+        raise SystemExit(
+            f"--flops-from {path}: it counted other batches ({described} vs this run's "
+            f"{describe_batches(batches)}); use the same --budget-s and --seed, or run without it"
+        )
+    return counts
 
 
 def build_tokenizer_model(cfg):

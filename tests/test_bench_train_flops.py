@@ -1,6 +1,8 @@
 """``bench/train_throughput.py`` counts a batch's model FLOPs in slices (to fit 1280 s batches on a
 GPU): the slices must add up to the whole batch's count, FLOPs and LLM positions alike."""
 
+import json
+
 import pytest
 import torch
 
@@ -8,8 +10,10 @@ from bench.train_throughput import (
     build_tokenizer_model,
     count_flops,
     count_in_parts,
+    describe_batches,
     make_batches,
     recipe,
+    reused_counts,
     write_llm_dir,
 )
 from salm.train.engine import build_model
@@ -55,3 +59,19 @@ def test_every_slice_keeps_llm_padding(tiny_model_and_batch, monkeypatch) -> Non
     monkeypatch.setattr(bench_module, "count_flops", count_and_check)
     count_in_parts(model, batch, 3, autocast)
     assert len(unpadded) == 4 and not any(unpadded)  # 3 slices + the anchors alone
+
+
+def test_flop_counts_are_reused_only_for_the_same_batches(tmp_path) -> None:
+    """``--flops-from``: an earlier JSON's counts for the same batches, a clear refusal for others."""
+    batches = [{"audios": torch.zeros(3, 16000)}, {"audios": torch.zeros(2, 24000)}]
+    counts = [{"flops": 10, "positions": 7}, {"flops": 20, "positions": 9}]
+    recorded = tmp_path / "train_throughput.json"
+    recorded.write_text(
+        json.dumps({"batches": [{**d, **c} for d, c in zip(describe_batches(batches), counts, strict=True)]})
+    )
+
+    assert reused_counts(recorded, batches) == counts
+    with pytest.raises(SystemExit, match="it counted other batches"):
+        reused_counts(recorded, [{"audios": torch.zeros(3, 16000)}, {"audios": torch.zeros(2, 24001)}])
+    with pytest.raises(SystemExit, match="no per-batch counts to reuse"):
+        reused_counts(tmp_path / "missing.json", batches)
