@@ -80,6 +80,20 @@ def peak_gb(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
 
 
+def set_pointwise_class(encoder: torch.nn.Module, cls: type) -> bool:
+    """The Conformer's pointwise convolutions as ``cls``: NeMo's ``Conv1d`` (the benches' "before"
+    variants) or the recipe's ``PointwiseConvAsMatmul``; same weights either way. Returns whether
+    any changed class (a compiled model must then be traced again)."""
+    from salm.model.pointwise_conv import PointwiseConvAsMatmul, is_pointwise
+
+    changed = False
+    for module in encoder.modules():
+        if type(module) in (torch.nn.Conv1d, PointwiseConvAsMatmul) and is_pointwise(module):
+            changed = changed or type(module) is not cls
+            module.__class__ = cls
+    return changed
+
+
 def write_result(name: str, payload: dict, out_dir: Path | None, record: bool = True) -> None:
     """``bench/results/NAME.json`` (and a copy in ``out_dir``, e.g. the device machine's $OUT).
 

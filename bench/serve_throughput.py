@@ -66,10 +66,21 @@ import torch
 from omegaconf import OmegaConf
 from transformers import GenerationConfig
 
-from bench.common import PROMPT, RESULTS, card, peak_gb, recipe, sync, timed, write_llm_dir, write_result
+from bench.common import (
+    PROMPT,
+    RESULTS,
+    card,
+    peak_gb,
+    recipe,
+    set_pointwise_class,
+    sync,
+    timed,
+    write_llm_dir,
+    write_result,
+)
 from salm.model import encoder_layout
 from salm.model.llm import base_causal_lm, embedding_inside
-from salm.model.pointwise_conv import PointwiseConvAsMatmul, is_pointwise
+from salm.model.pointwise_conv import PointwiseConvAsMatmul
 from salm.model.rel_shift import set_key_padding
 
 SAMPLE_RATE = 16000
@@ -164,14 +175,6 @@ OURS_VARIANTS = (
     "compiled_decode",
     "compiled",
 )
-
-
-def set_pointwise_class(encoder: torch.nn.Module, cls: type) -> None:
-    """The Conformer's pointwise convolutions as ``cls``: NeMo's ``Conv1d`` (``conv_pointwise``) or the
-    recipe's ``PointwiseConvAsMatmul``; same weights either way."""
-    for module in encoder.modules():
-        if type(module) in (torch.nn.Conv1d, PointwiseConvAsMatmul) and is_pointwise(module):
-            module.__class__ = cls
 
 
 def transformers_sdpa_in_decoding(enabled: bool) -> None:

@@ -52,6 +52,7 @@ from bench.common import (
     card,
     peak_gb,
     recipe,
+    set_pointwise_class,
     timed,
     write_llm_dir,
     write_result,
@@ -187,14 +188,11 @@ def set_compiled_levers(model, variant: str) -> bool:
     inductor_dropout = variant in ("compiled_inductor_dropout", "compiled_checkpointed")
     dropout = nn.Dropout if inductor_dropout else EagerKernelDropout
     pointwise = nn.Conv1d if variant == "compiled_conv_pointwise" else PointwiseConvAsMatmul
-    changed = False
+    changed = set_pointwise_class(model.perception.encoder, pointwise)
     for layer in repeated_layers(model):
         for module in layer.modules():
             if type(module) in (nn.Dropout, EagerKernelDropout) and type(module) is not dropout:
                 module.__class__, changed = dropout, True
-            is_pointwise = type(module) in (nn.Conv1d, PointwiseConvAsMatmul) and module.kernel_size == (1,)
-            if is_pointwise and type(module) is not pointwise:
-                module.__class__, changed = pointwise, True
     return changed
 
 

@@ -5,8 +5,8 @@ Why: NeMo's ``ConformerConvolution`` runs its two pointwise ``Conv1d`` (``d -> 2
 rows are ``T`` frames long, and for a ``T`` that is not a multiple of 8 (four of the five 640 s
 buckets of ``bench/train_throughput.py``: ``T`` = 125, 250, 373, 469) it can only pick its unaligned
 SM75/SM80 CUTLASS kernels (``cutlass_75_tensorop_bf16_s1688gemm_*_align1``): on one H200 they were
-the only unaligned GEMMs left in a Conformer layer's forward and backward (``probe`` in BENCHMARKS.md,
-"Pointwise convolutions as matmuls"). The same product over ``[B, T, C]`` rows has ``C`` (1024 or
+the only unaligned GEMMs left in a Conformer layer's forward and backward (BENCHMARKS.md, "Dropout
+masks by PyTorch's kernel; pointwise convolutions as matmuls"). The same product over ``[B, T, C]`` rows has ``C`` (1024 or
 2048) as its leading dimension, always aligned, and cuBLAS runs its Hopper kernels.
 
 Same module, weights (``[out, in, 1]``) and state-dict keys; only ``forward`` differs, and the
