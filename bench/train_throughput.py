@@ -39,6 +39,7 @@ import math
 import os
 import tempfile
 import time
+import traceback
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -342,43 +343,51 @@ def time_ds_variant(cfg, device: torch.device, config: dict, ds_variant: str) ->
     compiled = False
     for variant in config["variants"]:
         name = variant if ds_variant == "recipe" else f"{variant},ds={ds_variant}"
-        set_encoder_sdpa(model, variant == "encoder_sdpa")
-        set_encoder_layouts(variant)
-        if compiled and set_compiled_levers(model, variant):
-            from torch._dynamo import reset  # here, not at the top: see the counters' import below
+        try:
+            set_encoder_sdpa(model, variant == "encoder_sdpa")
+            set_encoder_layouts(variant)
+            if compiled and set_compiled_levers(model, variant):
+                from torch._dynamo import reset  # here, not at the top: see the counters' import below
 
-            reset()  # every layer is traced again in this variant's warm-up passes
-        if compiled and variant == "compiled_checkpointed":
-            checkpoint_compiled_layers(model, cfg.trainer.compile_options)
-        feed = batches if variant == "compiled_pageable" else prefetched
-        compile_s = None
-        if variant.startswith("compiled") and not compiled:  # in place, hence last; its first pass compiles
-            compile_repeated_layers(model, cfg.trainer.compile_options)  # the recipe's Inductor options
-            compiled = True
-            compile_s = timed(lambda feed=feed: [step(b) for b in feed], device)
-            print(f"ours[{name}]: first pass (compiling) {compile_s:.1f} s", flush=True)
-            # Dynamo's counts (imported here: a function of `python -m`'s __main__ reaches the Ray
-            # worker pickled by value, with copies of its globals): one graph per layer type, no breaks.
-            from torch._dynamo.utils import counters
+                reset()  # every layer is traced again in this variant's warm-up passes
+            if compiled and variant == "compiled_checkpointed":
+                checkpoint_compiled_layers(model, cfg.trainer.compile_options)
+            feed = batches if variant == "compiled_pageable" else prefetched
+            compile_s = None
+            # In place, hence last; its first pass compiles.
+            if variant.startswith("compiled") and not compiled:
+                compile_repeated_layers(model, cfg.trainer.compile_options)  # the recipe's Inductor options
+                compiled = True
+                compile_s = timed(lambda feed=feed: [step(b) for b in feed], device)
+                print(f"ours[{name}]: first pass (compiling) {compile_s:.1f} s", flush=True)
+                # Dynamo's counts (imported here: a function of `python -m`'s __main__ reaches the Ray
+                # worker pickled by value, with copies of its globals): one graph per layer type, no breaks.
+                from torch._dynamo.utils import counters
 
-            graphs = {
-                "graph_breaks": sum(counters["graph_break"].values()),
-                "graphs": counters["stats"]["unique_graphs"],
-                "frames": counters["frames"]["ok"],
-            }
-            print(f"ours[{name}]: {json.dumps(graphs)}", flush=True)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        seconds = run_epochs(step, feed, device, config["warmup"], config["repeats"])
-        results[name] = {"seconds": seconds, "peak_mem_gb": peak_gb(device), "compile_pass_s": compile_s}
-        if compile_s is not None:
-            results[name].update(graphs)
-        print(f"ours[{name}]: {seconds:.3f} s per pass", flush=True)
-        if config["profile"]:
-            profiled = profile_pass(step, feed, device)
-            results[name]["profile"] = profiled
-            summary = {k: v for k, v in profiled.items() if k != "top_host_ops"}
-            print(f"ours[{name}] profiled: {json.dumps(summary)}", flush=True)
+                graphs = {
+                    "graph_breaks": sum(counters["graph_break"].values()),
+                    "graphs": counters["stats"]["unique_graphs"],
+                    "frames": counters["frames"]["ok"],
+                }
+                print(f"ours[{name}]: {json.dumps(graphs)}", flush=True)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            seconds = run_epochs(step, feed, device, config["warmup"], config["repeats"])
+            results[name] = {"seconds": seconds, "peak_mem_gb": peak_gb(device), "compile_pass_s": compile_s}
+            if compile_s is not None:
+                results[name].update(graphs)
+            print(f"ours[{name}]: {seconds:.3f} s per pass", flush=True)
+            if config["profile"]:
+                profiled = profile_pass(step, feed, device)
+                results[name]["profile"] = profiled
+                summary = {k: v for k, v in profiled.items() if k != "top_host_ops"}
+                print(f"ours[{name}] profiled: {json.dumps(summary)}", flush=True)
+        except Exception:  # noqa: BLE001 - one variant's failure must not lose the others' timings
+            # As text: Ray Train cannot send back an exception that holds a process group and then
+            # reports only that serialisation error (seen with a compiled variant on the GPU).
+            error = traceback.format_exc()
+            print(f"ours[{name}] failed:\n{error}", flush=True)
+            results[name] = {"error": error}
     return results
 
 
@@ -686,8 +695,9 @@ def main() -> None:
     seconds_audio = audio_seconds(batches)
     rows = {}
     did_not_fit = sorted(name for name, timing in paths.items() if timing.get("out_of_memory"))
+    failed = {name: timing["error"] for name, timing in paths.items() if "error" in timing}
     for name, timing in paths.items():
-        if name in did_not_fit:
+        if name in did_not_fit or name in failed:
             continue
         s = timing["seconds"]
         rows[name] = {
@@ -700,6 +710,8 @@ def main() -> None:
     print_table(rows, batches, counts, seconds_audio, peak_tflops)
     for name in did_not_fit:
         print(f"{name}: did not fit (CUDA out of memory; {paths[name]['peak_mem_gb']:.1f} GB at the failure)")
+    for name, error in failed.items():
+        print(f"{name}: failed with {error.strip().splitlines()[-1]} (traceback above and in the JSON)")
     ours = [
         name for name in rows if name.startswith("ours") and "compiled_" not in name
     ]  # the recipe's paths
@@ -717,6 +729,7 @@ def main() -> None:
                 "ratio_vs_plain": ratio(rows, best, "plain"),
                 "peak_mem_gb": rows[best]["peak_mem_gb"],
                 "out_of_memory": did_not_fit,
+                "failed": failed,
                 "bf16_matmul_tflops": peak_tflops,
                 "batches": [{**d, **c} for d, c in zip(describe_batches(batches), counts, strict=True)],
                 "flops_from": str(counts_from) if counts_from is not None else None,

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from test_model import _batch
 from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
@@ -52,6 +53,35 @@ def test_the_recomputed_forward_draws_the_forwards_dropout_mask(compiled: bool) 
         out.sum().backward()
         assert out.eq(0).any() and out.ne(0).any()
         torch.testing.assert_close(x.grad, out.detach() / x.detach())
+
+
+class SelfAttention(nn.Module):
+    """Causal self-attention through ``scaled_dot_product_attention``, which torch marks as a random operator."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        heads = self.proj(x).unflatten(-1, (2, 4)).transpose(1, 2)
+        return F.scaled_dot_product_attention(heads, heads, heads, is_causal=True).transpose(1, 2).flatten(2)
+
+
+def test_a_checkpointed_attention_layer_compiles_under_the_canary_recipes_cpp_wrapper() -> None:
+    """The canary recipe compiles with ``cpp_wrapper``; a checkpointed Qwen3 layer then failed at the first step.
+
+    Inductor replays the attention's random state in the recompute with an operator its C++ wrapper
+    cannot call, so ``compile_layers`` compiles checkpointed layers without it.
+    """
+    layer, eager = SelfAttention(), SelfAttention()
+    eager.load_state_dict(layer.state_dict())
+    checkpoint_layers([layer])
+    compile_layers([layer], {"cpp_wrapper": True})
+    x = torch.randn(2, 6, 8, requires_grad=True)
+    layer(x).sum().backward()
+    compiled_grad, x.grad = x.grad, None
+    eager(x).sum().backward()
+    torch.testing.assert_close(compiled_grad, x.grad)
 
 
 def test_a_compiled_layer_cannot_be_checkpointed_afterwards() -> None:
