@@ -59,7 +59,13 @@ from bench.common import (
     write_result,
 )
 from bench.device_gaps import PHASES, gap_table, idle_gaps, idle_summary
-from salm.model.compile import compile_layers, compile_repeated_layers, repeated_layers
+from salm.model.compile import (
+    compile_layers,
+    compile_repeated_layers,
+    encoder_layers,
+    llm_layers,
+    repeated_layers,
+)
 from salm.train.batch_device import prefetch_pinned, to_device
 from salm.train.grad_norm import use_deepspeed_grad_norm
 
@@ -140,17 +146,27 @@ def run_epochs(step, batches: Iterable[dict], device: torch.device, warmup: int,
 # "compiled_inductor_dropout" draws the compiled layers' dropout masks with Inductor's Triton RNG and
 # "compiled_conv_pointwise" runs the Conformer's pointwise convolutions as NeMo's Conv1d (the recipe
 # before salm.model.dropout and salm.model.pointwise_conv): each traces every layer again.
-# "compiled_checkpointed" adds trainer.activation_checkpointing: true (every repeated layer; it stays on).
+# "checkpointed" is "default" with trainer.activation_checkpointing: true (every repeated layer, eager).
+# "compiled_checkpointed_llm" and "compiled_checkpointed" add trainer.activation_checkpointing: llm, then
+# true, to the compiled model (it stays on for the variants after them).
 MODEL_VARIANTS = [
     "default",
     "encoder_sdpa",
+    "checkpointed",
     "compiled",
     "compiled_pageable",
     "compiled_nchw",
     "compiled_inductor_dropout",
     "compiled_conv_pointwise",
+    "compiled_checkpointed_llm",
     "compiled_checkpointed",
 ]
+# The parts each checkpointing variant checkpoints (salm.model.activation_checkpointing.PARTS).
+CHECKPOINTED_PARTS = {
+    "checkpointed": ("encoder", "llm"),
+    "compiled_checkpointed_llm": ("llm",),
+    "compiled_checkpointed": ("encoder", "llm"),
+}
 
 
 class PrefetchedBatches:
@@ -185,24 +201,40 @@ def set_compiled_levers(model, variant: str) -> bool:
     from salm.model.dropout import EagerKernelDropout
     from salm.model.pointwise_conv import PointwiseConvAsMatmul
 
-    # Checkpointed layers keep Inductor's dropout, as salm.model.compile gives them.
-    inductor_dropout = variant in ("compiled_inductor_dropout", "compiled_checkpointed")
-    dropout = nn.Dropout if inductor_dropout else EagerKernelDropout
     pointwise = nn.Conv1d if variant == "compiled_conv_pointwise" else PointwiseConvAsMatmul
     changed = set_pointwise_class(model.perception.encoder, pointwise)
+    # Checkpointed layers keep Inductor's dropout, as salm.model.compile gives them.
+    checkpointed = {id(layer) for layer in layers_of(model, CHECKPOINTED_PARTS.get(variant, ()))}
     for layer in repeated_layers(model):
+        inductor_dropout = variant == "compiled_inductor_dropout" or id(layer) in checkpointed
+        dropout = nn.Dropout if inductor_dropout else EagerKernelDropout
         for module in layer.modules():
             if type(module) in (nn.Dropout, EagerKernelDropout) and type(module) is not dropout:
                 module.__class__, changed = dropout, True
     return changed
 
 
-def checkpoint_compiled_layers(model, inductor_options) -> None:
-    """Activation checkpointing on every repeated layer of a compiled model, compiled again after it, in
+def layers_of(model, parts: tuple[str, ...]) -> list:
+    """The repeated layers of ``parts`` ("encoder", "llm"), as ``trainer.activation_checkpointing`` names them."""
+    return [layer for part in parts for layer in {"encoder": encoder_layers, "llm": llm_layers}[part](model)]
+
+
+def set_eager_checkpointing(model, variant: str) -> None:
+    """Every repeated layer of the eager model checkpointed for "checkpointed", none for the other variants."""
+    from salm.model.activation_checkpointing import checkpoint_layers, is_checkpointed
+
+    for layer in repeated_layers(model):
+        if is_checkpointed(layer):
+            del layer.forward  # back to the class's forward
+    checkpoint_layers(layers_of(model, CHECKPOINTED_PARTS.get(variant, ())))
+
+
+def checkpoint_compiled_layers(model, inductor_options, parts: tuple[str, ...]) -> None:
+    """Activation checkpointing on the layers of ``parts`` of a compiled model, compiled again after it, in
     the training loop's order (``salm.model.activation_checkpointing``); the next passes compile."""
     from salm.model.activation_checkpointing import checkpoint_layers, is_checkpointed
 
-    layers = repeated_layers(model)
+    layers = layers_of(model, parts)
     if all(is_checkpointed(layer) for layer in layers):
         return
     for layer in layers:
@@ -350,8 +382,10 @@ def time_ds_variant(cfg, device: torch.device, config: dict, ds_variant: str) ->
                 from torch._dynamo import reset  # here, not at the top: see the counters' import below
 
                 reset()  # every layer is traced again in this variant's warm-up passes
-            if compiled and variant == "compiled_checkpointed":
-                checkpoint_compiled_layers(model, cfg.trainer.compile_options)
+            if not compiled:
+                set_eager_checkpointing(model, variant)
+            elif variant in CHECKPOINTED_PARTS:
+                checkpoint_compiled_layers(model, cfg.trainer.compile_options, CHECKPOINTED_PARTS[variant])
             feed = batches if variant == "compiled_pageable" else prefetched
             compile_s = None
             # In place, hence last; its first pass compiles.
