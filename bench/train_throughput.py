@@ -68,6 +68,7 @@ from salm.model.compile import (
 )
 from salm.train.batch_device import prefetch_pinned, to_device
 from salm.train.grad_norm import use_deepspeed_grad_norm
+from salm.train.worker_errors import sendable_errors
 
 BUCKETS = [(5.0, 10.0), (10.0, 15.0), (15.0, 20.0), (20.0, 30.0), (30.0, 40.0)]  # audio seconds
 SAMPLE_RATE = 16000
@@ -425,6 +426,7 @@ def time_ds_variant(cfg, device: torch.device, config: dict, ds_variant: str) ->
     return results
 
 
+@sendable_errors
 def ours_worker(config: dict) -> None:
     """Ray Train worker: per DeepSpeed variant the production setup, then timed passes per model variant."""
     import ray.train.torch

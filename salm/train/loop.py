@@ -30,8 +30,10 @@ from salm.train.engine import build_model, wrap_in_deepspeed
 from salm.train.prediction_log import SampleTokens, format_block
 from salm.train.step_metrics import StepMeter
 from salm.train.validation import validate
+from salm.train.worker_errors import sendable_errors
 
 
+@sendable_errors
 def train_loop_per_worker(config: dict) -> None:
     """Entry point for ``TorchTrainer(train_loop_per_worker=...)``; ``config["recipe"]`` is the recipe."""
     cfg: DictConfig = OmegaConf.create(config["recipe"])
