@@ -204,11 +204,8 @@ def set_compiled_levers(model, variant: str) -> bool:
 
     pointwise = nn.Conv1d if variant == "compiled_conv_pointwise" else PointwiseConvAsMatmul
     changed = set_pointwise_class(model.perception.encoder, pointwise)
-    # Checkpointed layers keep Inductor's dropout, as salm.model.compile gives them.
-    checkpointed = {id(layer) for layer in layers_of(model, CHECKPOINTED_PARTS.get(variant, ()))}
+    dropout = nn.Dropout if variant == "compiled_inductor_dropout" else EagerKernelDropout
     for layer in repeated_layers(model):
-        inductor_dropout = variant == "compiled_inductor_dropout" or id(layer) in checkpointed
-        dropout = nn.Dropout if inductor_dropout else EagerKernelDropout
         for module in layer.modules():
             if type(module) in (nn.Dropout, EagerKernelDropout) and type(module) is not dropout:
                 module.__class__, changed = dropout, True
@@ -235,9 +232,7 @@ def checkpoint_compiled_layers(model, inductor_options, parts: tuple[str, ...]) 
     the training loop's order (``salm.model.activation_checkpointing``); the next passes compile."""
     from salm.model.activation_checkpointing import checkpoint_layers, is_checkpointed
 
-    layers = layers_of(model, parts)
-    if all(is_checkpointed(layer) for layer in layers):
-        return
+    layers = [layer for layer in layers_of(model, parts) if not is_checkpointed(layer)]
     for layer in layers:
         layer._compiled_call_impl = None  # checkpoint_layers refuses compiled layers
     checkpoint_layers(layers)

@@ -38,14 +38,14 @@ class ScaledDropout(nn.Module):
 def test_the_recomputed_forward_draws_the_forwards_dropout_mask(compiled: bool) -> None:
     """The backward must use the mask the forward used: out / x is exactly the gradient of sum(out).
 
-    Compiled, the eager-kernel dropout of ``salm.model.dropout`` drew a second mask in the recompute
-    (gradients wrong); checkpointed layers keep Inductor's dropout, which replays its numbers.
+    Compiled, the checkpoint runs the compiled forward again from the forward's RNG state, and
+    ``salm.model.dropout``'s kernel must draw the same mask there.
     """
     layer = ScaledDropout().train()
     assert checkpoint_layers([layer]) == 1 and is_checkpointed(layer)
     if compiled:
         compile_layers([layer])
-        assert type(layer.dropout) is nn.Dropout  # not EagerKernelDropout
+        assert type(layer.dropout) is EagerKernelDropout
     for frames in (6, 11):
         x = torch.randn(4, frames, 8).abs().add(0.1).requires_grad_()
         torch.manual_seed(frames)
@@ -70,8 +70,9 @@ class SelfAttention(nn.Module):
 def test_a_checkpointed_attention_layer_compiles_under_the_canary_recipes_cpp_wrapper() -> None:
     """The canary recipe compiles with ``cpp_wrapper``; a checkpointed Qwen3 layer then failed at the first step.
 
-    Inductor replays the attention's random state in the recompute with an operator its C++ wrapper
-    cannot call, so ``compile_layers`` compiles checkpointed layers without it.
+    With the checkpoint inside the compiled region, Inductor replays the attention's random state in
+    the recompute with an operator its C++ wrapper cannot call; ``compile_layers`` compiles what runs
+    inside the checkpoint instead.
     """
     layer, eager = SelfAttention(), SelfAttention()
     eager.load_state_dict(layer.state_dict())

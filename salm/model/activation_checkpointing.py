@@ -3,26 +3,30 @@
 Why: a training step keeps every layer's activations for the backward. At the canary recipe's 640
 audio seconds per GPU that is most of the 64-75 GB peak (BENCHMARKS.md), so an 80 GB card trains
 at 320 s per batch. Checkpointing a layer keeps only its inputs and runs its forward again in the
-backward: less memory for about a third more compute in that layer, which buys a larger batch on
-a smaller card, not speed.
+backward: less memory for more compute (on an H200 at canary shapes, eager layers: 75.4 -> 23.4 GB
+and 1.62x the time per pass; the frozen LLM's backward computes no weight gradients, so its
+recompute adds about half of its compute), which buys a larger batch on a smaller card, not speed.
 
 Which layers: ``encoder`` (the Conformer layers: trainable, so their backward needs every
 activation), ``llm`` (the LLM decoder layers: frozen with LoRA, but the backward still flows
 through them to the audio) or both (``true``). PyTorch's non-reentrant ``checkpoint`` does the
 work: it restores the RNG state before the recompute, so dropout draws the same masks twice, and
-it composes with ``torch.compile`` (the checkpointed forward is compiled as one region) and with
-DeepSpeed's gradient hooks, which sit on the parameters. Parameters, state-dict keys and
-checkpoints stay those of the model.
+it works with DeepSpeed's gradient hooks, which sit on the parameters. Parameters, state-dict keys
+and checkpoints stay those of the model.
 
-A compiled checkpointed layer keeps Inductor's own dropout, not ``salm.model.dropout``'s eager
-kernel: Inductor replays its random numbers in the recomputed forward, while the custom op would
-draw a second mask there and the gradients would be wrong (tested).
+With compiled layers the checkpoint stays outside the compiled code: ``salm.model.compile`` compiles
+the layer's own forward (``set_checkpointed_function``) and the checkpoint calls that. Inside the
+compiled region (torch's usual ``checkpoint`` under ``torch.compile``), torch 2.11's AOTAutograd
+partitioner failed at the first step for both layer kinds on the GPU ("Node add_N was invalid, but
+is output", in train mode with dynamic shapes) and Inductor's C++ wrapper (the canary recipe's
+``cpp_wrapper``) could not call the operator that replays the attention's random state (tested).
+Outside, the compiled forward simply runs again from the forward's RNG state (tested: same masks).
 """
 
 from __future__ import annotations
 
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import nn
@@ -53,17 +57,33 @@ def checkpointed_parts(value: Any) -> tuple[str, ...]:
     return tuple(name for name in PARTS if name in names)
 
 
+# The instance attribute holding what a checkpointed layer's checkpoint runs, once compiled.
+CHECKPOINTED_FUNCTION = "checkpointed_function"
+
+
 def _checkpointed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    # The class's forward, looked up at call time: a deep copy of the module rebinds this method to
-    # the copy (copy.deepcopy copies bound methods with their instance), never to the original.
-    return checkpoint(type(self).forward.__get__(self), *args, use_reentrant=False, **kwargs)
+    return checkpoint(checkpointed_function(self), *args, use_reentrant=False, **kwargs)
+
+
+def checkpointed_function(layer: nn.Module) -> Callable[..., Any]:
+    """What ``layer``'s checkpoint runs: its compiled forward if ``set_checkpointed_function`` gave one, else
+    the class's forward, looked up at call time (a deep copy of the module rebinds this method to the copy:
+    copy.deepcopy copies bound methods with their instance)."""
+    return layer.__dict__.get(CHECKPOINTED_FUNCTION) or type(layer).forward.__get__(layer)
+
+
+def set_checkpointed_function(layer: nn.Module, function: Callable[..., Any]) -> None:
+    """Run ``function`` (``layer``'s forward, compiled) inside ``layer``'s checkpoint."""
+    if not is_checkpointed(layer):
+        raise RuntimeError("set_checkpointed_function: checkpoint the layer first (checkpoint_layers)")
+    layer.__dict__[CHECKPOINTED_FUNCTION] = function
 
 
 def checkpoint_layers(layers: list[nn.Module]) -> int:
     """Give each layer a checkpointed forward (an instance attribute over the class's); returns how many.
 
-    Idempotent. Call it before compiling, so that the compiled region is the checkpointed forward
-    and ``salm.model.compile`` leaves the layer's dropout to Inductor.
+    Idempotent. Call it before compiling, so that ``salm.model.compile`` compiles what runs inside the
+    checkpoint, not the checkpoint.
     """
     for layer in layers:
         if getattr(layer, "_compiled_call_impl", None) is not None and not is_checkpointed(layer):

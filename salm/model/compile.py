@@ -35,7 +35,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from salm.model.activation_checkpointing import is_checkpointed
+from salm.model.activation_checkpointing import (
+    checkpointed_function,
+    is_checkpointed,
+    set_checkpointed_function,
+)
 from salm.model.dropout import use_eager_kernel_dropout
 from salm.model.llm import base_causal_lm
 
@@ -81,34 +85,22 @@ def compile_layers(layers: list[nn.Module], inductor_options: Mapping[str, Any] 
     """Compile each of ``layers`` in place as the recipe does; returns how many.
 
     ``dynamic=True``, 1-D convolution backwards kept dynamic (``keep_conv1d_backward_dynamic``),
-    dropout masks drawn by PyTorch's kernel (``salm.model.dropout``; not in layers with activation
-    checkpointing, see ``salm.model.activation_checkpointing``) and ``inductor_options`` over
-    ``DEFAULT_INDUCTOR_OPTIONS`` (without ``cpp_wrapper`` for those layers: ``layer_options``). The benchmarks that time a slice of the encoder call this too, so
-    they compile what training compiles.
+    dropout masks drawn by PyTorch's kernel (``salm.model.dropout``) and ``inductor_options`` over
+    ``DEFAULT_INDUCTOR_OPTIONS``. A layer with activation checkpointing gets its forward compiled
+    inside the checkpoint, not the checkpoint (``salm.model.activation_checkpointing`` says why).
+    The benchmarks that time a slice of the encoder call this too, so they compile what training
+    compiles.
     """
     keep_conv1d_backward_dynamic()
-    # Checkpointed layers keep Inductor's dropout: in a checkpointed region the compiled backward runs
-    # the forward again, and the custom op would draw a new mask there (tests/test_activation_checkpointing.py).
-    use_eager_kernel_dropout([layer for layer in layers if not is_checkpointed(layer)])
+    use_eager_kernel_dropout(layers)
     options = {**DEFAULT_INDUCTOR_OPTIONS, **(inductor_options or {})}
     for layer in layers:
-        layer.compile(dynamic=True, options=layer_options(layer, options))
+        if is_checkpointed(layer):
+            compiled = torch.compile(checkpointed_function(layer), dynamic=True, options=options)
+            set_checkpointed_function(layer, compiled)
+        else:
+            layer.compile(dynamic=True, options=options)
     return len(layers)
-
-
-def layer_options(layer: nn.Module, options: Mapping[str, Any]) -> Mapping[str, Any]:
-    """``options`` for ``layer``: an activation-checkpointed layer is compiled without ``cpp_wrapper``.
-
-    In a checkpointed region Inductor wraps every operator that torch marks random and cannot
-    generate itself, such as ``scaled_dot_product_attention`` (the Qwen3 layers' attention), in
-    ``run_and_save_rng_state`` so that the recompute replays its random state, and its C++ wrapper
-    has no code for that operator (torch 2.11-2.13: ``AssertionError: <class '...RunAndSaveRngState'>``
-    at the first step, tested). Such a layer runs its kernels from Inductor's Python wrapper
-    instead: a little more host time per call, beside the recompute's extra GPU time.
-    """
-    if options.get("cpp_wrapper") and is_checkpointed(layer):
-        return {**options, "cpp_wrapper": False}
-    return options
 
 
 def inductor_options_error(options: Mapping[str, Any]) -> str | None:
