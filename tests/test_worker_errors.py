@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import pickle
 import sys
-import threading
 
 import pytest
 
 from salm.train.worker_errors import WorkerError, sendable_errors
 
 
+class ProcessGroup:
+    """Stands for DeepSpeed's process group, which torch's ``InductorError`` reaches through its frame."""
+
+    def __reduce__(self) -> tuple:
+        raise TypeError("cannot pickle 'ProcessGroup' object")
+
+
 class CompileFailure(RuntimeError):
-    """Like torch's ``InductorError``: it keeps an object that does not pickle (there a frame, here a lock)."""
+    """Like torch's ``InductorError``: it keeps an object that does not pickle."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
-        self.held = threading.Lock()
+        self.held = ProcessGroup()
 
 
 @sendable_errors
