@@ -154,6 +154,34 @@ def test_other_world_size_resumes_from_consolidated_weights_with_activation_chec
     assert result.metrics["step"] == 30
 
 
+def test_zero3_trains_with_every_layer_checkpointed(shar_corpus, tiny_llm_dir, tmp_path, capfd) -> None:
+    """ZeRO-3 gathers each submodule's partitioned weights in its forward hooks, and the checkpoint's
+    recompute calls the layer's forward again in the backward: the two must work together."""
+    from salm.train.driver import run_training
+
+    capfd.readouterr()
+    result = run_training(
+        recipe(
+            shar_corpus,
+            tiny_llm_dir,
+            tmp_path,
+            "zero3_checkpointed",
+            "trainer.max_steps=8",
+            "trainer.val_check_interval=8",
+            "trainer.num_workers=1",
+            "deepspeed.zero_stage=3",
+            "trainer.activation_checkpointing=true",
+        )
+    )
+    text = capfd.readouterr().out
+    assert re.search(r"activation checkpointing: \d+ layers recompute", text)
+    losses = _losses(text)
+    assert len(losses) >= 2 and losses[-1] < losses[0], (
+        f"no learning under ZeRO-3 with checkpointing: {losses}"
+    )
+    assert result.metrics["step"] == 8
+
+
 def test_killed_worker_is_replaced_and_training_finishes(shar_corpus, tiny_llm_dir, tmp_path, capfd) -> None:
     from ray.util.state import list_actors
 
