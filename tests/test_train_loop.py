@@ -127,24 +127,28 @@ def test_rerun_with_more_steps_resumes_where_it_stopped(base_run, shar_corpus, t
         assert _losses(text)[-1] < first_losses[0], "the resumed run did not continue the loss curve"
 
 
+def train_on_one_worker(
+    shar_corpus: dict[str, Path], tiny_llm_dir: Path, exp_dir: Path, name: str, *overrides: str
+):
+    """``salm train`` of the tiny recipe (``recipe``) on one Ray Train worker; returns Ray's result."""
+    from salm.train.driver import run_training
+
+    return run_training(recipe(shar_corpus, tiny_llm_dir, exp_dir, name, "trainer.num_workers=1", *overrides))
+
+
 def test_other_world_size_resumes_from_consolidated_weights_with_activation_checkpointing(
     base_run, shar_corpus, tiny_llm_dir, tmp_path, capfd
 ) -> None:
-    from salm.train.driver import run_training
-
     checkpoint = base_run["result"].checkpoint.path  # step 24, written by 2 workers
     capfd.readouterr()
-    result = run_training(
-        recipe(
-            shar_corpus,
-            tiny_llm_dir,
-            tmp_path,
-            "elastic",
-            "trainer.max_steps=30",
-            "trainer.num_workers=1",
-            f"exp_manager.resume_from_checkpoint={checkpoint}",
-            "trainer.activation_checkpointing=true",  # changes no weights: the checkpoint loads as it is
-        )
+    result = train_on_one_worker(
+        shar_corpus,
+        tiny_llm_dir,
+        tmp_path,
+        "elastic",
+        "trainer.max_steps=30",
+        f"exp_manager.resume_from_checkpoint={checkpoint}",
+        "trainer.activation_checkpointing=true",  # changes no weights: the checkpoint loads as it is
     )
     text = capfd.readouterr().out
     assert "checkpoint was written by 2 workers, this run has 1" in text
@@ -157,21 +161,16 @@ def test_other_world_size_resumes_from_consolidated_weights_with_activation_chec
 def test_zero3_trains_with_every_layer_checkpointed(shar_corpus, tiny_llm_dir, tmp_path, capfd) -> None:
     """ZeRO-3 gathers each submodule's partitioned weights in its forward hooks, and the checkpoint's
     recompute calls the layer's forward again in the backward: the two must work together."""
-    from salm.train.driver import run_training
-
     capfd.readouterr()
-    result = run_training(
-        recipe(
-            shar_corpus,
-            tiny_llm_dir,
-            tmp_path,
-            "zero3_checkpointed",
-            "trainer.max_steps=8",
-            "trainer.val_check_interval=8",
-            "trainer.num_workers=1",
-            "deepspeed.zero_stage=3",
-            "trainer.activation_checkpointing=true",
-        )
+    result = train_on_one_worker(
+        shar_corpus,
+        tiny_llm_dir,
+        tmp_path,
+        "zero3_checkpointed",
+        "trainer.max_steps=8",
+        "trainer.val_check_interval=8",
+        "deepspeed.zero_stage=3",
+        "trainer.activation_checkpointing=true",
     )
     text = capfd.readouterr().out
     assert re.search(r"activation checkpointing: \d+ layers recompute", text)
