@@ -72,10 +72,20 @@ print(" ".join(str(s.getsockname()[1]) for s in socks))
 PY
 }
 
+# Every port of the cluster in one call: ports picked by separate calls can repeat once their
+# probe sockets close (a CI run got the GCS port again as a node's dashboard agent port).
+PORTS_PER_NODE=6
+read -r -a FREE_PORTS <<<"$(free_ports $((3 + PORTS_PER_NODE * (1 + WORKERS))))"
+take_ports() {  # the next $1 of FREE_PORTS, space-separated
+  echo "${FREE_PORTS[@]:$NEXT_PORT:$1}"
+}
+NEXT_PORT=0
+
 # Ports every node needs for itself. Worker processes bind random ports (min/max 0) instead of
 # Ray's fixed 10002-19999 pool, which two clusters on one machine would hand out twice.
 node_port_args() {
-  read -r nm om metrics agent_http agent_grpc runtime_env <<<"$(free_ports 6)"
+  read -r nm om metrics agent_http agent_grpc runtime_env <<<"$(take_ports "$PORTS_PER_NODE")"
+  NEXT_PORT=$((NEXT_PORT + PORTS_PER_NODE))
   NODE_METRICS_PORT="$metrics"
   NODE_PORT_ARGS=(
     --node-manager-port "$nm" --object-manager-port "$om" --metrics-export-port "$metrics"
@@ -89,7 +99,8 @@ COMMON_ARGS=(
   --object-store-memory $((OBJECT_STORE_MB * 1024 * 1024)) --disable-usage-stats
 )
 
-read -r GCS_PORT DASHBOARD_PORT CLIENT_PORT <<<"$(free_ports 3)"
+read -r GCS_PORT DASHBOARD_PORT CLIENT_PORT <<<"$(take_ports 3)"
+NEXT_PORT=3
 node_port_args
 METRICS_PORTS="$NODE_METRICS_PORT"
 # Recorded before anything starts, so stop.sh can clean up after a partial start.
@@ -104,7 +115,6 @@ SALM_CLUSTER_METRICS_PORTS="$METRICS_PORTS"
 SALM_CLUSTER_WORKERS=$WORKERS
 ENV
 }
-write_env
 write_env
 
 # The head schedules no training (no GPUs, few CPUs), like the KubeRay head in cluster/kuberay/.
