@@ -76,16 +76,16 @@ PY
 # probe sockets close (a CI run got the GCS port again as a node's dashboard agent port).
 PORTS_PER_NODE=6
 read -r -a FREE_PORTS <<<"$(free_ports $((3 + PORTS_PER_NODE * (1 + WORKERS))))"
-take_ports() {  # the next $1 of FREE_PORTS, space-separated
-  echo "${FREE_PORTS[@]:$NEXT_PORT:$1}"
+take_ports() {  # TAKEN: the first $1 of FREE_PORTS, which keeps the rest (run it in this shell)
+  TAKEN="${FREE_PORTS[*]:0:$1}"
+  FREE_PORTS=("${FREE_PORTS[@]:$1}")
 }
-NEXT_PORT=0
 
 # Ports every node needs for itself. Worker processes bind random ports (min/max 0) instead of
 # Ray's fixed 10002-19999 pool, which two clusters on one machine would hand out twice.
 node_port_args() {
-  read -r nm om metrics agent_http agent_grpc runtime_env <<<"$(take_ports "$PORTS_PER_NODE")"
-  NEXT_PORT=$((NEXT_PORT + PORTS_PER_NODE))
+  take_ports "$PORTS_PER_NODE"
+  read -r nm om metrics agent_http agent_grpc runtime_env <<<"$TAKEN"
   NODE_METRICS_PORT="$metrics"
   NODE_PORT_ARGS=(
     --node-manager-port "$nm" --object-manager-port "$om" --metrics-export-port "$metrics"
@@ -99,8 +99,8 @@ COMMON_ARGS=(
   --object-store-memory $((OBJECT_STORE_MB * 1024 * 1024)) --disable-usage-stats
 )
 
-read -r GCS_PORT DASHBOARD_PORT CLIENT_PORT <<<"$(take_ports 3)"
-NEXT_PORT=3
+take_ports 3
+read -r GCS_PORT DASHBOARD_PORT CLIENT_PORT <<<"$TAKEN"
 node_port_args
 METRICS_PORTS="$NODE_METRICS_PORT"
 # Recorded before anything starts, so stop.sh can clean up after a partial start.
