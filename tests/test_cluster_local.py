@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from serve.throughput_mode import THROUGHPUT_MODE_ENV, without_throughput_mode
+
 REPO = Path(__file__).resolve().parents[1]
 START = REPO / "cluster" / "local" / "start.sh"
 STOP = REPO / "cluster" / "local" / "stop.sh"
@@ -66,7 +68,8 @@ def cluster():
     directory = Path(tempfile.mkdtemp(prefix="salmc-", dir="/tmp"))
     env_file = directory / "cluster.env"
     # Metrics every second instead of every 10 s, so a short run shows up on the endpoint.
-    env = {**os.environ, "RAY": str(RAY), "RAY_metrics_report_interval_ms": "1000"}
+    # Without Serve's mode variables, so the nodes have them only if start.sh sets them.
+    env = {**without_throughput_mode(os.environ), "RAY": str(RAY), "RAY_metrics_report_interval_ms": "1000"}
     try:
         started = subprocess.run(
             [START, "--dir", directory, "--head-cpus", "2", "--worker-cpus", "2",
@@ -139,7 +142,7 @@ def wait_for(client, job_id: str, timeout_s: float):
     return status
 
 
-def test_check_nodes_job_runs_a_task_on_every_node(cluster: dict) -> None:
+def test_check_nodes_job_runs_a_task_on_every_node_started_in_serves_throughput_mode(cluster: dict) -> None:
     """cluster/local/check_nodes.py, the quick look at a new cluster the README gives operators."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
@@ -150,6 +153,8 @@ def test_check_nodes_job_runs_a_task_on_every_node(cluster: dict) -> None:
     assert status == JobStatus.SUCCEEDED, without_upload_noise(logs)
     report = report_of(logs)
     assert report["ran_on"] == report["nodes"] == alive_node_ids(cluster)
+    # start.sh starts every node in Serve's throughput mode, as `salm serve` and the RayService do.
+    assert [task["serve_mode_env"] for task in report["tasks"]] == [THROUGHPUT_MODE_ENV] * len(report["nodes"])
 
 
 @pytest.fixture(scope="module")

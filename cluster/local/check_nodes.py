@@ -3,8 +3,10 @@
     ray job submit --address "$RAY_DASHBOARD_ADDRESS" --working-dir . -- python cluster/local/check_nodes.py
 
 A placement group with one bundle per node (``STRICT_SPREAD``) pins one task to each node, the
-way Ray Train places its workers; every task returns the node it ran on. Prints one JSON line
-``{"nodes": [...], "ran_on": [...]}`` and exits non-zero if some node ran nothing.
+way Ray Train places its workers; every task returns the node it ran on and that node's Serve
+mode variables (``serve/throughput_mode.py``: Serve reads them from the node's environment, and a
+node started without them serves through the Python proxy). Prints one JSON line
+``{"nodes": [...], "ran_on": [...], "tasks": [...]}`` and exits non-zero if some node ran nothing.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from serve.throughput_mode import THROUGHPUT_MODE_ENV
+
 
 @ray.remote(num_cpus=1)
 def where_am_i() -> dict:
@@ -25,6 +29,7 @@ def where_am_i() -> dict:
         "node_id": ray.get_runtime_context().get_node_id(),
         "host": socket.gethostname(),
         "pid": os.getpid(),
+        "serve_mode_env": {name: os.environ.get(name) for name in THROUGHPUT_MODE_ENV},
     }
 
 

@@ -2,7 +2,7 @@
 # Start a local multi-node Ray cluster on this machine: one head node (no GPUs, the dashboard)
 # and N worker nodes, each a separate raylet with its own CPUs and custom resources, all on
 # loopback. For developing and testing what runs across nodes (Ray Train workers on two nodes,
-# Ray Data tasks, `ray job submit`) without Kubernetes.
+# Ray Data tasks, `ray job submit`, a Serve application in Serve's throughput mode) without Kubernetes.
 #
 #   cluster/local/start.sh [--dir DIR] [--workers N] [--head-cpus N] [--worker-cpus N]
 #                          [--head-resources JSON] [--worker-resources JSON] [--object-store-mb N]
@@ -49,6 +49,14 @@ PYTHON="$(dirname "$RAY")/python"
 export PATH="$(dirname "$RAY"):$PATH"
 # Ray 2.60 turns token auth on by default; a loopback-only dev cluster does without it.
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
+# Serve's throughput mode (HAProxy in front of the ingress, gRPC between replicas) for what is served
+# on this cluster, as `salm serve` and the KubeRay RayService start theirs. Serve reads it once, when
+# each Ray process starts, so it goes into every node's environment here; a value already set is
+# kept (RAY_SERVE_ENABLE_HA_PROXY=0 gives the Python proxy). serve/throughput_mode.py says why;
+# check_nodes.py reports it per node and a test keeps it equal to THROUGHPUT_MODE_ENV.
+export RAY_SERVE_ENABLE_HA_PROXY="${RAY_SERVE_ENABLE_HA_PROXY:-1}"
+export RAY_SERVE_THROUGHPUT_OPTIMIZED="${RAY_SERVE_THROUGHPUT_OPTIMIZED:-1}"
+export RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP="${RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP:-1}"
 
 # Ray's unix sockets live under the temp dir and their paths must stay under 107 bytes.
 TEMP_DIR="$DIR/ray"
