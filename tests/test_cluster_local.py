@@ -154,7 +154,8 @@ def test_check_nodes_job_runs_a_task_on_every_node_started_in_serves_throughput_
     report = report_of(logs)
     assert report["ran_on"] == report["nodes"] == alive_node_ids(cluster)
     # start.sh starts every node in Serve's throughput mode, as `salm serve` and the RayService do.
-    assert [task["serve_mode_env"] for task in report["tasks"]] == [THROUGHPUT_MODE_ENV] * len(report["nodes"])
+    modes = [task["serve_mode_env"] for task in report["tasks"]]
+    assert modes == [THROUGHPUT_MODE_ENV] * len(report["nodes"])
 
 
 @pytest.fixture(scope="module")
