@@ -75,3 +75,35 @@ def test_flop_counts_are_reused_only_for_the_same_batches(tmp_path) -> None:
         reused_counts(recorded, [{"audios": torch.zeros(3, 16000)}, {"audios": torch.zeros(2, 24001)}])
     with pytest.raises(SystemExit, match="no per-batch counts to reuse"):
         reused_counts(tmp_path / "missing.json", batches)
+
+
+def test_padding_report_recovers_the_clips_share_of_the_counted_flops(tiny_model_and_batch) -> None:
+    """``bench/batch_padding.py``: counts made from known per-row costs at the padded widths give back
+    those costs summed over the clips' own lengths; a JSON with other positions is refused."""
+    import numpy as np
+
+    from bench.batch_padding import clip_lengths, padding_report, terms
+
+    model, _ = tiny_model_and_batch
+    batches = make_batches(model, 80.0, 0, tiny=False)  # 5-40 s buckets, 2-8 clips each
+    cost = np.array([3e9, 2e7, 1e9, 4e5])  # per audio s, s^2, LLM position, position^2
+    counts, clip_flops = [], 0.0
+    for batch in batches:
+        seconds, positions = clip_lengths(model, batch)
+        counts.append(
+            {
+                "flops": int(len(seconds) * terms(seconds.max(), positions.max()) @ cost),
+                "positions": int(positions.sum()),
+            }
+        )
+        clip_flops += float(terms(seconds, positions).sum(axis=1) @ cost)
+
+    report = padding_report(model, batches, counts, source="counts.json")
+    counted = sum(c["flops"] for c in counts)
+    assert report["clip_flops_share"] == pytest.approx(clip_flops / counted, rel=1e-6)
+    assert report["clip_flops_share"] < 0.99 and report["fit_residual"] < 1e-6
+    assert 0.5 < report["audio_fill"] < 1 and 0.5 < report["llm_fill"] < 1
+    assert [row["clips"] for row in report["batches"]] == [len(b["audio_lens"]) for b in batches]
+    counts[0]["positions"] += 1
+    with pytest.raises(SystemExit, match="another model or prompt"):
+        padding_report(model, batches, counts, source="counts.json")
