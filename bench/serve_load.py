@@ -68,6 +68,7 @@ async def run_load(url: str, clips: list[Clip], concurrency: int, requests: int,
     """
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     latencies: list[float] = []
+    latencies_by_clip: list[list[float]] = [[] for _ in clips]
     statuses: Counter = Counter()
     audio_s = 0.0
     counter = itertools.count()
@@ -78,7 +79,8 @@ async def run_load(url: str, clips: list[Clip], concurrency: int, requests: int,
         async def worker() -> None:
             nonlocal audio_s
             while (index := next(counter)) < requests:
-                clip = clips[index % len(clips)]
+                clip_index = index % len(clips)
+                clip = clips[clip_index]
                 form = aiohttp.FormData()
                 form.add_field("file", clip.data, filename="clip.wav")
                 form.add_field("model", "x")
@@ -92,6 +94,7 @@ async def run_load(url: str, clips: list[Clip], concurrency: int, requests: int,
                 statuses[status] += 1
                 if status == "200":
                     latencies.append(time.perf_counter() - started)
+                    latencies_by_clip[clip_index].append(latencies[-1])
                     audio_s += clip.seconds
 
         started = time.perf_counter()
@@ -110,7 +113,26 @@ async def run_load(url: str, clips: list[Clip], concurrency: int, requests: int,
         "p50_s": round(float(p50), 3),
         "p90_s": round(float(p90), 3),
         "p99_s": round(float(p99), 3),
+        "by_clip": latency_by_clip(clips, latencies_by_clip),
     }
+
+
+def latency_by_clip(clips: list[Clip], latencies_by_clip: list[list[float]]) -> list[dict]:
+    """Answered requests, median and slowest latency of each clip, shortest clip first: whether slow
+    requests come with some clip lengths (a shape the model handles badly) or with any clip."""
+    rows = []
+    for clip, latencies in sorted(
+        zip(clips, latencies_by_clip, strict=True), key=lambda pair: pair[0].seconds
+    ):
+        rows.append(
+            {
+                "clip_s": round(clip.seconds, 3),
+                "answered": len(latencies),
+                "p50_s": round(float(np.median(latencies)), 3) if latencies else None,
+                "max_s": round(max(latencies), 3) if latencies else None,
+            }
+        )
+    return rows
 
 
 def offline_throughput(

@@ -1,4 +1,5 @@
-"""bench/serve_load.py's client counts what the server answered: latencies and audio of successes only."""
+"""bench/serve_load.py's client counts what the server answered: latencies and audio of successes only,
+overall and per clip."""
 
 import asyncio
 import itertools
@@ -41,6 +42,10 @@ def test_load_client_counts_statuses_errors_and_successful_audio() -> None:
     assert result["errors"] == 3
     assert result["audio_s"] == 3 * 2.0  # only the answered (200) uploads count: the 2 s clip each time
     assert result["p99_s"] > 0
+    # per clip, shortest first: the 2 s clip answered 3 times, the 6 s clip never (all 503)
+    assert [(row["clip_s"], row["answered"]) for row in result["by_clip"]] == [(2.0, 3), (6.0, 0)]
+    assert 0 < result["by_clip"][0]["p50_s"] <= result["by_clip"][0]["max_s"]
+    assert result["by_clip"][1]["p50_s"] is None
 
 
 def test_serve_path_ceiling_sends_decoded_audio_through_the_real_ingress(ray_local) -> None:
