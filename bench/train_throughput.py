@@ -150,11 +150,14 @@ def run_epochs(step, batches: Iterable[dict], device: torch.device, warmup: int,
 # "checkpointed" is "default" with trainer.activation_checkpointing: true (every repeated layer, eager).
 # "compiled_checkpointed_llm" and "compiled_checkpointed" add trainer.activation_checkpointing: llm, then
 # true, to the compiled model (it stays on for the variants after them).
+# "packed" and "compiled_packed" are "default" and "compiled" with trainer.pack_llm_sequences: true.
 MODEL_VARIANTS = [
     "default",
+    "packed",
     "encoder_sdpa",
     "checkpointed",
     "compiled",
+    "compiled_packed",
     "compiled_pageable",
     "compiled_nchw",
     "compiled_inductor_dropout",
@@ -162,6 +165,8 @@ MODEL_VARIANTS = [
     "compiled_checkpointed_llm",
     "compiled_checkpointed",
 ]
+RECIPE_VARIANTS = ("default", "compiled")  # the canary recipe's step, eager or compiled layers
+PACKED_VARIANTS = ("packed", "compiled_packed")
 # The parts each checkpointing variant checkpoints (salm.model.activation_checkpointing.PARTS).
 CHECKPOINTED_PARTS = {
     "checkpointed": ("encoder", "llm"),
@@ -374,6 +379,7 @@ def time_ds_variant(cfg, device: torch.device, config: dict, ds_variant: str) ->
         try:
             set_encoder_sdpa(model, variant == "encoder_sdpa")
             set_encoder_layouts(variant)
+            model.pack_llm_sequences = variant in PACKED_VARIANTS
             if compiled and set_compiled_levers(model, variant):
                 from torch._dynamo import reset  # here, not at the top: see the counters' import below
 
@@ -743,9 +749,7 @@ def main() -> None:
         print(f"{name}: did not fit (CUDA out of memory; {paths[name]['peak_mem_gb']:.1f} GB at the failure)")
     for name, error in failed.items():
         print(f"{name}: failed with {error.strip().splitlines()[-1]} (traceback above and in the JSON)")
-    ours = [
-        name for name in rows if name.startswith("ours") and "compiled_" not in name
-    ]  # the recipe's paths
+    ours = [name for name in rows if model_variant(name) in RECIPE_VARIANTS]  # the recipe's paths
     best = max(ours, key=lambda n: rows[n]["audio_s_per_s"]) if ours else None
     if best:
         write_result(
@@ -769,6 +773,13 @@ def main() -> None:
             args.out,
             record=not args.tiny,
         )
+
+
+def model_variant(path: str) -> str | None:
+    """The model variant of a path name ("ours[compiled]", "ours[zero2,default]", "ours[compiled,ds=lean]")."""
+    if not path.startswith("ours["):
+        return None
+    return next((part for part in path[5:-1].split(",") if part in MODEL_VARIANTS), None)
 
 
 def describe_batches(batches: list[dict]) -> list[dict]:

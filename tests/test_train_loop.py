@@ -181,6 +181,29 @@ def test_zero3_trains_with_every_layer_checkpointed(shar_corpus, tiny_llm_dir, t
     assert result.metrics["step"] == 8
 
 
+def test_packed_llm_sequences_train_without_computing_padding(
+    shar_corpus, tiny_llm_dir, tmp_path, capfd
+) -> None:
+    """``trainer.pack_llm_sequences``: the loss runs the LLM on the batch's real positions only,
+    through the DeepSpeed engine; the step log's padding share (of the positions computed) is 0."""
+    capfd.readouterr()
+    result = train_on_one_worker(
+        shar_corpus,
+        tiny_llm_dir,
+        tmp_path,
+        "packed",
+        "trainer.max_steps=8",
+        "trainer.val_check_interval=8",
+        "trainer.pack_llm_sequences=true",
+    )
+    text = capfd.readouterr().out
+    pads = re.findall(r"\| pad ([0-9.]+)% \|", text)
+    assert pads and all(float(pad) == 0.0 for pad in pads), pads
+    losses = _losses(text)
+    assert len(losses) >= 2 and losses[-1] < losses[0], f"no learning with packed sequences: {losses}"
+    assert result.metrics["step"] == 8
+
+
 def test_killed_worker_is_replaced_and_training_finishes(shar_corpus, tiny_llm_dir, tmp_path, capfd) -> None:
     from ray.util.state import list_actors
 

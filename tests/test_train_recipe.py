@@ -65,6 +65,10 @@ def test_unset_mandatory_values_are_named() -> None:
             "`trainer.compile_options`: Unexpected type of attr cpp_wrapper, got str should be bool",
         ),
         (
+            "trainer.pack_llm_sequences=sometimes",
+            "`trainer.pack_llm_sequences` must be true or false, got 'sometimes'",
+        ),
+        (
             "trainer.activation_checkpointing=decoder",
             "`trainer.activation_checkpointing` must be false, true (every repeated layer), encoder, llm",
         ),

@@ -26,12 +26,13 @@ import inspect
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
 
 import torch
 import torch.fx.experimental._config as fx_config
 from torch import nn
 from transformers import AttentionInterface
+
+from salm.model.llm import attention_implementation
 
 EOS_CHECK_EVERY = 8  # decoding steps between host checks for "every row has finished"
 MAX_CACHED_DECODERS = 64  # captured decoders kept (each holds a KV cache for its batch and length)
@@ -71,16 +72,10 @@ def sdpa_on_kv_heads(
 AttentionInterface.register(KV_HEAD_ATTENTION, sdpa_on_kv_heads)
 
 
-@contextlib.contextmanager
-def attention_on_kv_heads(config) -> Iterator[None]:
+def attention_on_kv_heads(config) -> contextlib.AbstractContextManager[None]:
     """The LLM runs ``sdpa_on_kv_heads`` inside (the greedy decoder always passes a mask); training
     and ``transformers.generate`` keep the configured attention."""
-    saved = config._attn_implementation
-    config._attn_implementation = KV_HEAD_ATTENTION
-    try:
-        yield
-    finally:
-        config._attn_implementation = saved
+    return attention_implementation(config, KV_HEAD_ATTENTION)
 
 
 def padded_batch_size(batch: int, compile_step: bool = False) -> int:

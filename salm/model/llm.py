@@ -76,6 +76,19 @@ def embedding_inside(llm: PreTrainedModel | PeftModel, embed_tokens: torch.nn.Em
         del decoder.embed_tokens
 
 
+@contextmanager
+def attention_implementation(config, name: str) -> Iterator[None]:
+    """The LLM runs the attention registered as ``name`` (transformers' ``AttentionInterface``) inside:
+    the greedy decoder's and the packed loss's own attention, while ``config`` keeps its configured one
+    for everything else."""
+    saved = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = saved
+
+
 def install_lora(llm: PreTrainedModel, embed_tokens: torch.nn.Embedding, lora: LoraConfig) -> PeftModel:
     """Wrap ``llm`` with LoRA adapters (state-dict keys ``base_model.model...lora_A.default.weight``)."""
     with embedding_inside(llm, embed_tokens):

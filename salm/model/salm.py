@@ -36,6 +36,7 @@ from salm.model.decoding import (
 )
 from salm.model.freezing import apply_freezing
 from salm.model.llm import base_causal_lm, embedding_inside, install_lora, load_llm, validate_lora
+from salm.model.packing import pack_sequences, packed_attention_in
 from salm.model.perception import AudioPerception
 from salm.model.placeholders import IGNORE_INDEX, replace_placeholders
 from salm.text.prompt_formats import get_prompt_format
@@ -104,6 +105,9 @@ class SALM(nn.Module):
         # token at every batch size measured (1-256, BENCHMARKS.md), but the first calls compile for
         # a minute or two. Set by servers, off by default.
         self.compile_decoding = False
+        # The loss runs the LLM on one packed row of the batch's real positions (salm.model.packing):
+        # no compute on padding. Set by the training loop (trainer.pack_llm_sequences), off by default.
+        self.pack_llm_sequences = False
 
     @classmethod
     def from_pretrained(
@@ -192,10 +196,20 @@ class SALM(nn.Module):
         inputs = self.prepare_inputs(batch)
         audio_lens = inputs.pop("audio_lens")
         causal_lm = base_causal_lm(self.llm)
-        hidden = causal_lm.model(
-            inputs_embeds=inputs["input_embeds"], attention_mask=inputs["attention_mask"], use_cache=False
-        ).last_hidden_state  # (B, T', H)
-        targets = inputs["target_ids"]
+        if self.pack_llm_sequences:
+            packed = pack_sequences(inputs["input_embeds"], inputs["attention_mask"], inputs["target_ids"])
+            with packed_attention_in(causal_lm.model.config):
+                hidden = causal_lm.model(
+                    **packed.model_kwargs(), use_cache=False
+                ).last_hidden_state  # (1, N, H)
+            targets = packed.targets
+            computed_positions = packed.targets.numel()
+        else:
+            hidden = causal_lm.model(
+                inputs_embeds=inputs["input_embeds"], attention_mask=inputs["attention_mask"], use_cache=False
+            ).last_hidden_state  # (B, T', H)
+            targets = inputs["target_ids"]
+            computed_positions = inputs["attention_mask"].numel()
         is_target = targets != IGNORE_INDEX
         logits = causal_lm.lm_head(hidden[is_target])  # (num_targets, V)
         target_ids = targets[is_target]
@@ -209,10 +223,12 @@ class SALM(nn.Module):
             "num_target_tokens": num_targets,
             "correct_tokens": (predicted_ids == target_ids).sum(),
             "predicted_ids": predicted_ids.detach(),
-            "targets_per_example": is_target.sum(dim=1),  # (B,) splits predicted_ids per example
+            # (B,) splits predicted_ids per example (packed or not, they come in the batch's order)
+            "targets_per_example": (inputs["target_ids"] != IGNORE_INDEX).sum(dim=1),
             "audio_frames": audio_lens.detach(),  # (N,) LLM positions each audio took
             "num_positions": inputs["attention_mask"].sum(),  # real (non-padding) LLM positions
-            "padded_positions": torch.tensor(inputs["attention_mask"].numel()),  # CPU scalar: no device sync
+            # the positions the LLM computed (all of them packed); a CPU scalar: no device sync
+            "padded_positions": torch.tensor(computed_positions),
         }
 
     # ----- inference -----

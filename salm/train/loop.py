@@ -72,6 +72,7 @@ def train_loop_per_worker(config: dict) -> None:
             step = int(state["step"])
 
     engine, scheduler = wrap_in_deepspeed(cfg, model, device, start_step=step)
+    model.pack_llm_sequences = cfg.trainer.pack_llm_sequences  # the loss's LLM call (salm/model/packing.py)
     checkpointed = use_activation_checkpointing(model, cfg.trainer.activation_checkpointing)
     if checkpointed and is_chief:
         print(

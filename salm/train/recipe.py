@@ -33,6 +33,7 @@ TRAINER_DEFAULTS = {
     "compile_layers": False,
     "compile_options": {},  # Inductor options for the compiled layers, e.g. {cpp_wrapper: true}
     "activation_checkpointing": False,  # true | encoder | llm | [encoder, llm]: recompute in the backward
+    "pack_llm_sequences": False,  # the loss runs the LLM on the real positions only (salm/model/packing.py)
 }
 DEEPSPEED_DEFAULTS = {"zero_stage": 2, "offload_optimizer": False, "offload_param": False, "config": {}}
 # DeepSpeed keys that other recipe fields set: `deepspeed.config` may not set them a second way.
@@ -120,6 +121,10 @@ def validate_recipe(cfg: DictConfig) -> None:
     if not isinstance(trainer.compile_layers, bool):
         raise SALMConfigError(
             f"`trainer.compile_layers` must be true or false, got {trainer.compile_layers!r}"
+        )
+    if not isinstance(trainer.pack_llm_sequences, bool):
+        raise SALMConfigError(
+            f"`trainer.pack_llm_sequences` must be true or false, got {trainer.pack_llm_sequences!r}"
         )
     if not isinstance(trainer.compile_options, Mapping):
         raise SALMConfigError(

@@ -15,7 +15,7 @@ GAUGES = {
     "grad_norm": "Global gradient norm before clipping",
     "tokens_per_s": "LLM positions (audio frames + text tokens) per second, all workers",
     "audio_s_per_s": "Audio seconds trained per second, all workers",
-    "padding_ratio": "Share of LLM positions that are padding",
+    "padding_ratio": "Share of the LLM positions computed that are padding (0 with trainer.pack_llm_sequences)",
     "step_time_s": "Seconds per optimizer step",
     "gpu_memory_bytes": "Peak GPU memory allocated on worker 0",
 }

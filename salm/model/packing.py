@@ -1,0 +1,182 @@
+"""Packed LLM sequences for the training loss: the batch's rows laid end to end, without padding.
+
+Why: the loss feeds the LLM a ``(B, T)`` batch left-padded to its longest sequence, and every
+padded position costs the Qwen3 layers as much as a real one. In the canary bench's bucketed
+batches 15% of the LLM's positions are padding (``bench/batch_padding.py``, BENCHMARKS.md "What
+the MFU counts"). Packed, the LLM runs one ``(1, N)`` row of the ``N`` real positions; the
+positions restart at 0 for every sequence (RoPE is relative, so the scores are those of the
+padded row), and attention stays inside each sequence:
+
+- on a GPU through ``torch.nn.attention.varlen.varlen_attn`` (FlashAttention over cumulative
+  sequence lengths; a ``torch.library`` custom op, so the compiled layers trace it);
+- elsewhere (CPU tests, CPU training) through SDPA with a block-diagonal causal mask, the same
+  numbers at ``N x N`` cost, fine for the tiny models that run there.
+
+transformers passes ``cu_seq_lens_q`` / ``max_length_q`` (its FlashAttention keyword names) from
+the model call to every attention layer; ``packed_attention`` registers under its own name, for
+which transformers builds no attention mask at all (``masking_utils``: a packed ``sdpa`` row would
+get a dense ``N x N`` mask and no causal skipping).
+
+Off by default (``trainer.pack_llm_sequences``): the GPU path is not measured yet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from salm.model.llm import attention_implementation
+
+PACKED_ATTENTION = "salm_packed_varlen"  # the attention the packed loss runs (registered below)
+
+
+@dataclass(frozen=True)
+class PackedSequences:
+    """One row of every real position of a padded batch, and what attention needs to keep the
+    sequences apart."""
+
+    embeds: torch.Tensor  # (1, N, H)
+    targets: torch.Tensor  # (1, N)
+    position_ids: torch.Tensor  # (1, N): 0, 1, ... per sequence
+    cu_seq_lens: torch.Tensor  # (B + 1,) int32: where each sequence starts in the row, then N
+    max_length: int  # the longest sequence: the padded width (rows are padded to the longest)
+
+    def model_kwargs(self) -> dict:
+        """Keyword arguments of the LLM's base model call (transformers' FlashAttention names)."""
+        return {
+            "inputs_embeds": self.embeds,
+            "position_ids": self.position_ids,
+            "attention_mask": None,
+            "cu_seq_lens_q": self.cu_seq_lens,
+            "cu_seq_lens_k": self.cu_seq_lens,
+            "max_length_q": self.max_length,
+            "max_length_k": self.max_length,
+        }
+
+
+def pack_sequences(
+    input_embeds: torch.Tensor, attention_mask: torch.Tensor, target_ids: torch.Tensor
+) -> PackedSequences:
+    """``(B, T, H)`` embeddings, ``(B, T)`` mask and targets of ``SALM.prepare_inputs`` -> one packed row.
+
+    The real positions of each row must be contiguous (left or right padding), as
+    ``replace_placeholders`` makes them; the order is row by row, so the target positions come out
+    in the padded batch's order (``predicted_ids`` and ``targets_per_example`` are unchanged).
+    """
+    real = attention_mask.bool()
+    lengths = real.sum(dim=1)
+    cu_seq_lens = nn.functional.pad(lengths.cumsum(dim=0), (1, 0)).to(torch.int32)
+    positions = (real.cumsum(dim=1) - 1)[real]
+    return PackedSequences(
+        embeds=input_embeds[real].unsqueeze(0),
+        targets=target_ids[real].unsqueeze(0),
+        position_ids=positions.unsqueeze(0),
+        cu_seq_lens=cu_seq_lens,
+        max_length=attention_mask.shape[1],
+    )
+
+
+@functools.cache
+def _varlen_takes_gqa() -> bool:
+    """torch >= 2.13's ``varlen_attn`` takes grouped key/value heads itself; 2.11's needs them repeated."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    return "enable_gqa" in inspect.signature(varlen_attn).parameters
+
+
+def _varlen_causal_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seq_lens: torch.Tensor,
+    max_length: int,
+    scale: float | None,
+) -> torch.Tensor:
+    """``(N, heads, D)`` FlashAttention over the packed sequences, causal within each."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    extra = {}
+    if key.shape[1] != query.shape[1]:
+        if _varlen_takes_gqa():
+            extra["enable_gqa"] = True
+        else:
+            groups = query.shape[1] // key.shape[1]
+            key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    return varlen_attn(
+        query,
+        key,
+        value,
+        cu_seq_lens,
+        cu_seq_lens,
+        max_length,
+        max_length,
+        scale=scale,
+        window_size=(-1, 0),
+        **extra,
+    )
+
+
+def _masked_causal_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seq_lens: torch.Tensor,
+    scale: float | None,
+) -> torch.Tensor:
+    """The same as ``_varlen_causal_attention`` through SDPA and a dense block-diagonal causal mask."""
+    length = query.shape[0]
+    index = torch.arange(length, device=query.device)
+    sequence = torch.searchsorted(cu_seq_lens[1:].to(index.dtype), index, right=True)  # (N,)
+    allowed = (sequence[:, None] == sequence[None, :]) & (index[:, None] >= index[None, :])
+    output = nn.functional.scaled_dot_product_attention(
+        query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1), attn_mask=allowed, scale=scale,
+        enable_gqa=key.shape[1] != query.shape[1],
+    )  # fmt: skip
+    return output.transpose(0, 1)
+
+
+def packed_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    max_length_q: int | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention over one packed row ``(1, heads, N, D)``; transformers' SDPA for a call
+    without ``cu_seq_lens_q`` (nothing packed)."""
+    if cu_seq_lens_q is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    if query.shape[0] != 1 or dropout or sliding_window:
+        raise ValueError(
+            "packed attention takes one packed row without attention dropout or a sliding window, got "
+            f"batch {query.shape[0]}, dropout {dropout}, sliding window {sliding_window}"
+        )
+    query, key, value = (tensor[0].transpose(0, 1) for tensor in (query, key, value))  # (N, heads, D)
+    if query.device.type == "cuda":
+        output = _varlen_causal_attention(query, key, value, cu_seq_lens_q, max_length_q, scaling)
+    else:
+        output = _masked_causal_attention(query, key, value, cu_seq_lens_q, scaling)
+    return output.unsqueeze(0), None  # (1, N, heads, D), as transformers' attention functions return
+
+
+AttentionInterface.register(PACKED_ATTENTION, packed_attention)
+
+
+def packed_attention_in(config) -> contextlib.AbstractContextManager[None]:
+    """The LLM runs ``packed_attention`` inside; generation and the padded loss keep their attention."""
+    return attention_implementation(config, PACKED_ATTENTION)

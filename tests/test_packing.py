@@ -1,0 +1,136 @@
+"""salm/model/packing.py: the loss on one packed row of real positions equals the padded batch's loss."""
+
+import copy
+
+import pytest
+import torch
+from test_model import _batch
+
+from salm.model.compile import compile_repeated_layers
+from salm.model.packing import pack_sequences, packed_attention
+from salm.model.placeholders import IGNORE_INDEX
+
+
+def test_packing_keeps_each_rows_real_positions_in_order_with_their_own_positions() -> None:
+    # Rows of 5, 3 and 4 real positions, left-padded to 5, as replace_placeholders makes them.
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1], [0, 1, 1, 1, 1]], dtype=torch.bool)
+    embeds = torch.arange(15, dtype=torch.float32).view(3, 5, 1)
+    targets = torch.tensor([[-100, 7, 8, -100, 9], [0, 0, -100, 5, 6], [0, -100, 1, 2, 3]])
+
+    packed = pack_sequences(embeds, mask, targets)
+
+    assert packed.embeds.flatten().tolist() == [0, 1, 2, 3, 4, 7, 8, 9, 11, 12, 13, 14]
+    assert packed.targets.tolist() == [[-100, 7, 8, -100, 9, -100, 5, 6, -100, 1, 2, 3]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3]]
+    assert packed.cu_seq_lens.tolist() == [0, 5, 8, 12] and packed.cu_seq_lens.dtype == torch.int32
+    assert packed.max_length == 5
+
+
+def test_packed_attention_attends_causally_within_each_sequence_only() -> None:
+    """Against SDPA run on each sequence alone, with grouped key/value heads (4 query, 2 kv)."""
+    torch.manual_seed(0)
+    lengths = [3, 6, 2]
+    query, key, value = torch.randn(1, 4, 11, 8), torch.randn(1, 2, 11, 8), torch.randn(1, 2, 11, 8)
+    cu = torch.tensor([0, 3, 9, 11], dtype=torch.int32)
+
+    output, _ = packed_attention(None, query, key, value, None, scaling=0.5, cu_seq_lens_q=cu, max_length_q=6)
+
+    assert output.shape == (1, 11, 4, 8)
+    start = 0
+    for length in lengths:
+        part = slice(start, start + length)
+        alone = torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, part], key[:, :, part], value[:, :, part], is_causal=True, scale=0.5, enable_gqa=True
+        )
+        torch.testing.assert_close(output[:, part], alone.transpose(1, 2))
+        start += length
+
+
+def _loss_and_grads(model, batch: dict) -> tuple[dict, list[torch.Tensor]]:
+    model.zero_grad()
+    out = model.loss(batch)
+    out["loss"].backward()
+    return out, [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+
+def test_the_packed_loss_equals_the_padded_one_with_the_same_gradients(tiny_salm, speech_clips) -> None:
+    padded = copy.deepcopy(tiny_salm).eval()  # eval: no dropout, so both compute the same thing
+    batch = _batch(padded, speech_clips[:3], ["hello there", "yes", "a somewhat longer answer here"])
+    packed = copy.deepcopy(padded)
+    packed.pack_llm_sequences = True
+
+    padded_out, padded_grads = _loss_and_grads(padded, batch)
+    packed_out, packed_grads = _loss_and_grads(packed, batch)
+
+    assert padded_out["padded_positions"] > padded_out["num_positions"]  # the batch has padding
+    assert packed_out["padded_positions"] == packed_out["num_positions"]  # the packed LLM ran none
+    torch.testing.assert_close(packed_out["loss"], padded_out["loss"])
+    for key in (
+        "num_target_tokens",
+        "correct_tokens",
+        "predicted_ids",
+        "targets_per_example",
+        "num_positions",
+    ):
+        assert torch.equal(packed_out[key], padded_out[key]), key
+    assert (padded_out["targets_per_example"] > 0).all()
+    for mine, reference in zip(packed_grads, padded_grads, strict=True):
+        torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-6)
+
+
+def test_packed_loss_through_compiled_layers_compiles_once_for_every_batch(tiny_salm, speech_clips) -> None:
+    """The recipe compiles the layers (dynamic shapes): packed rows of new lengths reuse the graphs."""
+    from torch._dynamo.utils import counters
+
+    eager = copy.deepcopy(tiny_salm).eval()
+    eager.pack_llm_sequences = True
+    compiled = copy.deepcopy(eager)
+    compile_repeated_layers(compiled)
+    batches = [
+        _batch(eager, speech_clips[:2], ["hello there", "yes"]),
+        _batch(eager, speech_clips[1:4], ["one", "two words", "and three words"]),
+        _batch(eager, speech_clips[3:6], ["a", "b c", "the longest answer of them all"]),
+    ]
+    graphs = []
+    for batch in batches:
+        with torch.no_grad():
+            torch.testing.assert_close(compiled.loss(batch)["loss"], eager.loss(batch)["loss"])
+        graphs.append(counters["stats"]["unique_graphs"])
+    # The first batch compiles the layers (the first Qwen3 layer's input is a strided view, so it has
+    # a graph of its own, as without packing); rows of new lengths and sequence counts compile nothing.
+    assert graphs[0] > 0 and graphs[1] == graphs[2] == graphs[0], graphs
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+
+
+def test_the_loss_without_targets_in_a_row_keeps_its_zero_count(tiny_salm, speech_clips) -> None:
+    """``targets_per_example`` splits ``predicted_ids`` per example: a row with no target counts 0."""
+    model = copy.deepcopy(tiny_salm).eval()
+    model.pack_llm_sequences = True
+    batch = _batch(model, speech_clips[:2], ["hello there", "yes"])
+    batch["loss_mask"][1] = False  # the second example has no target
+    out = model.loss(batch)
+    assert out["targets_per_example"][1] == 0 and out["targets_per_example"][0] > 0
+    assert out["num_target_tokens"] == out["targets_per_example"].sum() == len(out["predicted_ids"])
+    assert IGNORE_INDEX not in out["predicted_ids"].tolist()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlashAttention's varlen kernel needs a GPU")
+def test_varlen_attention_on_the_gpu_equals_the_masked_reference() -> None:
+    """The GPU path (torch's ``varlen_attn``) against the CPU path's dense mask, Qwen3-1.7B's heads."""
+    torch.manual_seed(0)
+    cu = torch.tensor([0, 130, 131, 400, 512], dtype=torch.int32)
+    shape = (1, 16, 512, 128), (1, 8, 512, 128)
+    query = torch.randn(shape[0], dtype=torch.bfloat16, requires_grad=True)
+    key, value = (torch.randn(shape[1], dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    outputs, grads = [], []
+    for device in ("cuda", "cpu"):
+        inputs = [t.detach().to(device).requires_grad_() for t in (query, key, value)]
+        output, _ = packed_attention(
+            None, *inputs, None, scaling=128**-0.5, cu_seq_lens_q=cu.to(device), max_length_q=269
+        )
+        output.float().square().sum().backward()
+        outputs.append(output.float().cpu())
+        grads.append([t.grad.float().cpu() for t in inputs])
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=2e-2, atol=2e-2)
+    for gpu, cpu in zip(*grads, strict=True):
+        torch.testing.assert_close(gpu, cpu, rtol=5e-2, atol=5e-2)
