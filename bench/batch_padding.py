@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 from bench.common import RESULTS, recipe, write_llm_dir
-from bench.train_throughput import SAMPLE_RATE, make_batches, reused_counts
+from bench.train_batches import SAMPLE_RATE, make_batches
+from bench.train_throughput import reused_counts
 from salm.train.engine import build_model
 
 

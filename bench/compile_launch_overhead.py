@@ -84,7 +84,8 @@ def train_one_mode(mode: str, options: dict, budget_s: float, passes: int) -> di
     """Child process: compile the layers as ``mode`` says, time ``passes`` passes."""
     from torch._dynamo.utils import counters
 
-    from bench.train_throughput import full_vocab_loss, make_batches, to_device
+    from bench.train_batches import make_batches
+    from bench.train_throughput import full_vocab_loss, to_device
     from salm.model.compile import keep_conv1d_backward_dynamic, repeated_layers
     from salm.train.engine import build_model
 

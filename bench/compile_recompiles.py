@@ -141,7 +141,7 @@ def count_salm_compiles(cfg, keep_dynamic: bool, batches: list[dict]) -> dict:
 
 def salm_batches(cfg, count: int) -> list[dict]:
     """``count`` bucketed batches of ``cfg``'s tiny recipe, as ``bench/train_throughput.py --tiny`` makes them."""
-    from bench.train_throughput import build_tokenizer_model, make_batches
+    from bench.train_batches import build_tokenizer_model, make_batches
 
     model = build_tokenizer_model(cfg)
     batches: list[dict] = []

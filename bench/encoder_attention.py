@@ -35,7 +35,8 @@ import torch
 from omegaconf import OmegaConf
 
 from bench.common import CONFIGS, card
-from bench.train_throughput import BUCKETS, run_epochs
+from bench.train_batches import BUCKETS
+from bench.train_throughput import run_epochs
 from salm.model.compile import compile_layers
 from salm.model.encoder_layout import use_channels_last_subsampling
 from salm.model.rel_shift import set_key_padding, use_strided_rel_shift

@@ -6,7 +6,7 @@ one Ray Train run with N workers (1 GPU each) runs the production setup of
 ``LossModule``) over the *same global batches* (bf16):
 
 - a global batch is M micro-batches (M = the largest N asked for), one per bucket of
-  ``bench.train_throughput.make_batches`` (5-40 s clips, ~30-120 target tokens); with N GPUs each
+  ``bench.train_batches.make_batches`` (5-40 s clips, ~30-120 target tokens); with N GPUs each
   worker takes M/N of them and accumulates gradients over them, so every run makes the same
   optimizer steps on the same data from the same initial weights (same seed);
 - dropout and SpecAugment are off, so the runs differ only in how the work is laid out: the
@@ -35,7 +35,8 @@ import torch
 from omegaconf import OmegaConf
 
 from bench.common import card, peak_gb, recipe, timed, write_llm_dir, write_result
-from bench.train_throughput import audio_seconds, make_batches, production_engine
+from bench.train_batches import make_batches
+from bench.train_throughput import audio_seconds, production_engine
 from salm.train.batch_device import to_device
 
 

@@ -48,7 +48,6 @@ from omegaconf import OmegaConf
 from torch.profiler import record_function
 
 from bench.common import (
-    PROMPT,
     bf16_matmul_tflops,
     card,
     peak_gb,
@@ -59,6 +58,7 @@ from bench.common import (
     write_result,
 )
 from bench.device_gaps import PHASES, gap_table, idle_gaps, idle_summary
+from bench.train_batches import SAMPLE_RATE, build_tokenizer_model, make_batches
 from salm.model.compile import (
     compile_layers,
     compile_repeated_layers,
@@ -69,60 +69,6 @@ from salm.model.compile import (
 from salm.train.batch_device import prefetch_pinned, to_device
 from salm.train.grad_norm import use_deepspeed_grad_norm
 from salm.train.worker_errors import sendable_errors
-
-BUCKETS = [(5.0, 10.0), (10.0, 15.0), (15.0, 20.0), (20.0, 30.0), (30.0, 40.0)]  # audio seconds
-SAMPLE_RATE = 16000
-
-
-def make_batches(model, budget_s: float, seed: int, tiny: bool) -> list[dict]:
-    """One batch per duration bucket, ``floor(budget_s / bucket max)`` clips each, like NeMo's bucketing.
-
-    Targets get 30 + 90 * (duration - 5) / 35 tokens (+-10%): random ids spliced into the real
-    chat template where the answer goes, so prompt markup and loss mask are the real ones.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    marker = model.tokenizer.encode(" hello", add_special_tokens=False)
-    assert len(marker) == 1, marker
-    encoded = model.prompt_format.encode_dialog(
-        [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": " hello"}]
-    )
-    at = int((encoded.input_ids == marker[0]).nonzero()[-1])
-    buckets = [(1.0, 2.0), (2.0, 3.0)] if tiny else BUCKETS
-    batches = []
-    for low, high in buckets:
-        size = max(1, int(budget_s // high))
-        durations = low + (high - low) * torch.rand(size, generator=generator)
-        ids, masks, audios = [], [], []
-        for duration in durations.tolist():
-            count = int(
-                (30 + 90 * (duration - 5) / 35) * (0.9 + 0.2 * torch.rand(1, generator=generator).item())
-            )
-            answer = torch.randint(1000, 30000, (max(count, 5),), generator=generator)
-            ids.append(torch.cat([encoded.input_ids[:at], answer, encoded.input_ids[at + 1 :]]))
-            masks.append(
-                torch.cat(
-                    [
-                        encoded.loss_mask[:at],
-                        torch.ones(len(answer), dtype=torch.bool),
-                        encoded.loss_mask[at + 1 :],
-                    ]
-                )
-            )
-            audios.append(0.1 * torch.randn(int(duration * SAMPLE_RATE), generator=generator))
-        pad = model.text_pad_id
-        batches.append(
-            {
-                "audios": torch.nn.utils.rnn.pad_sequence(audios, batch_first=True),
-                "audio_lens": torch.tensor([len(a) for a in audios]),
-                "input_ids": torch.nn.utils.rnn.pad_sequence(
-                    ids, batch_first=True, padding_value=pad, padding_side="left"
-                ),
-                "loss_mask": torch.nn.utils.rnn.pad_sequence(
-                    masks, batch_first=True, padding_value=False, padding_side="left"
-                ),
-            }
-        )
-    return batches
 
 
 def audio_seconds(batches: list[dict]) -> float:
@@ -811,19 +757,6 @@ def reused_counts(path: Path, batches: list[dict]) -> list[dict]:
             f"{describe_batches(batches)}); use the same --budget-s and --seed, or run without it"
         )
     return counts
-
-
-def build_tokenizer_model(cfg):
-    """Tokenizer + prompt format only (batches need them, not the weights)."""
-    from salm.text.prompt_formats import get_prompt_format
-    from salm.text.tokenizer import load_tokenizer, padding_id
-
-    class Text:
-        tokenizer = load_tokenizer(cfg.model.pretrained_llm, cfg.model.audio_locator_tag)
-        prompt_format = get_prompt_format(cfg.model.prompt_format, tokenizer)
-        text_pad_id = padding_id(tokenizer)
-
-    return Text
 
 
 def ratio(rows: dict, ours: str, baseline: str) -> float | None:

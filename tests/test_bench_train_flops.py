@@ -6,16 +6,9 @@ import json
 import pytest
 import torch
 
-from bench.train_throughput import (
-    build_tokenizer_model,
-    count_flops,
-    count_in_parts,
-    describe_batches,
-    make_batches,
-    recipe,
-    reused_counts,
-    write_llm_dir,
-)
+from bench.common import recipe, write_llm_dir
+from bench.train_batches import build_tokenizer_model, make_batches
+from bench.train_throughput import count_flops, count_in_parts, describe_batches, reused_counts
 from salm.train.engine import build_model
 
 

@@ -15,7 +15,7 @@ import json, os, sys
 import torch
 import deepspeed
 from bench.common import recipe, write_llm_dir
-from bench.train_throughput import build_tokenizer_model, make_batches
+from bench.train_batches import build_tokenizer_model, make_batches
 from salm.train.engine import build_model, wrap_in_deepspeed
 from salm.train.grad_norm import use_deepspeed_grad_norm
 

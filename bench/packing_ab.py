@@ -1,0 +1,118 @@
+"""Packed vs padded LLM sequences in the SALM loss (``trainer.pack_llm_sequences``), one process, one GPU.
+
+The canary-qwen-2.5b shapes with random weights in bf16, the training bench's five bucketed
+batches (``bench.train_batches``, 640 audio s each by default), forward + backward of
+``SALM.loss`` per batch: the model alone, eager, without Ray, DeepSpeed or an optimizer step, so
+that the only difference between the two rows is the LLM call. Needs neither Ray nor DeepSpeed
+(only the NeMo and transformers wheels on the GPU image). First the two losses of one batch in
+eval mode (no dropout): equal up to bf16 rounding. Then four rounds, padded, packed, padded,
+packed, of three passes each; a round's time is its median pass, each variant's its best round::
+
+    python3 -m bench.packing_ab --out $OUT
+    python3 -m bench.packing_ab --tiny          # CPU smoke test, the tiny recipe
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench.common import card, peak_gb, recipe, sync, write_llm_dir, write_result
+from bench.train_batches import make_batches
+from salm.model import SALM
+
+
+def build_model(tiny: bool, device: torch.device) -> SALM:
+    """The recipe's SALM with random weights (seed 0), bf16 on a GPU."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = recipe(write_llm_dir(Path(tmp) / "llm", tiny=tiny), tiny=tiny).model
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = SALM(cfg)
+    # NeMo creates some parameters on the CPU whatever the default device: move everything.
+    return model.to(device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+
+def eval_losses(model: SALM, batch: dict) -> dict[str, dict]:
+    """Loss, LLM positions computed and real positions of ``batch``, padded and packed, no dropout."""
+    model.eval()
+    losses = {}
+    with torch.no_grad():
+        for packed in (False, True):
+            model.pack_llm_sequences = packed
+            out = model.loss(batch)
+            losses["packed" if packed else "padded"] = {
+                "loss": float(out["loss"]),
+                "computed_positions": int(out["padded_positions"]),
+                "real_positions": int(out["num_positions"]),
+            }
+    return losses
+
+
+def time_rounds(model: SALM, batches: list[dict], device: torch.device, rounds: int, passes: int) -> dict:
+    """Per variant: each round's median pass (forward + backward over every batch) and peak memory."""
+    model.train()
+    times: dict[str, list[float]] = {"padded": [], "packed": []}
+    peaks: dict[str, float] = {}
+    for round_index in range(rounds):
+        name = "packed" if round_index % 2 else "padded"
+        model.pack_llm_sequences = name == "packed"
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        seconds = []
+        for _ in range(passes):
+            sync(device)
+            started = time.perf_counter()
+            for batch in batches:
+                model.loss(batch)["loss"].backward()
+                model.zero_grad(set_to_none=True)
+            sync(device)
+            seconds.append(time.perf_counter() - started)
+        times[name].append(sorted(seconds)[len(seconds) // 2])
+        peaks[name] = peak_gb(device)
+        print(f"{name}: passes {[round(s, 3) for s in seconds]} s, peak {peaks[name]:.1f} GB", flush=True)
+    return {"rounds_s": times, "peak_gb": peaks}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--tiny", action="store_true", help="tiny recipe on CPU: a smoke test")
+    parser.add_argument("--budget-s", type=float, default=None, help="audio s per batch (640; tiny: 40)")
+    parser.add_argument("--rounds", type=int, default=4, help="alternating padded/packed rounds")
+    parser.add_argument("--passes", type=int, default=3, help="passes per round (its median counts)")
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    args = parser.parse_args()
+    device = torch.device("cpu" if args.tiny else "cuda")
+    model = build_model(args.tiny, device)
+    budget_s = args.budget_s or (40.0 if args.tiny else 640.0)
+    batches = [{k: v.to(device) for k, v in b.items()} for b in make_batches(model, budget_s, 0, tiny=False)]
+    losses = eval_losses(model, batches[0])
+    print(f"first batch, eval: {json.dumps(losses)}", flush=True)
+    timing = time_rounds(model, batches, device, args.rounds, args.passes)
+    padded, packed = min(timing["rounds_s"]["padded"]), min(timing["rounds_s"]["packed"])
+    print(f"padded {padded:.3f} s per pass, packed {packed:.3f} s: {padded / packed:.2f}x", flush=True)
+    write_result(
+        "packing_ab" + ("_tiny" if args.tiny else ""),
+        {
+            "card": card(device),
+            "budget_s": budget_s,
+            "padded_s_per_pass": padded,
+            "packed_s_per_pass": packed,
+            "speedup": padded / packed,
+            "first_batch_eval": losses,
+            **timing,
+        },
+        args.out,
+        record=not args.tiny,
+    )
+
+
+if __name__ == "__main__":
+    main()
