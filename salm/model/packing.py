@@ -67,9 +67,11 @@ def pack_sequences(
 ) -> PackedSequences:
     """``(B, T, H)`` embeddings, ``(B, T)`` mask and targets of ``SALM.prepare_inputs`` -> one packed row.
 
-    The real positions of each row must be contiguous (left or right padding), as
+    The real positions of each row are contiguous after its left padding, as
     ``replace_placeholders`` makes them; the order is row by row, so the target positions come out
-    in the padded batch's order (``predicted_ids`` and ``targets_per_example`` are unchanged).
+    in the padded batch's order (``predicted_ids`` and ``targets_per_example`` are unchanged). A
+    masked slot inside a row (a pad id within the text, which ``replace_placeholders`` keeps but
+    masks) is dropped here, so the positions after it are one lower than in the padded batch.
     """
     real = attention_mask.bool()
     lengths = real.sum(dim=1)
