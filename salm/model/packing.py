@@ -31,7 +31,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from salm.model.llm import attention_implementation
 
@@ -154,16 +153,13 @@ def packed_attention(
     dropout: float = 0.0,
     scaling: float | None = None,
     sliding_window: int | None = None,
-    cu_seq_lens_q: torch.Tensor | None = None,
-    max_length_q: int | None = None,
+    *,
+    cu_seq_lens_q: torch.Tensor,
+    max_length_q: int,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """transformers attention over one packed row ``(1, heads, N, D)``; transformers' SDPA for a call
-    without ``cu_seq_lens_q`` (nothing packed)."""
-    if cu_seq_lens_q is None:
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-        )
+    """transformers attention over one packed row ``(1, heads, N, D)``, as ``packed_attention_in``
+    switches it on around the packed loss's call (which passes ``PackedSequences.model_kwargs``)."""
     if query.shape[0] != 1 or dropout or sliding_window:
         raise ValueError(
             "packed attention takes one packed row without attention dropout or a sliding window, got "
