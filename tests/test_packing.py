@@ -116,21 +116,26 @@ def test_the_loss_without_targets_in_a_row_keeps_its_zero_count(tiny_salm, speec
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlashAttention's varlen kernel needs a GPU")
 def test_varlen_attention_on_the_gpu_equals_the_masked_reference() -> None:
-    """The GPU path (torch's ``varlen_attn``) against the CPU path's dense mask, Qwen3-1.7B's heads."""
+    """The GPU path (aten's FlashAttention varlen kernel), eager and compiled under Inductor's C++
+    wrapper as the canary recipe compiles its layers, against the CPU path's dense mask, Qwen3-1.7B's
+    heads (16 query, 8 key/value)."""
+    torch._dynamo.reset()
+    compiled = torch.compile(packed_attention, options={"cpp_wrapper": True}, fullgraph=True)
     torch.manual_seed(0)
     cu = torch.tensor([0, 130, 131, 400, 512], dtype=torch.int32)
     shape = (1, 16, 512, 128), (1, 8, 512, 128)
     query = torch.randn(shape[0], dtype=torch.bfloat16, requires_grad=True)
     key, value = (torch.randn(shape[1], dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
     outputs, grads = [], []
-    for device in ("cuda", "cpu"):
+    for device, attention in (("cuda", packed_attention), ("cuda", compiled), ("cpu", packed_attention)):
         inputs = [t.detach().to(device).requires_grad_() for t in (query, key, value)]
-        output, _ = packed_attention(
+        output, _ = attention(
             None, *inputs, None, scaling=128**-0.5, cu_seq_lens_q=cu.to(device), max_length_q=269
         )
         output.float().square().sum().backward()
         outputs.append(output.float().cpu())
         grads.append([t.grad.float().cpu() for t in inputs])
-    torch.testing.assert_close(outputs[0], outputs[1], rtol=2e-2, atol=2e-2)
-    for gpu, cpu in zip(*grads, strict=True):
-        torch.testing.assert_close(gpu, cpu, rtol=5e-2, atol=5e-2)
+    for gpu_outputs, gpu_grads in zip(outputs[:2], grads[:2], strict=True):
+        torch.testing.assert_close(gpu_outputs, outputs[2], rtol=2e-2, atol=2e-2)
+        for gpu, cpu in zip(gpu_grads, grads[2], strict=True):
+            torch.testing.assert_close(gpu, cpu, rtol=5e-2, atol=5e-2)

@@ -7,8 +7,8 @@ the MFU counts"). Packed, the LLM runs one ``(1, N)`` row of the ``N`` real posi
 positions restart at 0 for every sequence (RoPE is relative, so the scores are those of the
 padded row), and attention stays inside each sequence:
 
-- on a GPU through ``torch.nn.attention.varlen.varlen_attn`` (FlashAttention over cumulative
-  sequence lengths; a ``torch.library`` custom op, so the compiled layers trace it);
+- on a GPU through aten's FlashAttention over cumulative sequence lengths (the kernel behind
+  ``torch.nn.attention.varlen``; an aten op, so the compiled layers trace it, C++ wrapper too);
 - elsewhere (CPU tests, CPU training) through SDPA with a block-diagonal causal mask, the same
   numbers at ``N x N`` cost, fine for the tiny models that run there.
 
@@ -24,8 +24,6 @@ pass on an H200 (eager, ``bench/packing_ab.py``), but the recipe's compiled step
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
 from dataclasses import dataclass
 
 import torch
@@ -85,14 +83,6 @@ def pack_sequences(
     )
 
 
-@functools.cache
-def _varlen_takes_gqa() -> bool:
-    """torch >= 2.13's ``varlen_attn`` takes grouped key/value heads itself; 2.11's needs them repeated."""
-    from torch.nn.attention.varlen import varlen_attn
-
-    return "enable_gqa" in inspect.signature(varlen_attn).parameters
-
-
 def _varlen_causal_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -101,28 +91,21 @@ def _varlen_causal_attention(
     max_length: int,
     scale: float | None,
 ) -> torch.Tensor:
-    """``(N, heads, D)`` FlashAttention over the packed sequences, causal within each."""
-    from torch.nn.attention.varlen import varlen_attn
+    """``(N, heads, D)`` FlashAttention over the packed sequences, causal within each.
 
-    extra = {}
-    if key.shape[1] != query.shape[1]:
-        if _varlen_takes_gqa():
-            extra["enable_gqa"] = True
-        else:
-            groups = query.shape[1] // key.shape[1]
-            key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    return varlen_attn(
-        query,
-        key,
-        value,
-        cu_seq_lens,
-        cu_seq_lens,
-        max_length,
-        max_length,
+    Calls aten's ``_flash_attention_forward`` rather than ``torch.nn.attention.varlen.varlen_attn``:
+    that one is a Python custom op whose ``window_size: list[int]`` argument Inductor's C++ wrapper
+    cannot pass ("arg type List[int] is not yet supported by custom_op_wrapper", torch 2.11), and
+    the compiled recipe runs its layers under the C++ wrapper. The aten op has a C shim and its own
+    backward, and FlashAttention takes grouped key/value heads as they are (no repeat)."""
+    output, *_ = torch.ops.aten._flash_attention_forward(
+        query, key, value, cu_seq_lens, cu_seq_lens, max_length, max_length,
+        0.0,  # dropout
+        True,  # causal: each position attends to its own sequence's earlier positions
+        False,  # no debug mask
         scale=scale,
-        window_size=(-1, 0),
-        **extra,
-    )
+    )  # fmt: skip
+    return output
 
 
 def _masked_causal_attention(
