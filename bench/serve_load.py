@@ -171,15 +171,19 @@ def offline_throughput(
     return results
 
 
-def build_random_model(workdir: Path, shape: str) -> Path:
-    """The tiny recipe or the canary-qwen-2.5b shapes with random weights (seed 0), saved in the HF layout."""
+def build_random_model(workdir: Path, shape: str, model_overrides: list[str] = ()) -> Path:
+    """The tiny recipe or the canary-qwen-2.5b shapes with random weights (seed 0), saved in the HF
+    layout; ``model_overrides`` are dotted ``key=value`` settings of its ``model`` config (e.g.
+    ``perception.channels_last_subsampling=false``), to A/B a model option over HTTP."""
     import torch
+    from omegaconf import OmegaConf
 
     from bench.common import recipe, write_llm_dir
     from salm.model import SALM
 
     tiny = shape == "tiny"
     cfg = recipe(write_llm_dir(workdir / f"{shape}_llm", tiny=tiny), tiny=tiny).model
+    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(model_overrides)))
     device = "cuda" if torch.cuda.is_available() else "cpu"  # random init of 2.5B: seconds on a GPU
     torch.manual_seed(0)
     with torch.device(device):
@@ -304,6 +308,12 @@ def main() -> None:
     parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray cluster")
     parser.add_argument("--set", nargs="*", default=[], help="config overrides for the local server")
     parser.add_argument(
+        "--model-set",
+        nargs="*",
+        default=[],
+        help="--tiny/--canary-shape: overrides of the built model's config, e.g. perception.pad_attention_keys_to=null",
+    )
+    parser.add_argument(
         "--python-proxy",
         action="store_true",
         help="local server: Serve's Python HTTP proxy instead of its throughput mode (serve/throughput_mode.py)",
@@ -331,8 +341,12 @@ def main() -> None:
         paths = [u.path for u in synthesize_corpus(workdir / "speech", texts, VOICES)]
     clips = load_clips(paths)
     if args.tiny or args.canary_shape:
-        model_dir = build_random_model(workdir, "tiny" if args.tiny else "canary_qwen_2.5b_shape")
+        model_dir = build_random_model(
+            workdir, "tiny" if args.tiny else "canary_qwen_2.5b_shape", args.model_set
+        )
     else:
+        if args.model_set:
+            parser.error("--model-set builds a model: use it with --tiny or --canary-shape")
         model_dir = args.model
     url = args.url
     if url is None:
@@ -378,6 +392,7 @@ def main() -> None:
         ray.shutdown()
         result["max_new_tokens"] = args.max_new_tokens
         result["throughput_mode"] = not args.python_proxy
+        result["model_set"] = args.model_set
     if args.offline:  # batches as large as the concurrency: what the server could batch at best
         if model_dir is None:
             parser.error("--offline needs --model or --tiny")

@@ -11,7 +11,7 @@ from starlette.applications import Starlette
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from bench.serve_load import Clip, free_port, run_load
+from bench.serve_load import Clip, build_random_model, free_port, run_load
 
 
 def test_load_client_counts_statuses_errors_and_successful_audio() -> None:
@@ -91,3 +91,15 @@ def wait_until_serve_is_gone(timeout_s: float = 60.0) -> None:
             return
         time.sleep(0.2)
     raise TimeoutError(f"the Serve controller still exists {timeout_s:g} s after serve.shutdown()")
+
+
+def test_random_model_for_the_load_test_carries_its_model_overrides(tmp_path) -> None:
+    """``--model-set`` reaches the saved model's config, which the server builds its model from."""
+    from salm.model import SALM
+
+    plain = SALM.from_pretrained(build_random_model(tmp_path / "plain", "tiny"))
+    changed = SALM.from_pretrained(
+        build_random_model(tmp_path / "changed", "tiny", ["perception.pad_attention_keys_to=8"])
+    )
+    assert plain.cfg.perception.get("pad_attention_keys_to") != 8
+    assert changed.cfg.perception.pad_attention_keys_to == 8
