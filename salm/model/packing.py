@@ -17,8 +17,9 @@ the model call to every attention layer; ``packed_attention`` registers under it
 which transformers builds no attention mask at all (``masking_utils``: a packed ``sdpa`` row would
 get a dense ``N x N`` mask and no causal skipping).
 
-Off by default (``trainer.pack_llm_sequences``): the canary-shape model alone ran 1.13x faster per
-pass on an H200 (eager, ``bench/packing_ab.py``), but the recipe's compiled step is not measured yet.
+Off by default (``trainer.pack_llm_sequences``): the canary recipe's compiled step ran 1.09x faster
+per pass on an H200 (BENCHMARKS.md), but the GPU tests of this module have not run since it moved
+from ``varlen_attn`` to the aten op.
 """
 
 from __future__ import annotations
