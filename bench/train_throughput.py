@@ -96,7 +96,8 @@ def run_epochs(step, batches: Iterable[dict], device: torch.device, warmup: int,
 # "checkpointed" is "default" with trainer.activation_checkpointing: true (every repeated layer, eager).
 # "compiled_checkpointed_llm" and "compiled_checkpointed" add trainer.activation_checkpointing: llm, then
 # true, to the compiled model (it stays on for the variants after them).
-# "packed" and "compiled_packed" are "default" and "compiled" with trainer.pack_llm_sequences: true.
+# "packed" and "compiled_packed" are "default" and "compiled" with trainer.pack_llm_sequences: true
+# (the others take the recipe's setting, so with it on in the recipe they are the same).
 MODEL_VARIANTS = [
     "default",
     "packed",
@@ -325,7 +326,8 @@ def time_ds_variant(cfg, device: torch.device, config: dict, ds_variant: str) ->
         try:
             set_encoder_sdpa(model, variant == "encoder_sdpa")
             set_encoder_layouts(variant)
-            model.pack_llm_sequences = variant in PACKED_VARIANTS
+            recipe_packs = cfg.trainer.get("pack_llm_sequences", False)
+            model.pack_llm_sequences = variant in PACKED_VARIANTS or recipe_packs  # the recipe's, or packed
             if compiled and set_compiled_levers(model, variant):
                 from torch._dynamo import reset  # here, not at the top: see the counters' import below
 
