@@ -69,6 +69,13 @@ def reference_check(model: SALM, batch: dict) -> dict:
     return result
 
 
+def one_pass(model: SALM, batches: list[dict]) -> None:
+    """Forward + backward of ``SALM.loss`` over every batch, gradients dropped after each."""
+    for batch in batches:
+        model.loss(batch)["loss"].backward()
+        model.zero_grad(set_to_none=True)
+
+
 def time_rounds(model: SALM, batches: list[dict], device: torch.device, rounds: int, passes: int) -> dict:
     """Per variant: each round's median pass (forward + backward over every batch) and peak memory."""
     model.train()
@@ -76,9 +83,7 @@ def time_rounds(model: SALM, batches: list[dict], device: torch.device, rounds: 
     peaks: dict[str, float] = {}
     for name in times:  # unmeasured: train-mode graphs of compiled layers, allocator warm-up
         model.pack_llm_sequences = name == "packed"
-        for batch in batches:
-            model.loss(batch)["loss"].backward()
-            model.zero_grad(set_to_none=True)
+        one_pass(model, batches)
     for round_index in range(rounds):
         name = "packed" if round_index % 2 else "padded"
         model.pack_llm_sequences = name == "packed"
@@ -88,9 +93,7 @@ def time_rounds(model: SALM, batches: list[dict], device: torch.device, rounds: 
         for _ in range(passes):
             sync(device)
             started = time.perf_counter()
-            for batch in batches:
-                model.loss(batch)["loss"].backward()
-                model.zero_grad(set_to_none=True)
+            one_pass(model, batches)
             sync(device)
             seconds.append(time.perf_counter() - started)
         times[name].append(sorted(seconds)[len(seconds) // 2])

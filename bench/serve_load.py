@@ -34,6 +34,7 @@ import socket
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -171,7 +172,7 @@ def offline_throughput(
     return results
 
 
-def build_random_model(workdir: Path, shape: str, model_overrides: list[str] = ()) -> Path:
+def build_random_model(workdir: Path, shape: str, model_overrides: Sequence[str] = ()) -> Path:
     """The tiny recipe or the canary-qwen-2.5b shapes with random weights (seed 0), saved in the HF
     layout; ``model_overrides`` are dotted ``key=value`` settings of its ``model`` config (e.g.
     ``perception.channels_last_subsampling=false``), to A/B a model option over HTTP."""

@@ -321,12 +321,12 @@ def time_ds_variant(cfg, device: torch.device, config: dict, ds_variant: str) ->
 
     results = {}
     compiled = False
+    recipe_packs = cfg.trainer.get("pack_llm_sequences", False)
     for variant in config["variants"]:
         name = variant if ds_variant == "recipe" else f"{variant},ds={ds_variant}"
         try:
             set_encoder_sdpa(model, variant == "encoder_sdpa")
             set_encoder_layouts(variant)
-            recipe_packs = cfg.trainer.get("pack_llm_sequences", False)
             model.pack_llm_sequences = variant in PACKED_VARIANTS or recipe_packs  # the recipe's, or packed
             if compiled and set_compiled_levers(model, variant):
                 from torch._dynamo import reset  # here, not at the top: see the counters' import below
