@@ -328,6 +328,8 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=None, help="write the result JSON here")
     args = parser.parse_args()
+    if args.model_set and not (args.tiny or args.canary_shape):
+        parser.error("--model-set builds a model: use it with --tiny or --canary-shape")
 
     workdir = Path(tempfile.mkdtemp(prefix="serve_load_"))
     paths = args.audio
@@ -346,8 +348,6 @@ def main() -> None:
             workdir, "tiny" if args.tiny else "canary_qwen_2.5b_shape", args.model_set
         )
     else:
-        if args.model_set:
-            parser.error("--model-set builds a model: use it with --tiny or --canary-shape")
         model_dir = args.model
     url = args.url
     if url is None:

@@ -6,6 +6,7 @@ import itertools
 import threading
 import time
 
+import pytest
 import uvicorn
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse
@@ -103,3 +104,14 @@ def test_random_model_for_the_load_test_carries_its_model_overrides(tmp_path) ->
     )
     assert plain.cfg.perception.get("pad_attention_keys_to") != 8
     assert changed.cfg.perception.pad_attention_keys_to == 8
+
+
+def test_model_overrides_without_a_model_to_build_are_refused(monkeypatch, capsys) -> None:
+    """``--model-set`` changes the random model it builds; with a saved model or a URL it would do nothing."""
+    from bench import serve_load
+
+    monkeypatch.setattr("sys.argv", ["serve_load", "--url", "http://127.0.0.1:1", "--model-set", "a=1"])
+    with pytest.raises(SystemExit) as exit_info:
+        serve_load.main()
+    assert exit_info.value.code == 2
+    assert "--model-set builds a model" in capsys.readouterr().err
