@@ -144,6 +144,25 @@ def test_varlen_attention_on_the_gpu_equals_the_masked_reference() -> None:
         torch.testing.assert_close(gpu, cpu, rtol=5e-2, atol=5e-2)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlashAttention's varlen kernel needs a GPU")
+def test_varlen_attention_on_the_gpu_takes_fp32_under_autocast_and_refuses_it_without() -> None:
+    """FlashAttention computes in fp16/bf16 only, and the aten op is not on autocast's list: fp32
+    queries (a model kept in fp32 under autocast) are cast as SDPA's would be; without autocast the
+    user is told what to change instead of reading a CUDA shim's error."""
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32, device="cuda")
+    query, key, value = (torch.randn(1, 2, 8, 64, device="cuda") for _ in range(3))
+    call = dict(scaling=None, cu_seq_lens_q=cu, max_length_q=5)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        output, _ = packed_attention(None, query, key, value, None, **call)
+    reference, _ = packed_attention(
+        None, *(t.cpu() for t in (query, key, value)), None, **{**call, "cu_seq_lens_q": cu.cpu()}
+    )
+    assert output.dtype == torch.bfloat16
+    torch.testing.assert_close(output.float().cpu(), reference, rtol=2e-2, atol=2e-2)
+    with pytest.raises(ValueError, match="pack_llm_sequences"):
+        packed_attention(None, query, key, value, None, **call)
+
+
 def _on_the_gpu(batch: dict) -> dict:
     return {key: value.cuda() if torch.is_tensor(value) else value for key, value in batch.items()}
 

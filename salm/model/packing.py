@@ -98,7 +98,19 @@ def _varlen_causal_attention(
     that one is a Python custom op whose ``window_size: list[int]`` argument Inductor's C++ wrapper
     cannot pass ("arg type List[int] is not yet supported by custom_op_wrapper", torch 2.11), and
     the compiled recipe runs its layers under the C++ wrapper. The aten op has a C shim and its own
-    backward, and FlashAttention takes grouped key/value heads as they are (no repeat)."""
+    backward, and FlashAttention takes grouped key/value heads as they are (no repeat).
+
+    Unlike SDPA, the aten op is not on autocast's list, and FlashAttention computes in fp16/bf16
+    only: a model kept in fp32 under autocast (the plain loop, the tiny test model) reaches it with
+    fp32 queries from its fp32 q/k norms, so they are cast to the autocast dtype as SDPA's would be."""
+    if query.dtype not in (torch.float16, torch.bfloat16):
+        if not torch.is_autocast_enabled("cuda"):
+            raise ValueError(
+                f"packed LLM sequences on CUDA run FlashAttention, which takes fp16 or bf16, got {query.dtype}: "
+                "train with trainer.precision: bf16 or set trainer.pack_llm_sequences: false"
+            )
+        half = torch.get_autocast_dtype("cuda")
+        query, key, value = query.to(half), key.to(half), value.to(half)
     output, *_ = torch.ops.aten._flash_attention_forward(
         query, key, value, cu_seq_lens, cu_seq_lens, max_length, max_length,
         0.0,  # dropout
