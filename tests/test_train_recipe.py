@@ -81,6 +81,20 @@ def test_bad_settings_are_refused_with_the_field_name(override: str, message: st
         load_recipe("tiny", [*FILLED, override])
 
 
+def test_packing_on_a_gpu_in_fp32_is_refused_before_the_workers_start() -> None:
+    """FlashAttention has no fp32 kernel: without this check the first step fails after minutes of
+    compiling. On the CPU (dense-mask attention) and in bf16 the same setting loads."""
+    packed = [*FILLED, "trainer.pack_llm_sequences=true"]
+    with pytest.raises(SALMConfigError, match="set `trainer.precision=bf16`"):
+        load_recipe("tiny", [*packed, "trainer.use_gpu=true", "trainer.precision=32"])
+    assert load_recipe(
+        "tiny", [*packed, "trainer.use_gpu=true", "trainer.precision=bf16"]
+    ).trainer.pack_llm_sequences
+    assert load_recipe(
+        "tiny", [*packed, "trainer.use_gpu=false", "trainer.precision=32"]
+    ).trainer.pack_llm_sequences
+
+
 def test_unknown_recipe_lists_bundled_ones() -> None:
     with pytest.raises(SALMConfigError, match="salm_canary_qwen_2.5b, tiny"):
         load_recipe("nope")

@@ -142,6 +142,11 @@ def validate_recipe(cfg: DictConfig) -> None:
         checkpointed_parts(trainer.activation_checkpointing)
     if precision_of(cfg) not in ("32", "bf16", "16"):
         raise SALMConfigError(f"`trainer.precision` must be 32, bf16 or 16, got {trainer.precision!r}")
+    if trainer.pack_llm_sequences and trainer.use_gpu and precision_of(cfg) == "32":
+        raise SALMConfigError(
+            "`trainer.pack_llm_sequences` on a GPU runs FlashAttention's varlen kernel, which computes in bf16 "
+            "or fp16 only: set `trainer.precision=bf16`, or `trainer.pack_llm_sequences=false` for fp32"
+        )
     if int(ds.zero_stage) not in (0, 1, 2, 3):
         raise SALMConfigError(f"`deepspeed.zero_stage` must be 0, 1, 2 or 3, got {ds.zero_stage}")
     if trainer.compile_layers and int(ds.zero_stage) == 3:
