@@ -30,7 +30,9 @@ import itertools
 import json
 import os
 import platform
+import signal
 import socket
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -234,6 +236,41 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def exit_on_sigterm() -> None:
+    """SIGTERM (``timeout``, a scheduler) becomes ``SystemExit``, so that ``stop_local_server`` runs.
+
+    Otherwise the driver dies without its cleanup and the local Serve's HAProxy outlives it on its
+    fixed ports (stats 8404, metrics 9101): the next run's HAProxy then crashes at startup."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
+def stop_local_server() -> None:
+    """Shut down what ``start_local_server`` started, HAProxy included; nothing if Ray never started."""
+    import ray
+    from ray import serve
+
+    if ray.is_initialized():
+        serve.shutdown()
+        ray.shutdown()
+
+
+def run_loads(url: str, clips: list[Clip], args: argparse.Namespace) -> list[dict]:
+    """One measured run per ``--concurrency``, each after its unmeasured warm-up requests."""
+    runs = []
+    for concurrency in args.concurrency:
+        warmup = asyncio.run(
+            run_load(url, clips, concurrency, args.warmup_rounds * concurrency, args.api_key)
+        )
+        seen = transcriber_stats() if args.url is None else None
+        requests = max(args.requests, args.rounds * concurrency)
+        runs.append(asyncio.run(run_load(url, clips, concurrency, requests, args.api_key)))
+        runs[-1]["warmup"] = {k: warmup[k] for k in ("requests", "errors", "wall_s", "p99_s")}
+        if seen is not None:
+            runs[-1].update(batch_summary(transcriber_stats(), seen, runs[-1]["wall_s"]))
+        print(json.dumps(runs[-1]), flush=True)
+    return runs
+
+
 def start_local_server(
     model_dir: Path, overrides: list[str], num_cpus: int, python_proxy: bool = False
 ) -> str:
@@ -259,6 +296,7 @@ def start_local_server(
         dashboard_port=free_port(),
         runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}},
     )
+    exit_on_sigterm()  # after ray.init, whose driver installs its own SIGTERM handler
     port = free_port()
     config = load_serve_config(
         model=model_dir,
@@ -361,19 +399,13 @@ def main() -> None:
             "Ingress.autoscaling_config.max_replicas=1",
             *args.set,
         ]
-        url = start_local_server(model_dir, overrides, args.num_cpus, args.python_proxy)
-    runs = []
-    for concurrency in args.concurrency:
-        warmup = asyncio.run(
-            run_load(url, clips, concurrency, args.warmup_rounds * concurrency, args.api_key)
-        )
-        seen = transcriber_stats() if args.url is None else None
-        requests = max(args.requests, args.rounds * concurrency)
-        runs.append(asyncio.run(run_load(url, clips, concurrency, requests, args.api_key)))
-        runs[-1]["warmup"] = {k: warmup[k] for k in ("requests", "errors", "wall_s", "p99_s")}
-        if seen is not None:
-            runs[-1].update(batch_summary(transcriber_stats(), seen, runs[-1]["wall_s"]))
-        print(json.dumps(runs[-1]), flush=True)
+    try:
+        if url is None:
+            url = start_local_server(model_dir, overrides, args.num_cpus, args.python_proxy)
+        runs = run_loads(url, clips, args)
+    finally:  # also on SIGTERM or an error: a local Serve left behind breaks the next run's
+        if args.url is None:
+            stop_local_server()
     result = dict(runs[0])  # the first concurrency's numbers at the top level; all of them in "runs"
     result.update(
         url=url if args.url else "local",
@@ -386,11 +418,6 @@ def main() -> None:
         date=date.today().isoformat(),
     )
     if args.url is None:
-        import ray
-        from ray import serve
-
-        serve.shutdown()
-        ray.shutdown()
         result["max_new_tokens"] = args.max_new_tokens
         result["throughput_mode"] = not args.python_proxy
         result["model_set"] = args.model_set

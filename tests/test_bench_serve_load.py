@@ -3,8 +3,16 @@ overall and per clip."""
 
 import asyncio
 import itertools
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import uvicorn
@@ -13,6 +21,8 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from bench.serve_load import Clip, build_random_model, free_port, run_load
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_load_client_counts_statuses_errors_and_successful_audio() -> None:
@@ -115,3 +125,62 @@ def test_model_overrides_without_a_model_to_build_are_refused(monkeypatch, capsy
         serve_load.main()
     assert exit_info.value.code == 2
     assert "--model-set builds a model" in capsys.readouterr().err
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _processes_naming(text: str) -> list[int]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text in cmdline.read_bytes().decode(errors="replace"):
+                found.append(int(cmdline.parent.name))
+        except OSError:  # the process ended while we looked
+            continue
+    return found
+
+
+def test_a_local_run_stopped_by_sigterm_shuts_its_serve_and_haproxy_down(tmp_path, speech_clips) -> None:
+    """``timeout`` and schedulers stop a bench with SIGTERM. The driver used to die without shutting
+    Serve down: its HAProxy outlived it on HAProxy's fixed ports, and the next run's HAProxy crashed
+    at startup (seen on the GPU machine). HAProxy's ports and files are moved to this test's own,
+    so that no other Serve on the host collides with it."""
+    stats_port, metrics_port = free_port(), free_port()
+    # short: HAProxy refuses a socket path over 97 characters, and Ray adds a 56-character folder
+    haproxy_dir = Path(tempfile.mkdtemp(prefix="hap", dir="/tmp"))
+    env = {
+        **os.environ,
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(stats_port),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics_port),
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(haproxy_dir / "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(haproxy_dir / "admin.sock"),
+    }
+    command = [
+        sys.executable, "-m", "bench.serve_load", "--tiny", "--audio", str(speech_clips[0].path),
+        "--concurrency", "2", "--requests", "1000000", "--num-cpus", "2",
+    ]  # fmt: skip
+    log = tmp_path / "serve_load.log"
+    with log.open("wb") as output:
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while not _listening(stats_port):  # HAProxy is up once its stats port listens
+            assert process.poll() is None, f"serve_load ended early:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"HAProxy never listened:\n{log.read_text()[-3000:]}"
+            time.sleep(1)
+        assert _processes_naming(str(haproxy_dir)), "the listening HAProxy is not this run's"
+        time.sleep(5)  # into the load run
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 128 + signal.SIGTERM, log.read_text()[-3000:]
+    assert not _listening(stats_port) and not _listening(metrics_port)
+    try:
+        assert not _processes_naming(str(haproxy_dir)), "HAProxy outlived the run"
+    finally:
+        shutil.rmtree(haproxy_dir, ignore_errors=True)
