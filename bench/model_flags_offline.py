@@ -1,0 +1,169 @@
+"""A/B of model config flags in offline transcription: two models, alternating, in one process.
+
+Why: served A/Bs of a model option (``bench/serve_load.py --model-set``) take one run per setting,
+each on its own server, and on the GPU machine the first run after a cold start also pays for
+empty compile caches. Two runs in a row then differ by the order as much as by the option. Here
+both models live in one process and take turns (A, B, A, B, ...), every clip length seen unmeasured
+first, so the difference left is the option's. Each request is timed alone, synchronised, through
+``SALM.transcribe`` with the LoRA merged, as ``serve/transcriber.py`` serves it (eager encoder,
+uncompiled decoding step)::
+
+    python -m bench.model_flags_offline --canary-shape --sentences-per-clip 3 --batch-sizes 1 16 \
+        --out bench/results/model_flags_offline.json
+
+The default B turns off the canary recipe's two encoder layout options
+(``perception.channels_last_subsampling``, ``perception.pad_attention_keys_to``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from bench.serve_load import VOICES, build_random_model
+
+ENCODER_LAYOUT_OFF = ["perception.channels_last_subsampling=false", "perception.pad_attention_keys_to=null"]
+
+
+def synthesise_clips(workdir: Path, count: int, sentences_per_clip: int) -> list[Path]:
+    """``count`` flite clips of ``sentences_per_clip`` sentences each (3: ~10 s), four voices."""
+    from salm.assets.synthetic_speech import make_sentences, synthesize_corpus
+
+    sentences = make_sentences(count * sentences_per_clip, seed=11)
+    texts = [
+        ", and ".join(sentences[i : i + sentences_per_clip])
+        for i in range(0, len(sentences), sentences_per_clip)
+    ]
+    return [u.path for u in synthesize_corpus(workdir / "speech", texts, VOICES)]
+
+
+def load_served_model(model_dir: Path):
+    """The saved model as the transcriber serves it: bf16 on a GPU (fp32 on CPU), LoRA merged, eval."""
+    from salm.io.nemo_file import merge_lora_into_llm
+    from salm.model import SALM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    return merge_lora_into_llm(SALM.from_pretrained(model_dir).eval().to(device=device, dtype=dtype))
+
+
+def timed_batches(model, waves: list, batch_size: int, requests: int, max_new_tokens: int) -> list[float]:
+    """Seconds of each batch of ``requests`` clips (cycling through ``waves``), each synchronised."""
+    seconds = []
+    for start in range(0, requests, batch_size):
+        batch = [waves[i % len(waves)] for i in range(start, start + batch_size)]
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        model.transcribe(batch, max_new_tokens=max_new_tokens)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        seconds.append(round(time.perf_counter() - started, 4))
+    return seconds
+
+
+def compare(models: dict, waves: list, args: argparse.Namespace) -> list[dict]:
+    """Per repeat, model and batch size (in that nesting, so the models alternate): one timed row."""
+    rows = []
+    for repeat in range(args.repeats):
+        for name, model in models.items():
+            for batch_size in args.batch_sizes:
+                for wave in waves:  # every clip length once, unmeasured: decoder captures, cuDNN plans
+                    model.transcribe([wave], max_new_tokens=args.max_new_tokens)
+                model.transcribe(waves[:batch_size], max_new_tokens=args.max_new_tokens)
+                seconds = timed_batches(model, waves, batch_size, args.requests, args.max_new_tokens)
+                row = dict(repeat=repeat, model=name, batch_size=batch_size, seconds_per_batch=seconds)
+                row["mean_s"] = round(statistics.fmean(seconds), 4)
+                print(json.dumps({k: v for k, v in row.items() if k != "seconds_per_batch"}), flush=True)
+                rows.append(row)
+    return rows
+
+
+def summary(rows: list[dict], batch_sizes: list[int]) -> list[dict]:
+    """Per batch size: each model's mean seconds per batch over every repeat, and B's over A's."""
+    table = []
+    for batch_size in batch_sizes:
+        mean = {
+            name: statistics.fmean(s for r in rows if r["model"] == name and r["batch_size"] == batch_size
+                                   for s in r["seconds_per_batch"])
+            for name in ("A", "B")
+        }  # fmt: skip
+        table.append(
+            dict(batch_size=batch_size, a_s=round(mean["A"], 4), b_s=round(mean["B"], 4),
+                 b_over_a=round(mean["B"] / mean["A"], 3))
+        )  # fmt: skip
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    shape = parser.add_mutually_exclusive_group(required=True)
+    shape.add_argument("--tiny", action="store_true", help="the tiny recipe's model (CPU is fine)")
+    shape.add_argument(
+        "--canary-shape", action="store_true", help="canary-qwen-2.5b shapes, random weights (GPU)"
+    )
+    parser.add_argument(
+        "--a-set", nargs="*", default=[], help="model A: overrides of the recipe's model config"
+    )
+    parser.add_argument(
+        "--b-set", nargs="*", default=ENCODER_LAYOUT_OFF, help="model B: overrides (default: %(default)s)"
+    )
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
+    parser.add_argument(
+        "--requests", type=int, default=32, help="clips timed per model, batch size and repeat"
+    )
+    parser.add_argument("--repeats", type=int, default=2, help="rounds of A then B")
+    parser.add_argument(
+        "--clips", type=int, default=16, help="synthesised clips (lengths vary with the text)"
+    )
+    parser.add_argument(
+        "--sentences-per-clip", type=int, default=3, help="3: ~10 s clips, the GPU targets' length"
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--out", type=Path, default=None, help="write the result JSON here")
+    args = parser.parse_args()
+    if args.a_set == args.b_set:
+        parser.error("--a-set and --b-set are the same: there is nothing to compare")
+    if min(args.batch_sizes) < 1 or args.requests < max(args.batch_sizes) or args.repeats < 1:
+        parser.error("batch sizes must be >= 1, --requests at least the largest batch size, --repeats >= 1")
+
+    from salm.audio import load_audio
+
+    workdir = Path(tempfile.mkdtemp(prefix="model_flags_"))
+    paths = synthesise_clips(workdir, args.clips, args.sentences_per_clip)
+    kind = "tiny" if args.tiny else "canary_qwen_2.5b_shape"
+    models = {}
+    for name, overrides in (("A", args.a_set), ("B", args.b_set)):
+        models[name] = load_served_model(build_random_model(workdir / name, kind, overrides))
+    waves = [load_audio(path, models["A"].sampling_rate) for path in paths]
+    rows = compare(models, waves, args)
+    table = summary(rows, args.batch_sizes)
+    for line in table:
+        print(
+            f"batch {line['batch_size']:>4}: A {line['a_s']:.4f} s  B {line['b_s']:.4f} s  B/A {line['b_over_a']:.3f}"
+        )
+    result = dict(
+        card=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        date=date.today().isoformat(),
+        a_set=args.a_set,
+        b_set=args.b_set,
+        clip_s=[round(len(w) / models["A"].sampling_rate, 3) for w in waves],
+        summary=table,
+        rows=rows,
+    )
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
