@@ -4,7 +4,8 @@ Why: served A/Bs of a model option (``bench/serve_load.py --model-set``) take on
 each on its own server, and on the GPU machine the first run after a cold start also pays for
 empty compile caches. Two runs in a row then differ by the order as much as by the option. Here
 both models live in one process and take turns (A, B, A, B, ...), every clip length seen unmeasured
-first, so the difference left is the option's. Each request is timed alone, synchronised, through
+first, so the difference left is the option's. Those first passes are timed on their own
+(``first_seen``: what a model pays for a clip length it has not seen yet, e.g. cuDNN building plans). Each request is timed alone, synchronised, through
 ``SALM.transcribe`` with the LoRA merged, as ``serve/transcriber.py`` serves it (eager encoder,
 uncompiled decoding step)::
 
@@ -75,15 +76,30 @@ def compare(models: dict, waves: list, args: argparse.Namespace) -> list[dict]:
     for repeat in range(args.repeats):
         for name, model in models.items():
             for batch_size in args.batch_sizes:
-                for wave in waves:  # every clip length once, unmeasured: decoder captures, cuDNN plans
-                    model.transcribe([wave], max_new_tokens=args.max_new_tokens)
+                # every clip length once, one clip per batch, kept out of the mean: the first time a
+                # model sees a length it may build decoders, cuDNN plans, ... (`first_pass_s` says)
+                first_pass = timed_batches(model, waves, 1, len(waves), args.max_new_tokens)
                 model.transcribe(waves[:batch_size], max_new_tokens=args.max_new_tokens)
                 seconds = timed_batches(model, waves, batch_size, args.requests, args.max_new_tokens)
                 row = dict(repeat=repeat, model=name, batch_size=batch_size, seconds_per_batch=seconds)
+                row["first_pass_s"] = first_pass
                 row["mean_s"] = round(statistics.fmean(seconds), 4)
                 print(json.dumps({k: v for k, v in row.items() if k != "seconds_per_batch"}), flush=True)
                 rows.append(row)
     return rows
+
+
+def first_seen(rows: list[dict]) -> dict:
+    """Per model: median seconds of a clip the first time the model saw its length (its first row's
+    first pass) and the next time (its second row's first pass): what a new input shape costs."""
+    medians = {}
+    for name in ("A", "B"):
+        passes = [r["first_pass_s"] for r in rows if r["model"] == name]
+        medians[name] = {
+            "first_s": round(statistics.median(passes[0]), 4),
+            "again_s": round(statistics.median(passes[1]), 4) if len(passes) > 1 else None,
+        }
+    return medians
 
 
 def summary(rows: list[dict], batch_sizes: list[int]) -> list[dict]:
@@ -151,6 +167,10 @@ def main() -> None:
         print(
             f"batch {line['batch_size']:>4}: A {line['a_s']:.4f} s  B {line['b_s']:.4f} s  B/A {line['b_over_a']:.3f}"
         )
+    for name, medians in first_seen(rows).items():
+        print(
+            f"{name}: a clip the first time its length is seen {medians['first_s']} s, the next time {medians['again_s']} s"
+        )
     result = dict(
         card=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         date=date.today().isoformat(),
@@ -158,6 +178,7 @@ def main() -> None:
         b_set=args.b_set,
         clip_s=[round(len(w) / models["A"].sampling_rate, 3) for w in waves],
         summary=table,
+        first_seen=first_seen(rows),
         rows=rows,
     )
     if args.out:

@@ -34,7 +34,14 @@ def test_the_two_models_take_turns_and_every_batch_is_timed(tmp_path) -> None:
     for row in result["rows"]:  # 3 requests: batches of 1, 1, 1 or of 2, 1
         assert len(row["seconds_per_batch"]) == (3 if row["batch_size"] == 1 else 2)
         assert all(s > 0 for s in row["seconds_per_batch"])
+        assert len(row["first_pass_s"]) == 2 and all(s > 0 for s in row["first_pass_s"])  # one per clip
     assert [line["batch_size"] for line in result["summary"]] == [1, 2]
+    for model in ("A", "B"):  # each model's first row saw the lengths first, its second row again
+        first, again = [r["first_pass_s"] for r in result["rows"] if r["model"] == model][:2]
+        assert result["first_seen"][model] == {
+            "first_s": pytest.approx(statistics.median(first), abs=1e-4),
+            "again_s": pytest.approx(statistics.median(again), abs=1e-4),
+        }
     for line in result["summary"]:  # means over both repeats' batches of that size
         mean = {
             m: statistics.fmean(s for r in result["rows"] if (r["model"], r["batch_size"]) == (m, line["batch_size"])
