@@ -65,6 +65,11 @@ class BatchingConfig:
     # GPU: clip lengths (s) whose decoders a replica captures at start, for every batch size that
     # batches of such clips can take, so that no request waits for a capture. Empty: capture on demand.
     warm_up_clip_s: tuple[float, ...] = ()
+    # Serve with the encoder layout the model was trained with (`perception.channels_last_subsampling`,
+    # `pad_attention_keys_to`; same numbers). Off: NCHW subsampling and NeMo's T keys, since with the
+    # canary recipe's layout each new clip length cost its first request 0.3-0.6 s on an H200 and a
+    # 64-client load ran 1.7x slower (BENCHMARKS.md, "the encoder layout options").
+    keep_encoder_layout: bool = False
 
     def __post_init__(self) -> None:
         if self.max_batch_audio_s < 1:
@@ -78,6 +83,10 @@ class BatchingConfig:
         if not isinstance(self.compile_decoding, bool):
             raise ValueError(
                 f"`user_config.compile_decoding` must be true or false, got {self.compile_decoding!r}"
+            )
+        if not isinstance(self.keep_encoder_layout, bool):
+            raise ValueError(
+                f"`user_config.keep_encoder_layout` must be true or false, got {self.keep_encoder_layout!r}"
             )
         lengths = self.warm_up_clip_s
         if not isinstance(lengths, list | tuple) or not all(
@@ -163,6 +172,7 @@ class Transcriber:
 
     def reconfigure(self, user_config: dict) -> None:
         self.config = BatchingConfig(**user_config)
+        self._apply_encoder_layout()  # before the warm-up, which runs the encoder as requests will
         newly_compiled = self.config.compile_decoding and not self.model.compile_decoding
         self.model.compile_decoding = self.config.compile_decoding
         on_gpu = self.model.device.type == "cuda"  # CPUs decode eagerly: nothing to compile or capture
@@ -172,6 +182,18 @@ class Transcriber:
             self._warm_up_decoders(_max_ongoing_requests())
         self.transcribe_batch.set_max_batch_size(self.config.max_batch_audio_s)
         self.transcribe_batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
+
+    def _apply_encoder_layout(self) -> None:
+        """The model's own encoder layout with ``keep_encoder_layout``, else NCHW and unpadded keys."""
+        perception_cfg = self.model.cfg.perception
+        if self.config.keep_encoder_layout:
+            layout = (
+                perception_cfg.get("channels_last_subsampling", False),
+                perception_cfg.get("pad_attention_keys_to"),
+            )
+        else:
+            layout = False, None
+        self.model.perception.set_encoder_layout(*layout)
 
     def _compile_decoding_now(self) -> None:
         """Compile the decoding step before the first request instead of during it: one clip (its

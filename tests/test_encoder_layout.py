@@ -91,3 +91,42 @@ def test_a_channels_last_subsampling_that_is_not_a_boolean_is_refused(tiny_model
     tiny_model_cfg.perception.channels_last_subsampling = "false"  # a string: truthy, so refused
     with pytest.raises(SALMConfigError, match="channels_last_subsampling` must be true or false"):
         AudioPerception(tiny_model_cfg.perception)
+
+
+def test_a_perception_switches_its_layout_back_to_nchw_and_unpadded_keys(tiny_model_cfg, monkeypatch) -> None:
+    """What a Serve replica does to a model trained with the canary recipe's layout: the same weights,
+    NCHW again (only the layout hook goes, others stay) and NeMo's T keys, then the layout back."""
+    from salm.model.rel_shift import StridedRelPositionAttention
+
+    monkeypatch.setattr(encoder_layout, "CHANNELS_LAST_DEVICES", {"cpu"})
+    tiny_model_cfg.perception.output_dim = 64
+    tiny_model_cfg.perception.channels_last_subsampling = True
+    tiny_model_cfg.perception.pad_attention_keys_to = 8
+    perception = AudioPerception(tiny_model_cfg.perception).eval()
+    first_conv = next(m for m in perception.encoder.pre_encode.modules() if isinstance(m, torch.nn.Conv2d))
+    first_conv.register_forward_pre_hook(lambda module, args: None)  # someone else's hook
+    attentions = [m for m in perception.encoder.modules() if isinstance(m, StridedRelPositionAttention)]
+    assert attentions and all(m.key_multiple == 8 for m in attentions)
+    waveforms, lengths = torch.randn(2, 12345), torch.tensor([12345, 9000])
+
+    def run() -> tuple[torch.Tensor, bool]:
+        seen = []
+        handle = depthwise_conv(perception.encoder).register_forward_pre_hook(
+            lambda module, args: seen.append(args[0])
+        )
+        with torch.no_grad():
+            encoded, _ = perception(waveforms, lengths)
+        handle.remove()
+        return encoded, seen[0].stride(1) == 1
+
+    trained, trained_channels_last = run()
+    perception.set_encoder_layout(channels_last_subsampling=False, pad_attention_keys_to=None)
+    served, served_channels_last = run()
+    assert trained_channels_last and not served_channels_last
+    assert all(m.key_multiple == 0 for m in attentions)
+    assert len(first_conv._forward_pre_hooks) == 1  # the other hook is still there
+    torch.testing.assert_close(served, trained, rtol=1e-5, atol=1e-5)  # same numbers, other kernels
+    perception.set_encoder_layout(channels_last_subsampling=True, pad_attention_keys_to=8)
+    assert run()[1] and all(m.key_multiple == 8 for m in attentions)
+    with pytest.raises(SALMConfigError, match="channels_last_subsampling` must be true or false"):
+        perception.set_encoder_layout(channels_last_subsampling="no", pad_attention_keys_to=None)

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pydantic
 import pytest
+import torch
 import yaml
 
 from salm.cli import main
@@ -244,3 +245,36 @@ def test_a_failing_warm_up_leaves_a_serving_replica_and_says_why() -> None:
     assert len(warnings) == 1
     assert "CUDA out of memory" in warnings[0]
     assert "captured by the first request that needs them" in warnings[0]
+
+
+def test_a_replica_serves_nchw_and_unpadded_keys_unless_told_to_keep_the_models_layout(
+    tiny_model_cfg,
+) -> None:
+    """The canary recipe trains with channels-last subsampling and keys padded to 8; a replica turns
+    both off before its warm-up (each new clip length cost 0.3-0.6 s with them on an H200)."""
+    from salm.model import SALM
+    from salm.model.encoder_layout import _channels_last_input
+    from salm.model.rel_shift import StridedRelPositionAttention
+    from serve.transcriber import BatchingConfig
+
+    tiny_model_cfg.perception.channels_last_subsampling = True
+    tiny_model_cfg.perception.pad_attention_keys_to = 8
+    model = SALM(tiny_model_cfg).eval()
+    encoder = model.perception.encoder
+    first_conv = next(m for m in encoder.pre_encode.modules() if isinstance(m, torch.nn.Conv2d))
+    attentions = [m for m in encoder.modules() if isinstance(m, StridedRelPositionAttention)]
+
+    def layout() -> tuple[bool, set[int]]:
+        return _channels_last_input in first_conv._forward_pre_hooks.values(), {
+            m.key_multiple for m in attentions
+        }
+
+    assert layout() == (True, {8})
+    replica = bare_replica(BatchingConfig(), model)
+    replica._apply_encoder_layout()
+    assert layout() == (False, {0})
+    replica.config = BatchingConfig(keep_encoder_layout=True)
+    replica._apply_encoder_layout()
+    assert layout() == (True, {8})
+    with pytest.raises(ValueError, match="`user_config.keep_encoder_layout` must be true or false"):
+        BatchingConfig(keep_encoder_layout="false")

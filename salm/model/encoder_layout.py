@@ -33,12 +33,14 @@ def _channels_last_input(module: nn.Module, args: tuple) -> tuple | None:
     return None
 
 
-def use_channels_last_subsampling(encoder: nn.Module) -> bool:
-    """Make the encoder's convolutional subsampling run channels-last on CUDA; returns whether it has one.
+def use_channels_last_subsampling(encoder: nn.Module, enabled: bool = True) -> bool:
+    """Make the encoder's convolutional subsampling run channels-last on CUDA (or NCHW again with
+    ``enabled=False``); returns whether it has one.
 
     Hooks the first Conv2d of ``encoder.pre_encode`` (a forward pre-hook, so the module, its weights
     and its state-dict keys stay NeMo's), once however often it is called. Encoders without a Conv2d
-    subsampling are left alone.
+    subsampling are left alone. Serving turns it off: a new clip length cost its first request
+    0.3-0.6 s with it on (BENCHMARKS.md, "the encoder layout options").
     """
     pre_encode = getattr(encoder, "pre_encode", None)
     first_conv = (
@@ -46,6 +48,10 @@ def use_channels_last_subsampling(encoder: nn.Module) -> bool:
     )
     if first_conv is None:
         return False
-    if _channels_last_input not in first_conv._forward_pre_hooks.values():
+    hooks = first_conv._forward_pre_hooks
+    if not enabled:
+        for handle_id in [key for key, hook in hooks.items() if hook is _channels_last_input]:
+            del hooks[handle_id]
+    elif _channels_last_input not in hooks.values():
         first_conv.register_forward_pre_hook(_channels_last_input)
     return True

@@ -76,19 +76,11 @@ class AudioPerception(nn.Module):
         _unpin_featurizer_forward(self.preprocessor)
         self.encoder = build_from_target("encoder", cfg.encoder)
         from salm.model.pointwise_conv import use_matmul_pointwise_convs  # imports NeMo, like the builders
-        from salm.model.rel_shift import set_key_padding, use_strided_rel_shift
+        from salm.model.rel_shift import use_strided_rel_shift
 
         use_strided_rel_shift(self.encoder)  # same numbers; compiled, 19 ms of kernels per pass, not 282
         use_matmul_pointwise_convs(self.encoder)  # same numbers, aligned GEMMs for every frame count
-        set_key_padding(self.encoder, cfg.get("pad_attention_keys_to"))  # same numbers, aligned matmuls
-        # GPU layout, same numbers: off by default, on in the canary recipe (salm/model/encoder_layout.py says why).
-        channels_last = cfg.get("channels_last_subsampling", False)
-        if not isinstance(channels_last, bool):
-            raise SALMConfigError(
-                f"`model.perception.channels_last_subsampling` must be true or false, got {channels_last!r}"
-            )
-        if channels_last:
-            use_channels_last_subsampling(self.encoder)
+        self.set_encoder_layout(cfg.get("channels_last_subsampling", False), cfg.get("pad_attention_keys_to"))
         spec_augment = cfg.get("spec_augment")
         self.spec_augmentation = build_from_target("spec_augment", spec_augment) if spec_augment else None
         self.modality_adapter = build_from_target("modality_adapter", cfg.modality_adapter)
@@ -98,6 +90,23 @@ class AudioPerception(nn.Module):
             self.proj = nn.Linear(adapter.d_model, cfg.output_dim)
         else:
             self.proj = nn.Identity()
+
+    def set_encoder_layout(self, channels_last_subsampling: bool, pad_attention_keys_to: int | None) -> None:
+        """The encoder's two GPU layout options (same numbers, other kernels): the constructor applies
+        the config's ``perception.channels_last_subsampling`` and ``pad_attention_keys_to``; a server
+        may choose others for the same weights (``serve/transcriber.py``).
+
+        Off by default; the canary recipe turns both on for training (``salm/model/encoder_layout.py``
+        and ``salm/model/rel_shift.py`` say why)."""
+        from salm.model.rel_shift import set_key_padding
+
+        if not isinstance(channels_last_subsampling, bool):
+            raise SALMConfigError(
+                "`model.perception.channels_last_subsampling` must be true or false, "
+                f"got {channels_last_subsampling!r}"
+            )
+        set_key_padding(self.encoder, pad_attention_keys_to)
+        use_channels_last_subsampling(self.encoder, enabled=channels_last_subsampling)
 
     @property
     def sampling_rate(self) -> int:
