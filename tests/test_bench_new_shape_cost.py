@@ -1,0 +1,45 @@
+"""bench/new_shape_cost.py: every option set really applied, on frame counts no other set has shown."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_each_option_set_is_timed_first_and_again_on_its_own_new_frame_counts(tmp_path) -> None:
+    command = [
+        sys.executable, "-m", "bench.new_shape_cost", "--tiny", "--layers", "1", "--batch", "2",
+        "--lengths", "3", "--first-frames", "200", "--train", "--out", str(tmp_path),
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "new_shape_cost_train_tiny.json").read_text())
+    assert result["train"] is True and result["layers"] == 1
+    sets = result["option_sets"]
+    assert set(sets) == {"recipe", "channels_last_only", "padded_keys_only", "neither"}
+    every_frames = []
+    for timing in sets.values():
+        seen = timing["layout_seen"]  # what the modules carried while this set was timed
+        assert seen["channels_last_hook"] is timing["channels_last_subsampling"]
+        assert seen["key_multiples"] == [timing["pad_attention_keys_to"] or 0]
+        assert len(timing["first_s"]) == len(timing["again_s"]) == len(timing["frames"]) == 3
+        assert all(s > 0 for s in timing["first_s"] + timing["again_s"])
+        cost = statistics.fmean(timing["first_s"]) - statistics.fmean(timing["again_s"])
+        assert timing["new_shape_cost_s"] == pytest.approx(cost, abs=1e-4)
+        every_frames += timing["frames"]
+    assert len({n // 8 for n in every_frames}) == len(every_frames) == 12  # new after subsampling too
+
+
+def test_a_batch_of_one_is_refused_with_what_to_change(tmp_path) -> None:
+    command = [sys.executable, "-m", "bench.new_shape_cost", "--tiny", "--batch", "1", "--out", str(tmp_path)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "--batch >= 2" in done.stderr
+    assert not list(tmp_path.iterdir())
