@@ -18,7 +18,9 @@ What each optimisation of ours buys is measured in the same run with ``--ours-va
   instead of the canary recipe's channels-last (``perception.channels_last_subsampling``), for this
   path only;
 - ``unpadded_keys``: ours with NeMo's ``T`` attention keys in the encoder (``perception.pad_attention_keys_to:
-  0``) instead of the canary recipe's 8 (``salm.model.rel_shift.pad_keys``), for this path only;
+  0``) instead of the canary recipe's 8 (``salm.model.rel_shift.pad_keys``), for this path only.
+  Serve replicas run both of these layouts (``Transcriber.user_config.keep_encoder_layout: false``);
+  the offline rows keep the model's, since on one warmed clip length the two are level;
 - ``conv_pointwise``: ours with the Conformer's pointwise convolutions as NeMo's ``Conv1d`` over
   ``[B, C, T]`` instead of matmuls over ``[B, T, C]`` (``salm.model.pointwise_conv``), for this path only;
 - ``transformers_sdpa``: ours with transformers' own ``sdpa`` attention in the decoder instead of
