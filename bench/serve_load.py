@@ -244,14 +244,36 @@ def exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
-def stop_local_server() -> None:
-    """Shut down what ``start_local_server`` started, HAProxy included; nothing if Ray never started."""
+def stop_local_server(logs_dest: Path | None = None) -> None:
+    """Shut down what ``start_local_server`` started, HAProxy included; nothing if Ray never started.
+    With ``logs_dest``, Serve's logs are copied there once Serve has stopped (``copy_serve_logs``)."""
     import ray
     from ray import serve
 
     if ray.is_initialized():
         serve.shutdown()
+        if logs_dest is not None:
+            print(f"{copy_serve_logs(logs_dest)} Serve log files copied to {logs_dest}", flush=True)
         ray.shutdown()
+
+
+def copy_serve_logs(dest: Path) -> int:
+    """Copy the local cluster's Serve logs (controller, proxy, each replica's) into ``dest``; returns
+    how many files. Why: the replica says there what the load cannot show (its decoding-step compile
+    time or fall-back, the decoder warm-up, warnings), and on a lent GPU machine the cluster's
+    session folder is lost with the machine, while ``--out`` comes back."""
+    import shutil
+
+    import ray
+
+    if not ray.is_initialized():
+        return 0
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"  # no public API
+    files = sorted(logs.glob("*.log")) if logs.is_dir() else []
+    dest.mkdir(parents=True, exist_ok=True)
+    for file in files:
+        shutil.copy2(file, dest / file.name)
+    return len(files)
 
 
 def run_loads(url: str, clips: list[Clip], args: argparse.Namespace) -> list[dict]:
@@ -364,7 +386,12 @@ def main() -> None:
         nargs="*",
         help="--offline's batch sizes (default: the concurrencies)",
     )
-    parser.add_argument("--out", type=Path, default=None, help="write the result JSON here")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="write the result JSON here (a local server's Serve logs go beside it, in NAME_serve_logs/)",
+    )
     args = parser.parse_args()
     if args.model_set and not (args.tiny or args.canary_shape):
         parser.error("--model-set builds a model: use it with --tiny or --canary-shape")
@@ -402,10 +429,11 @@ def main() -> None:
     try:
         if url is None:
             url = start_local_server(model_dir, overrides, args.num_cpus, args.python_proxy)
+            print(f"local server up at {url}: the load starts", flush=True)
         runs = run_loads(url, clips, args)
     finally:  # also on SIGTERM or an error: a local Serve left behind breaks the next run's
         if args.url is None:
-            stop_local_server()
+            stop_local_server(args.out.with_name(f"{args.out.stem}_serve_logs") if args.out else None)
     result = dict(runs[0])  # the first concurrency's numbers at the top level; all of them in "runs"
     result.update(
         url=url if args.url else "local",

@@ -160,25 +160,30 @@ def test_a_local_run_stopped_by_sigterm_shuts_its_serve_and_haproxy_down(tmp_pat
     }
     command = [
         sys.executable, "-m", "bench.serve_load", "--tiny", "--audio", str(speech_clips[0].path),
-        "--concurrency", "2", "--requests", "1000000", "--num-cpus", "2",
+        "--concurrency", "2", "--requests", "1000000", "--num-cpus", "2", "--out", str(tmp_path / "run.json"),
     ]  # fmt: skip
     log = tmp_path / "serve_load.log"
     with log.open("wb") as output:
         process = subprocess.Popen(command, cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 300
-        while not _listening(stats_port):  # HAProxy is up once its stats port listens
+        while "local server up at" not in log.read_text():  # deployed: replicas up, HAProxy routing
             assert process.poll() is None, f"serve_load ended early:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"HAProxy never listened:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"the server never came up:\n{log.read_text()[-3000:]}"
             time.sleep(1)
+        assert _listening(stats_port), "HAProxy does not listen on this test's stats port"
         assert _processes_naming(str(haproxy_dir)), "the listening HAProxy is not this run's"
-        time.sleep(5)  # into the load run
+        time.sleep(3)  # into the load run
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=120)
     finally:
         if process.poll() is None:
             process.kill()
     assert process.returncode == 128 + signal.SIGTERM, log.read_text()[-3000:]
+    # Serve's logs come back beside --out even from a stopped run (a lent GPU machine keeps none)
+    logs = tmp_path / "run_serve_logs"
+    assert list(logs.glob("replica_*Transcriber*.log")), log.read_text()[-3000:]
+    assert "Transcriber" in "".join(path.read_text() for path in logs.glob("controller_*.log"))
     assert not _listening(stats_port) and not _listening(metrics_port)
     try:
         assert not _processes_naming(str(haproxy_dir)), "HAProxy outlived the run"
