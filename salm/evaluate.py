@@ -188,9 +188,11 @@ class ScoringActor:
 
     def __init__(self, model_path: str, load_kwargs: dict, options: GenerationOptions, compute_loss: bool):
         from salm.io.loading import load_pretrained
+        from salm.model.perception import INFERENCE_ENCODER_LAYOUT
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = load_pretrained(model_path, **load_kwargs).eval().to(device)
+        self.model.perception.set_encoder_layout(**INFERENCE_ENCODER_LAYOUT)  # as load_model_for_inference
         self.options = options
         self.compute_loss = compute_loss
 

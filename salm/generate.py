@@ -171,13 +171,15 @@ def generation_options(args: argparse.Namespace) -> GenerationOptions:
 
 
 def load_model_for_inference(args: argparse.Namespace):
-    """The model named on the command line, in eval mode, on ``--device``."""
+    """The model named on the command line, in eval mode, on ``--device``, with inference's encoder layout."""
     import torch
 
     from salm.io.loading import load_pretrained
+    from salm.model.perception import INFERENCE_ENCODER_LAYOUT
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_pretrained(args.model, llm_path=args.llm_path, tokenizer_path=args.tokenizer_path)
+    model.perception.set_encoder_layout(**INFERENCE_ENCODER_LAYOUT)  # same numbers, no cost per new length
     return model.eval().to(device)
 
 

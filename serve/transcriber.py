@@ -184,16 +184,17 @@ class Transcriber:
         self.transcribe_batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
 
     def _apply_encoder_layout(self) -> None:
-        """The model's own encoder layout with ``keep_encoder_layout``, else NCHW and unpadded keys."""
+        """The model's own encoder layout with ``keep_encoder_layout``, else inference's (NCHW, T keys)."""
+        from salm.model.perception import INFERENCE_ENCODER_LAYOUT
+
         perception_cfg = self.model.cfg.perception
+        layout = INFERENCE_ENCODER_LAYOUT
         if self.config.keep_encoder_layout:
-            layout = (
-                perception_cfg.get("channels_last_subsampling", False),
-                perception_cfg.get("pad_attention_keys_to"),
-            )
-        else:
-            layout = False, None
-        self.model.perception.set_encoder_layout(*layout)
+            layout = {
+                "channels_last_subsampling": perception_cfg.get("channels_last_subsampling", False),
+                "pad_attention_keys_to": perception_cfg.get("pad_attention_keys_to"),
+            }
+        self.model.perception.set_encoder_layout(**layout)
 
     def _compile_decoding_now(self) -> None:
         """Compile the decoding step before the first request instead of during it: one clip (its

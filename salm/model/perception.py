@@ -64,6 +64,13 @@ def build_from_target(section: str, cfg: DictConfig | dict) -> nn.Module:
     return BUILDERS[target](**kwargs)
 
 
+# The encoder layout inference runs (Serve replicas, `salm generate`, `salm evaluate`): NCHW
+# subsampling and NeMo's T attention keys. Same numbers as the canary recipe's training layout, but
+# on an H200 that layout cost each new input shape 0.3-0.6 s, and inference meets a new shape at
+# nearly every batch (BENCHMARKS.md, "the encoder layout options").
+INFERENCE_ENCODER_LAYOUT = {"channels_last_subsampling": False, "pad_attention_keys_to": None}
+
+
 class AudioPerception(nn.Module):
     """Waveforms ``(B, T_samples)`` -> LLM-sized audio embeddings ``(B, T_frames, H)`` with lengths."""
 
