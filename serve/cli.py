@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from serve.client import API_KEY_ENV
-from serve.throughput_mode import with_throughput_mode, without_throughput_mode
+from serve.throughput_mode import haproxy_port_conflict, with_throughput_mode, without_throughput_mode
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -73,16 +73,32 @@ def run_serve(args: argparse.Namespace) -> None:
     if args.dry_run:
         print(text, end="")
         return
+    environment = serve_run_environment(args)
+    conflict = haproxy_port_conflict(environment) if starts_its_own_cluster() else None
+    if conflict:
+        print(f"error: {conflict}", file=sys.stderr)
+        raise SystemExit(2)
     with tempfile.NamedTemporaryFile("w", prefix="salm-serve-", suffix=".yaml", delete=False) as file:
         file.write(text)
     print(f"resolved config: {file.name}\nserve run {file.name}", file=sys.stderr)
     completed = subprocess.run(
         [sys.executable, "-m", "ray.serve.scripts", "run", file.name],
-        env=serve_run_environment(args),
+        env=environment,
         check=False,
     )
     if completed.returncode not in (0, 130):
         raise SystemExit(completed.returncode)
+
+
+def starts_its_own_cluster() -> bool:
+    """Whether ``serve run`` will start a local cluster (no ``RAY_ADDRESS``, no ``ray start`` cluster),
+    by Ray's own lookup (no public API); False when unsure, so that no check is made then."""
+    try:
+        from ray._private.services import get_ray_address_from_environment
+
+        return get_ray_address_from_environment(None, None) is None
+    except Exception:
+        return False
 
 
 def serve_run_environment(args: argparse.Namespace) -> dict[str, str]:

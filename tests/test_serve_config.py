@@ -9,6 +9,7 @@ import pydantic
 import pytest
 import torch
 import yaml
+from conftest import free_port
 
 from salm.cli import main
 from serve.config_file import DEFAULT_CONFIG, load_serve_config, validate_serve_config
@@ -67,6 +68,52 @@ def test_salm_serve_dry_run_prints_a_config_serve_run_accepts(tmp_path: Path, ca
     assert config["applications"][0]["args"]["max_chunk_s"] == 20
 
 
+@pytest.mark.parametrize("options", [[], ["--python-proxy"]], ids=["throughput-mode", "python-proxy"])
+def test_salm_serve_refuses_to_start_a_cluster_whose_haproxy_ports_are_taken(
+    tmp_path: Path, monkeypatch, capsys, options: list[str]
+) -> None:
+    """An HAProxy left by a killed Serve holds its fixed ports; the new cluster's would crash deep in
+    Ray after the model loaded. `salm serve` says so first, and how to move the ports."""
+    import socket
+    import subprocess
+
+    from serve.throughput_mode import THROUGHPUT_MODE_ENV
+
+    for name in THROUGHPUT_MODE_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr("serve.cli.starts_its_own_cluster", lambda: True)
+    calls = []
+    monkeypatch.setattr(
+        "serve.cli.subprocess.run",
+        lambda command, env, check: calls.append(command) or subprocess.CompletedProcess(command, 0),
+    )
+    with socket.socket() as holder:  # what a leftover HAProxy does to its stats port
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        monkeypatch.setenv("RAY_SERVE_HAPROXY_STATS_PORT", str(taken))
+        monkeypatch.setenv("RAY_SERVE_HAPROXY_METRICS_PORT", str(free_port()))
+        if options:  # Serve's Python proxy starts no HAProxy: nothing to check
+            assert main(["serve", str(tmp_path), *options]) == 0
+            assert len(calls) == 1
+            return
+        with pytest.raises(SystemExit) as stopped:
+            main(["serve", str(tmp_path)])
+    assert stopped.value.code == 2
+    assert calls == []  # `serve run` never started
+    err = capsys.readouterr().err
+    assert f"error: port {taken} (RAY_SERVE_HAPROXY_STATS_PORT" in err
+    assert "RAY_SERVE_HAPROXY_SOCKET_PATH" in err and "--python-proxy" in err
+
+
+def test_a_haproxy_port_that_is_not_a_number_is_named() -> None:
+    from serve.throughput_mode import haproxy_port_conflict
+
+    environment = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_STATS_PORT": "84o4"}
+    assert haproxy_port_conflict(environment) == "RAY_SERVE_HAPROXY_STATS_PORT='84o4' is not a port number"
+    assert haproxy_port_conflict({"RAY_SERVE_HAPROXY_STATS_PORT": "84o4"}) is None  # no HAProxy, no check
+
+
 @pytest.mark.parametrize(
     ("options", "user_env", "expected_ha_proxy"),
     [([], {}, "1"), ([], {"RAY_SERVE_ENABLE_HA_PROXY": "0"}, "0"), (["--python-proxy"], {}, None)],
@@ -77,12 +124,14 @@ def test_salm_serve_starts_its_cluster_in_serves_throughput_mode(
 ) -> None:
     import subprocess
 
-    from serve.throughput_mode import THROUGHPUT_MODE_ENV
+    from serve.throughput_mode import HAPROXY_PORTS, THROUGHPUT_MODE_ENV
 
     for name in THROUGHPUT_MODE_ENV:
         monkeypatch.delenv(name, raising=False)
     for name, value in user_env.items():
         monkeypatch.setenv(name, value)
+    for name in HAPROXY_PORTS:  # free ones: a Serve of another test may hold HAProxy's defaults
+        monkeypatch.setenv(name, str(free_port()))
     calls = []
 
     def serve_run(command, env, check):  # `serve run` itself would start a cluster and block
