@@ -53,15 +53,14 @@ def frame_counts(option_index: int, count: int, first: int) -> list[int]:
 
 def layout_seen(perception) -> dict:
     """The layout the encoder's modules actually carry: the options' effect, checked, not assumed."""
-    from salm.model.encoder_layout import _channels_last_input
+    from salm.model.encoder_layout import uses_channels_last_subsampling
     from salm.model.rel_shift import StridedRelPositionAttention
 
-    convs = [m for m in perception.encoder.pre_encode.modules() if isinstance(m, torch.nn.Conv2d)]
     multiples = {
         m.key_multiple for m in perception.encoder.modules() if isinstance(m, StridedRelPositionAttention)
     }
     return {
-        "channels_last_hook": _channels_last_input in convs[0]._forward_pre_hooks.values(),
+        "channels_last_hook": uses_channels_last_subsampling(perception.encoder),
         "key_multiples": sorted(multiples),
     }
 

@@ -38,6 +38,7 @@ from salm.generate import (
     generation_options,
     load_model_for_inference,
     read_manifest,
+    ready_for_inference,
     write_jsonl,
 )
 from salm.metrics import WerResult, normalize_text, token_accuracy, word_error_rate
@@ -188,11 +189,9 @@ class ScoringActor:
 
     def __init__(self, model_path: str, load_kwargs: dict, options: GenerationOptions, compute_loss: bool):
         from salm.io.loading import load_pretrained
-        from salm.model.perception import INFERENCE_ENCODER_LAYOUT
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = load_pretrained(model_path, **load_kwargs).eval().to(device)
-        self.model.perception.set_encoder_layout(**INFERENCE_ENCODER_LAYOUT)  # as load_model_for_inference
+        self.model = ready_for_inference(load_pretrained(model_path, **load_kwargs), device)
         self.options = options
         self.compute_loss = compute_loss
 

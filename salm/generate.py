@@ -175,11 +175,18 @@ def load_model_for_inference(args: argparse.Namespace):
     import torch
 
     from salm.io.loading import load_pretrained
-    from salm.model.perception import INFERENCE_ENCODER_LAYOUT
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_pretrained(args.model, llm_path=args.llm_path, tokenizer_path=args.tokenizer_path)
-    model.perception.set_encoder_layout(**INFERENCE_ENCODER_LAYOUT)  # same numbers, no cost per new length
+    return ready_for_inference(model, device)
+
+
+def ready_for_inference(model, device: str):
+    """``model`` in eval mode on ``device``, with inference's encoder layout (same numbers, no cost
+    per new input length; ``salm.model.perception.INFERENCE_ENCODER_LAYOUT``)."""
+    from salm.model.perception import INFERENCE_ENCODER_LAYOUT
+
+    model.perception.set_encoder_layout(**INFERENCE_ENCODER_LAYOUT)
     return model.eval().to(device)
 
 

@@ -185,15 +185,12 @@ class Transcriber:
 
     def _apply_encoder_layout(self) -> None:
         """The model's own encoder layout with ``keep_encoder_layout``, else inference's (NCHW, T keys)."""
-        from salm.model.perception import INFERENCE_ENCODER_LAYOUT
+        from salm.model.perception import INFERENCE_ENCODER_LAYOUT, configured_encoder_layout
 
-        perception_cfg = self.model.cfg.perception
-        layout = INFERENCE_ENCODER_LAYOUT
         if self.config.keep_encoder_layout:
-            layout = {
-                "channels_last_subsampling": perception_cfg.get("channels_last_subsampling", False),
-                "pad_attention_keys_to": perception_cfg.get("pad_attention_keys_to"),
-            }
+            layout = configured_encoder_layout(self.model.cfg.perception)
+        else:
+            layout = INFERENCE_ENCODER_LAYOUT
         self.model.perception.set_encoder_layout(**layout)
 
     def _compile_decoding_now(self) -> None:

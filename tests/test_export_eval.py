@@ -223,7 +223,7 @@ def test_inference_loads_a_model_trained_with_the_recipes_layout_in_inferences(
     from argparse import Namespace
 
     from salm.generate import load_model_for_inference
-    from salm.model.encoder_layout import _channels_last_input
+    from salm.model.encoder_layout import uses_channels_last_subsampling
     from salm.model.rel_shift import StridedRelPositionAttention
 
     tiny_model_cfg.perception.channels_last_subsampling = True
@@ -233,6 +233,5 @@ def test_inference_loads_a_model_trained_with_the_recipes_layout_in_inferences(
     model = load_model_for_inference(args)
     assert model.cfg.perception.channels_last_subsampling is True  # the saved config is untouched
     encoder = model.perception.encoder
-    first_conv = next(m for m in encoder.pre_encode.modules() if isinstance(m, torch.nn.Conv2d))
-    assert _channels_last_input not in first_conv._forward_pre_hooks.values()
+    assert not uses_channels_last_subsampling(encoder)
     assert {m.key_multiple for m in encoder.modules() if isinstance(m, StridedRelPositionAttention)} == {0}

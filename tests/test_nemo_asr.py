@@ -73,7 +73,7 @@ def _member(archive, name):
 def test_the_recipes_encoder_keys_outlive_the_asr_models_encoder(asr_nemo, tiny_model_cfg) -> None:
     """The canary recipe's ``pad_attention_keys_to: 8`` and ``channels_last_subsampling: true`` must
     reach the encoder although the ASR model's encoder section replaces the recipe's."""
-    from salm.model.encoder_layout import _channels_last_input
+    from salm.model.encoder_layout import uses_channels_last_subsampling
 
     perception_cfg = _perception_cfg(tiny_model_cfg)
     perception_cfg.pad_attention_keys_to = 8
@@ -82,5 +82,4 @@ def test_the_recipes_encoder_keys_outlive_the_asr_models_encoder(asr_nemo, tiny_
     encoder = AudioPerception(cfg).encoder
     attentions = [layer.self_attn for layer in encoder.layers]
     assert attentions and all(a.key_multiple == 8 for a in attentions)
-    first_conv = next(m for m in encoder.pre_encode.modules() if isinstance(m, torch.nn.Conv2d))
-    assert _channels_last_input in first_conv._forward_pre_hooks.values()
+    assert uses_channels_last_subsampling(encoder)

@@ -7,7 +7,6 @@ from types import SimpleNamespace
 
 import pydantic
 import pytest
-import torch
 import yaml
 from conftest import free_port
 
@@ -302,7 +301,7 @@ def test_a_replica_serves_nchw_and_unpadded_keys_unless_told_to_keep_the_models_
     """The canary recipe trains with channels-last subsampling and keys padded to 8; a replica turns
     both off before its warm-up (each new clip length cost 0.3-0.6 s with them on an H200)."""
     from salm.model import SALM
-    from salm.model.encoder_layout import _channels_last_input
+    from salm.model.encoder_layout import uses_channels_last_subsampling
     from salm.model.rel_shift import StridedRelPositionAttention
     from serve.transcriber import BatchingConfig
 
@@ -310,13 +309,10 @@ def test_a_replica_serves_nchw_and_unpadded_keys_unless_told_to_keep_the_models_
     tiny_model_cfg.perception.pad_attention_keys_to = 8
     model = SALM(tiny_model_cfg).eval()
     encoder = model.perception.encoder
-    first_conv = next(m for m in encoder.pre_encode.modules() if isinstance(m, torch.nn.Conv2d))
     attentions = [m for m in encoder.modules() if isinstance(m, StridedRelPositionAttention)]
 
     def layout() -> tuple[bool, set[int]]:
-        return _channels_last_input in first_conv._forward_pre_hooks.values(), {
-            m.key_multiple for m in attentions
-        }
+        return uses_channels_last_subsampling(encoder), {m.key_multiple for m in attentions}
 
     assert layout() == (True, {8})
     replica = bare_replica(BatchingConfig(), model)

@@ -33,19 +33,21 @@ def _channels_last_input(module: nn.Module, args: tuple) -> tuple | None:
     return None
 
 
+def _first_subsampling_conv(encoder: nn.Module) -> nn.Conv2d | None:
+    pre_encode = getattr(encoder, "pre_encode", None)
+    return next((m for m in pre_encode.modules() if isinstance(m, nn.Conv2d)), None) if pre_encode else None
+
+
 def use_channels_last_subsampling(encoder: nn.Module, enabled: bool = True) -> bool:
     """Make the encoder's convolutional subsampling run channels-last on CUDA (or NCHW again with
     ``enabled=False``); returns whether it has one.
 
     Hooks the first Conv2d of ``encoder.pre_encode`` (a forward pre-hook, so the module, its weights
     and its state-dict keys stay NeMo's), once however often it is called. Encoders without a Conv2d
-    subsampling are left alone. Serving turns it off: a new clip length cost its first request
+    subsampling are left alone. Inference turns it off: a new clip length cost its first request
     0.3-0.6 s with it on (BENCHMARKS.md, "the encoder layout options").
     """
-    pre_encode = getattr(encoder, "pre_encode", None)
-    first_conv = (
-        next((m for m in pre_encode.modules() if isinstance(m, nn.Conv2d)), None) if pre_encode else None
-    )
+    first_conv = _first_subsampling_conv(encoder)
     if first_conv is None:
         return False
     hooks = first_conv._forward_pre_hooks
@@ -55,3 +57,9 @@ def use_channels_last_subsampling(encoder: nn.Module, enabled: bool = True) -> b
     elif _channels_last_input not in hooks.values():
         first_conv.register_forward_pre_hook(_channels_last_input)
     return True
+
+
+def uses_channels_last_subsampling(encoder: nn.Module) -> bool:
+    """Whether ``use_channels_last_subsampling`` has hooked this encoder (and not unhooked it)."""
+    first_conv = _first_subsampling_conv(encoder)
+    return first_conv is not None and _channels_last_input in first_conv._forward_pre_hooks.values()

@@ -71,6 +71,14 @@ def build_from_target(section: str, cfg: DictConfig | dict) -> nn.Module:
 INFERENCE_ENCODER_LAYOUT = {"channels_last_subsampling": False, "pad_attention_keys_to": None}
 
 
+def configured_encoder_layout(perception_cfg: DictConfig) -> dict:
+    """The encoder layout a ``model.perception`` config asks for (both options off when absent)."""
+    return {
+        "channels_last_subsampling": perception_cfg.get("channels_last_subsampling", False),
+        "pad_attention_keys_to": perception_cfg.get("pad_attention_keys_to"),
+    }
+
+
 class AudioPerception(nn.Module):
     """Waveforms ``(B, T_samples)`` -> LLM-sized audio embeddings ``(B, T_frames, H)`` with lengths."""
 
@@ -87,7 +95,7 @@ class AudioPerception(nn.Module):
 
         use_strided_rel_shift(self.encoder)  # same numbers; compiled, 19 ms of kernels per pass, not 282
         use_matmul_pointwise_convs(self.encoder)  # same numbers, aligned GEMMs for every frame count
-        self.set_encoder_layout(cfg.get("channels_last_subsampling", False), cfg.get("pad_attention_keys_to"))
+        self.set_encoder_layout(**configured_encoder_layout(cfg))
         spec_augment = cfg.get("spec_augment")
         self.spec_augmentation = build_from_target("spec_augment", spec_augment) if spec_augment else None
         self.modality_adapter = build_from_target("modality_adapter", cfg.modality_adapter)
@@ -100,8 +108,8 @@ class AudioPerception(nn.Module):
 
     def set_encoder_layout(self, channels_last_subsampling: bool, pad_attention_keys_to: int | None) -> None:
         """The encoder's two GPU layout options (same numbers, other kernels): the constructor applies
-        the config's ``perception.channels_last_subsampling`` and ``pad_attention_keys_to``; a server
-        may choose others for the same weights (``serve/transcriber.py``).
+        the config's ``perception.channels_last_subsampling`` and ``pad_attention_keys_to``; inference
+        switches to ``INFERENCE_ENCODER_LAYOUT`` for the same weights.
 
         Off by default; the canary recipe turns both on for training (``salm/model/encoder_layout.py``
         and ``salm/model/rel_shift.py`` say why)."""
