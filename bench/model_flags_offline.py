@@ -5,9 +5,10 @@ each on its own server, and on the GPU machine the first run after a cold start 
 empty compile caches. Two runs in a row then differ by the order as much as by the option. Here
 both models live in one process and take turns (A, B, A, B, ...), every clip length seen unmeasured
 first, so the difference left is the option's. Those first passes are timed on their own
-(``first_seen``: what a model pays for a clip length it has not seen yet, e.g. cuDNN building plans). Each request is timed alone, synchronised, through
-``SALM.transcribe`` with the LoRA merged, as ``serve/transcriber.py`` serves it (eager encoder,
-uncompiled decoding step)::
+(``first_seen``: what a model pays for a clip length it has not seen yet, e.g. cuDNN building
+plans). Each request is timed alone, synchronised, through ``SALM.transcribe`` on the model as a
+replica loads it (``serve_load.load_like_a_replica``: LoRA merged, eager encoder, uncompiled
+decoding step), each keeping the encoder layout its config sets, since that is what is compared::
 
     python -m bench.model_flags_offline --canary-shape --sentences-per-clip 3 --batch-sizes 1 16 \
         --out bench/results/model_flags_offline.json
@@ -22,51 +23,26 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
 from datetime import date
 from pathlib import Path
 
 import torch
 
-from bench.serve_load import VOICES, build_random_model
+from bench.common import card, timed
+from bench.serve_load import build_random_model, load_like_a_replica, synthesise_clips
 
 ENCODER_LAYOUT_OFF = ["perception.channels_last_subsampling=false", "perception.pad_attention_keys_to=null"]
 
 
-def synthesise_clips(workdir: Path, count: int, sentences_per_clip: int) -> list[Path]:
-    """``count`` flite clips of ``sentences_per_clip`` sentences each (3: ~10 s), four voices."""
-    from salm.assets.synthetic_speech import make_sentences, synthesize_corpus
-
-    sentences = make_sentences(count * sentences_per_clip, seed=11)
-    texts = [
-        ", and ".join(sentences[i : i + sentences_per_clip])
-        for i in range(0, len(sentences), sentences_per_clip)
-    ]
-    return [u.path for u in synthesize_corpus(workdir / "speech", texts, VOICES)]
-
-
-def load_served_model(model_dir: Path):
-    """The saved model as the transcriber serves it: bf16 on a GPU (fp32 on CPU), LoRA merged, eval."""
-    from salm.io.nemo_file import merge_lora_into_llm
-    from salm.model import SALM
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    return merge_lora_into_llm(SALM.from_pretrained(model_dir).eval().to(device=device, dtype=dtype))
-
-
 def timed_batches(model, waves: list, batch_size: int, requests: int, max_new_tokens: int) -> list[float]:
     """Seconds of each batch of ``requests`` clips (cycling through ``waves``), each synchronised."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     seconds = []
     for start in range(0, requests, batch_size):
         batch = [waves[i % len(waves)] for i in range(start, start + batch_size)]
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        model.transcribe(batch, max_new_tokens=max_new_tokens)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        seconds.append(round(time.perf_counter() - started, 4))
+        seconds.append(
+            round(timed(lambda b=batch: model.transcribe(b, max_new_tokens=max_new_tokens), device), 4)
+        )
     return seconds
 
 
@@ -159,26 +135,27 @@ def main() -> None:
     kind = "tiny" if args.tiny else "canary_qwen_2.5b_shape"
     models = {}
     for name, overrides in (("A", args.a_set), ("B", args.b_set)):
-        models[name] = load_served_model(build_random_model(workdir / name, kind, overrides))
+        models[name] = load_like_a_replica(build_random_model(workdir / name, kind, overrides))
     waves = [load_audio(path, models["A"].sampling_rate) for path in paths]
     rows = compare(models, waves, args)
     table = summary(rows, args.batch_sizes)
+    seen = first_seen(rows)
     for line in table:
         print(
             f"batch {line['batch_size']:>4}: A {line['a_s']:.4f} s  B {line['b_s']:.4f} s  B/A {line['b_over_a']:.3f}"
         )
-    for name, medians in first_seen(rows).items():
+    for name, medians in seen.items():
         print(
             f"{name}: a clip the first time its length is seen {medians['first_s']} s, the next time {medians['again_s']} s"
         )
     result = dict(
-        card=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        card=card(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
         date=date.today().isoformat(),
         a_set=args.a_set,
         b_set=args.b_set,
         clip_s=[round(len(w) / models["A"].sampling_rate, 3) for w in waves],
         summary=table,
-        first_seen=first_seen(rows),
+        first_seen=seen,
         rows=rows,
     )
     if args.out:

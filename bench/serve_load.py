@@ -138,20 +138,39 @@ def latency_by_clip(clips: list[Clip], latencies_by_clip: list[list[float]]) -> 
     return rows
 
 
-def offline_throughput(
-    model_dir: Path, paths: list[Path], batch_sizes: list[int], requests: int, max_new_tokens: int
-) -> list[dict]:
-    """``SALM.generate`` on the same clips in batches of each size: the no-serving ceiling."""
+def synthesise_clips(workdir: Path, count: int, sentences_per_clip: int) -> list[Path]:
+    """``count`` flite clips of ``sentences_per_clip`` sentences each (3: ~10 s), four voices."""
+    from salm.assets.synthetic_speech import make_sentences, synthesize_corpus
+
+    sentences = make_sentences(count * sentences_per_clip, seed=11)
+    texts = [
+        ", and ".join(sentences[i : i + sentences_per_clip])
+        for i in range(0, len(sentences), sentences_per_clip)
+    ]
+    return [u.path for u in synthesize_corpus(workdir / "speech", texts, VOICES)]
+
+
+def load_like_a_replica(model_dir: Path):
+    """The saved model as a replica loads it: bf16 on a GPU (fp32 on CPU), eval, LoRA merged. It
+    keeps the encoder layout it was saved with (a replica switches to inference's unless
+    ``keep_encoder_layout``)."""
     import torch
 
-    from salm.audio import load_audio
     from salm.io.nemo_file import merge_lora_into_llm
     from salm.model import SALM
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32  # as the transcriber serves it
-    model = SALM.from_pretrained(model_dir).eval().to(device=device, dtype=dtype)
-    model = merge_lora_into_llm(model)  # as serve/transcriber.py loads it
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    return merge_lora_into_llm(SALM.from_pretrained(model_dir).eval().to(device=device, dtype=dtype))
+
+
+def offline_throughput(
+    model_dir: Path, paths: list[Path], batch_sizes: list[int], requests: int, max_new_tokens: int
+) -> list[dict]:
+    """``SALM.generate`` on the same clips in batches of each size: the no-serving ceiling."""
+    from salm.audio import load_audio
+
+    model = load_like_a_replica(model_dir)
     waves = [load_audio(path, model.sampling_rate) for path in paths]
     order = [waves[i % len(waves)] for i in range(requests)]
     results = []
@@ -397,16 +416,7 @@ def main() -> None:
         parser.error("--model-set builds a model: use it with --tiny or --canary-shape")
 
     workdir = Path(tempfile.mkdtemp(prefix="serve_load_"))
-    paths = args.audio
-    if not paths:
-        from salm.assets.synthetic_speech import make_sentences, synthesize_corpus
-
-        sentences = make_sentences(16 * args.sentences_per_clip, seed=11)
-        texts = [
-            ", and ".join(sentences[i : i + args.sentences_per_clip])
-            for i in range(0, len(sentences), args.sentences_per_clip)
-        ]
-        paths = [u.path for u in synthesize_corpus(workdir / "speech", texts, VOICES)]
+    paths = args.audio or synthesise_clips(workdir, 16, args.sentences_per_clip)
     clips = load_clips(paths)
     if args.tiny or args.canary_shape:
         model_dir = build_random_model(
