@@ -71,8 +71,8 @@ def _member(archive, name):
 
 
 def test_the_recipes_encoder_keys_outlive_the_asr_models_encoder(asr_nemo, tiny_model_cfg) -> None:
-    """The canary recipe's ``pad_attention_keys_to: 8`` and ``channels_last_subsampling: true`` must
-    reach the encoder although the ASR model's encoder section replaces the recipe's."""
+    """A recipe's ``pad_attention_keys_to`` and ``channels_last_subsampling`` (the canary recipe pads
+    keys to 8) must reach the encoder although the ASR model's encoder section replaces the recipe's."""
     from salm.model.encoder_layout import uses_channels_last_subsampling
 
     perception_cfg = _perception_cfg(tiny_model_cfg)

@@ -1,4 +1,4 @@
-"""A memory layout for the FastConformer's GPU kernels, same numbers: off by default, on in the canary recipe.
+"""A memory layout for the FastConformer's GPU kernels, same numbers: off by default and in every recipe.
 
 **``channels_last_subsampling``** (a ``model.perception`` key). ``dw_striding`` subsampling is a
 Conv2d then depthwise + pointwise Conv2d pairs. In bf16 with the default (NCHW) layout, PyTorch runs
@@ -12,8 +12,12 @@ In the encoder alone (4 canary-shape layers, eager, H200) it cut a forward + bac
 8-aligned frames). In the canary recipe's compiled training step it first made a pass 11% slower
 (fifth session, cause not found); with today's step (one graph per Conformer layer, C++ wrapper,
 padded attention keys) it takes 70 ms of convolution time off the GPU per pass and the pass
-0.8-6% less wall, and serving is level (BENCHMARKS.md, "Channels-last subsampling"), so the
-canary recipe turns it on. The tiny recipe (CPU) leaves it off: the CPU keeps NCHW anyway.
+0.8-6% less wall on shapes it has seen (BENCHMARKS.md, "Channels-last subsampling"). But cuDNN
+sets up its channels-last kernels for every new input shape: ~1.8 s per new frame count in a
+training step and ~0.45 s in inference on an H200, against ~0.03 s in NCHW
+(``bench/new_shape_cost.py``; BENCHMARKS.md, "What a new frame count costs"). Bucketed batches bring
+a new frame count at nearly every step, and served clips at nearly every request, so no recipe
+turns it on; it stays for inputs whose shapes repeat.
 """
 
 from __future__ import annotations
