@@ -14,13 +14,10 @@ detokenising), median of ``--repeats`` calls after one warm-up call per batch si
 
 What each optimisation of ours buys is measured in the same run with ``--ours-variants``:
 
-- ``nchw_subsampling``: ours with the encoder's subsampling in PyTorch's default (NCHW) layout
-  instead of the canary recipe's channels-last (``perception.channels_last_subsampling``), for this
-  path only;
 - ``unpadded_keys``: ours with NeMo's ``T`` attention keys in the encoder (``perception.pad_attention_keys_to:
   0``) instead of the canary recipe's 8 (``salm.model.rel_shift.pad_keys``), for this path only.
-  Serve replicas run both of these layouts (``Transcriber.user_config.keep_encoder_layout: false``);
-  the offline rows keep the model's, since on one warmed clip length the two are level;
+  Serve replicas run this layout (``Transcriber.user_config.keep_encoder_layout: false``); the
+  offline rows keep the model's, since on one warmed clip length the two are level;
 - ``conv_pointwise``: ours with the Conformer's pointwise convolutions as NeMo's ``Conv1d`` over
   ``[B, C, T]`` instead of matmuls over ``[B, T, C]`` (``salm.model.pointwise_conv``), for this path only;
 - ``transformers_sdpa``: ours with transformers' own ``sdpa`` attention in the decoder instead of
@@ -30,18 +27,19 @@ What each optimisation of ours buys is measured in the same run with ``--ours-va
   and ``salm export --merge-lora``);
 - ``compiled_decode``: ours with the greedy decoding step compiled (``SALM.compile_decoding``, what
   the Serve replica's ``compile_decoding`` option turns on), then captured as before;
-- ``compiled``: ours with every Conformer and LLM decoder layer compiled (``salm.model.compile``;
-  decoding runs the LLM eagerly, so only the encoder is affected).
+- ``compiled_encoder``: ours with every Conformer layer compiled (``salm.model.compile``), what the
+  Serve replica's ``compile_encoder`` option does.
 
 Variants change the model in place and run in this order after the other paths, so each one
-includes the ones before it (``compiled`` is on the merged model); ``nchw_subsampling``,
+includes the ones before it (``compiled_encoder`` is on the merged model with the compiled step);
 ``unpadded_keys``, ``conv_pointwise`` and ``transformers_sdpa`` are undone after their own path.
 
 ``--serve-load`` then frees the GPU and runs ``bench/serve_load.py`` on the same model shape (random
 weights saved and served by Ray Serve, flite clips of ~9 s, 1/16/64/256 concurrent clients):
 throughput and p50/p99 latency over HTTP, ``p99_s_at_64`` in the JSON. The server runs
-``serve/config.yaml``'s settings, so on a GPU its replica compiles the decoding step at start
-(1-3 min); ``--serve-set Transcriber.user_config.compile_decoding=false`` serves eagerly.
+``serve/config.yaml``'s settings, so on a GPU its replica compiles the decoding step and the
+encoder's layers at start (1-3 min); ``--serve-set Transcriber.user_config.compile_decoding=false
+Transcriber.user_config.compile_encoder=false`` serves eagerly.
 When one device call is too short for both parts, run ``--serve-load-only`` (writes
 ``serve_throughput_served.json``), then the offline part with ``--served-from`` that file.
 
@@ -80,7 +78,6 @@ from bench.common import (
     write_llm_dir,
     write_result,
 )
-from salm.model import encoder_layout
 from salm.model.llm import base_causal_lm, embedding_inside
 from salm.model.pointwise_conv import PointwiseConvAsMatmul
 from salm.model.rel_shift import set_key_padding
@@ -169,13 +166,12 @@ SERVE_LIMITS = [
     "Transcriber.user_config.max_batch_audio_s=2560",
 ]
 OURS_VARIANTS = (
-    "nchw_subsampling",
     "unpadded_keys",
     "conv_pointwise",
     "transformers_sdpa",
     "merged_lora",
     "compiled_decode",
-    "compiled",
+    "compiled_encoder",
 )
 
 
@@ -348,7 +344,8 @@ def main() -> None:
     named = paths(ours, nemo, args.new_tokens)
     if args.skip_generate:
         del named["generate"]
-    for variant in sorted(args.ours_variants, key=OURS_VARIANTS.index):  # "compiled" last: it is in place
+    # "compiled_encoder" last: it compiles in place, so the paths after it would run it too
+    for variant in sorted(args.ours_variants, key=OURS_VARIANTS.index):
         named[f"ours_{variant}"] = named["ours"]
     print(f"card: {card(device)}", flush=True)
 
@@ -363,9 +360,6 @@ def main() -> None:
     errors: dict[str, str] = {}
     for name, fn in named.items():  # path-major: a variant changes the model for the paths after it
         try:
-            if name == "ours_nchw_subsampling":
-                recipe_layout = encoder_layout.CHANNELS_LAST_DEVICES
-                encoder_layout.CHANNELS_LAST_DEVICES = set()  # the hook reads it at every call
             if name == "ours_unpadded_keys":
                 set_key_padding(ours.perception.encoder, 0)
             if name == "ours_conv_pointwise":
@@ -379,10 +373,10 @@ def main() -> None:
                 merge_lora_into_llm(ours)  # new parameters: the decoder cache recaptures
             if name == "ours_compiled_decode":
                 ours.compile_decoding = True
-            if name == "ours_compiled":
-                from salm.model.compile import compile_repeated_layers
+            if name == "ours_compiled_encoder":  # as a replica with user_config.compile_encoder does
+                from salm.model.compile import compile_layers, encoder_layers
 
-                compile_repeated_layers(ours)
+                compile_layers(encoder_layers(ours))
             outputs[name] = {}
             for batch, (audios, lens) in inputs.items():
                 sync(device)
@@ -410,8 +404,6 @@ def main() -> None:
             errors[name] = f"{type(error).__name__}: {error}"
             print(f"{name} FAILED: {errors[name]}", flush=True)
         finally:
-            if name == "ours_nchw_subsampling":
-                encoder_layout.CHANNELS_LAST_DEVICES = recipe_layout
             if name == "ours_unpadded_keys":
                 set_key_padding(ours.perception.encoder, cfg.model.perception.get("pad_attention_keys_to"))
             if name == "ours_conv_pointwise":

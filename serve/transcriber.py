@@ -62,6 +62,10 @@ class BatchingConfig:
     # torch.compile the greedy decoding step (GPU only; the replica compiles for 1-3 min at start).
     # serve/config.yaml turns it on; a replica deployed without a user_config decodes eagerly.
     compile_decoding: bool = False
+    # torch.compile each Conformer layer (GPU only; ~20 s once per replica start): the encoder's time
+    # for a batch of 256 x 10 s fell 0.243 -> 0.175 s on an H200, 64 x 10 s 0.070 -> 0.053 s
+    # (BENCHMARKS.md). serve/config.yaml turns it on; off, the encoder runs eagerly.
+    compile_encoder: bool = False
     # GPU: clip lengths (s) whose decoders a replica captures at start, for every batch size that
     # batches of such clips can take, so that no request waits for a capture. Empty: capture on demand.
     warm_up_clip_s: tuple[float, ...] = ()
@@ -83,6 +87,10 @@ class BatchingConfig:
         if not isinstance(self.compile_decoding, bool):
             raise ValueError(
                 f"`user_config.compile_decoding` must be true or false, got {self.compile_decoding!r}"
+            )
+        if not isinstance(self.compile_encoder, bool):
+            raise ValueError(
+                f"`user_config.compile_encoder` must be true or false, got {self.compile_encoder!r}"
             )
         if not isinstance(self.keep_encoder_layout, bool):
             raise ValueError(
@@ -176,6 +184,8 @@ class Transcriber:
         newly_compiled = self.config.compile_decoding and not self.model.compile_decoding
         self.model.compile_decoding = self.config.compile_decoding
         on_gpu = self.model.device.type == "cuda"  # CPUs decode eagerly: nothing to compile or capture
+        if on_gpu:  # the compiled layers guard on the layout: compile after choosing it
+            self._compile_encoder(self.config.compile_encoder)
         if newly_compiled and on_gpu:
             self._compile_decoding_now()
         if self.config.warm_up_clip_s and on_gpu:
@@ -192,6 +202,42 @@ class Transcriber:
         else:
             layout = INFERENCE_ENCODER_LAYOUT
         self.model.perception.set_encoder_layout(**layout)
+
+    def _compile_encoder(self, wanted: bool) -> None:
+        """Compile the Conformer layers (``compile_encoder``) before the first request, or run them
+        eagerly again when it is turned off.
+
+        The compile happens on the first calls: 1 and 2 clips of silence, through the path requests
+        take (``prepare_generation_inputs``). A one-row batch gets a graph of its own (torch
+        specialises sizes of 1); every larger batch and every clip length shares one dynamic graph.
+        If compiling fails (e.g. no C compiler for Triton), the layers run eagerly again and the
+        replica says why: same transcripts, slower encoder.
+        """
+        from salm.model.compile import compile_layers, encoder_layers, is_compiled, uncompile_layers
+
+        layers = encoder_layers(self.model)
+        if not wanted:
+            uncompile_layers(layers)
+            return
+        if not layers or all(is_compiled(layer) for layer in layers):
+            return
+        logger.info("compiling the encoder's Conformer layers (compile_encoder: true), once per replica")
+        started = time.perf_counter()
+        silence = np.zeros(self.model.sampling_rate, dtype=np.float32)
+        prompt = [{"role": "user", "content": self.default_prompt, "audio": silence}]
+        try:
+            compile_layers(layers)
+            for rows in (1, 2):
+                self.model.prepare_generation_inputs([prompt] * rows)
+        except Exception as error:
+            uncompile_layers(layers)
+            logger.warning(
+                f"compiling the encoder failed ({type(error).__name__}: {error}); this replica runs it "
+                "eagerly (slower at large batches, same transcripts). Fix the cause, or set "
+                "`Transcriber.user_config.compile_encoder: false` to skip the attempt"
+            )
+            return
+        logger.info(f"encoder layers compiled in {time.perf_counter() - started:.0f} s")
 
     def _compile_decoding_now(self) -> None:
         """Compile the decoding step before the first request instead of during it: one clip (its
@@ -280,12 +326,16 @@ class Transcriber:
         """Requests and model seconds per recent batch, for tests, the load generator and debugging
         (the same numbers feed the metrics): busy seconds over wall time says whether the model or
         the path in front of it limits throughput."""
+        from salm.model.compile import encoder_layers, is_compiled
+
+        layers = encoder_layers(self.model)
         return {
             "batch_requests": list(self._recent_batch_requests),
             "batch_seconds": list(self._recent_batch_seconds),
             "model_wait_s": list(self._recent_model_wait_s),
             "decoder_cache": self.model.decoder_cache_stats(),
             "compile_decoding": self.model.compile_decoding,
+            "compile_encoder": bool(layers) and all(is_compiled(layer) for layer in layers),
         }
 
     async def transcribe(self, job: TranscriptionJob) -> list[PieceResult]:

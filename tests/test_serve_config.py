@@ -1,5 +1,6 @@
 """serve/config.yaml is a Ray Serve config file, its overrides work, and `salm serve` resolves it."""
 
+import copy
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -7,6 +8,7 @@ from types import SimpleNamespace
 
 import pydantic
 import pytest
+import torch
 import yaml
 from conftest import free_port
 
@@ -187,6 +189,7 @@ def test_salm_serve_names_a_missing_model(capsys) -> None:
         ({"max_batch_audio_s": 0}, "`user_config.max_batch_audio_s` must be >= 1"),
         ({"max_new_tokens": 0}, "`user_config.max_new_tokens` must be >= 1"),
         ({"compile_decoding": "yes"}, "`user_config.compile_decoding` must be true or false"),
+        ({"compile_encoder": 1}, "`user_config.compile_encoder` must be true or false"),
         ({"warm_up_clip_s": 10}, "`user_config.warm_up_clip_s` must be a list"),
         ({"warm_up_clip_s": [10, 0]}, "each > 0"),
         ({"warm_up_clip_s": [700]}, r"<= max_batch_audio_s \(640\)"),
@@ -198,6 +201,7 @@ def test_bad_transcriber_user_config_is_refused_with_the_field(user_config: dict
     with pytest.raises(ValueError, match=message):
         BatchingConfig(**user_config)
     assert BatchingConfig().compile_decoding is False  # off unless asked: it compiles for minutes
+    assert BatchingConfig().compile_encoder is False
 
 
 def test_a_replica_whose_decoding_compile_fails_serves_eagerly_and_says_why() -> None:
@@ -217,12 +221,67 @@ def test_a_replica_whose_decoding_compile_fails_serves_eagerly_and_says_why() ->
     assert "compile_decoding: false" in warnings[0]
 
 
+def test_a_replica_compiles_its_encoder_before_requests_and_no_request_recompiles(
+    tiny_salm, speech_clips
+) -> None:
+    """``compile_encoder``: the replica's two warm-up calls (1 and 2 clips) must leave graphs that
+    every later batch size and clip length reuses (a recompile inside a request costs seconds on a
+    GPU), with the eager encoder's transcripts; turning it off runs the layers eagerly again."""
+    from torch._dynamo.utils import counters
+
+    from salm.model.compile import encoder_layers, is_compiled
+    from serve.transcriber import BatchingConfig
+
+    model = copy.deepcopy(tiny_salm)  # compiled in place; the shared fixture stays eager
+    prompt = f"Transcribe the following: {model.audio_locator_tag}"
+    prompts = [[{"role": "user", "content": prompt, "audio": u.path}] for u in speech_clips[:3]]
+    eager = model.generate(prompts, max_new_tokens=6).token_ids
+    replica = bare_replica(BatchingConfig(compile_encoder=True), model)
+    replica.default_prompt = prompt
+    torch._dynamo.reset()
+    counters.clear()
+
+    assert warnings_logged(lambda: replica._compile_encoder(True)) == []
+    assert all(is_compiled(layer) for layer in encoder_layers(model))
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1
+    assert model.generate(prompts, max_new_tokens=6).token_ids == eager  # 3 clips of 3 new lengths
+    assert model.generate(prompts[:1], max_new_tokens=6).token_ids == eager[:1]
+    assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled inside a request
+
+    replica._compile_encoder(False)
+    assert not any(is_compiled(layer) for layer in encoder_layers(model))
+
+
+def test_a_replica_whose_encoder_compile_fails_runs_it_eagerly_and_says_why() -> None:
+    from salm.model.compile import is_compiled
+    from serve.transcriber import BatchingConfig
+
+    def prepare_generation_inputs(prompts):
+        raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
+
+    layers = torch.nn.ModuleList([torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)])
+    model = SimpleNamespace(
+        sampling_rate=16000,
+        perception=SimpleNamespace(encoder=SimpleNamespace(layers=layers)),
+        prepare_generation_inputs=prepare_generation_inputs,
+    )
+    replica = bare_replica(BatchingConfig(compile_encoder=True), model)
+    replica.default_prompt = "Transcribe the following: <|audioplaceholder|>"
+    warnings = warnings_logged(lambda: replica._compile_encoder(True))
+    assert not any(is_compiled(layer) for layer in layers)
+    assert len(warnings) == 1
+    assert "Failed to find C compiler" in warnings[0]
+    assert "compile_encoder: false" in warnings[0]
+
+
 def test_config_files_user_config_is_a_valid_batching_config() -> None:
     from serve.transcriber import BatchingConfig
 
     user_config = deployments(yaml.safe_load(DEFAULT_CONFIG.read_text()))["Transcriber"]["user_config"]
     config = BatchingConfig(**user_config)
     assert config.warm_up_clip_s == (10.0, 20.0)
+    assert config.compile_encoder is True and config.compile_decoding is True
 
 
 def test_warm_up_covers_every_padded_batch_size_a_batch_can_take() -> None:

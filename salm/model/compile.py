@@ -21,7 +21,9 @@ templates are 2-D only), so the graph stays dynamic.
 
 Generation runs the LLM eagerly (``SALM.generate`` sets the ``force_eager`` stance): the decoding
 step is already one replayed CUDA graph, and with a KV cache the layer index becomes part of the
-compiled code (one recompile per layer, past torch's recompile limit). The encoder stays compiled.
+compiled code (one recompile per layer, past torch's recompile limit). The encoder stays compiled:
+Serve replicas compile its layers alone (``Transcriber.user_config.compile_encoder``), which took
+the encoder's time at batch 256 from 0.243 to 0.175 s on an H200 (BENCHMARKS.md).
 
 ``nn.Module.compile`` works in place: parameter names, state-dict keys, DeepSpeed's gradient hooks
 (on the parameters) and checkpoints are exactly those of the eager model.
@@ -101,6 +103,21 @@ def compile_layers(layers: list[nn.Module], inductor_options: Mapping[str, Any] 
         else:
             layer.compile(dynamic=True, options=options)
     return len(layers)
+
+
+def is_compiled(layer: nn.Module) -> bool:
+    """Whether ``layer.compile()`` (``compile_layers``) has compiled it in place and it is not undone."""
+    return getattr(layer, "_compiled_call_impl", None) is not None
+
+
+def uncompile_layers(layers: list[nn.Module]) -> None:
+    """Run ``layers`` eagerly again after ``compile_layers`` (e.g. when compiling failed).
+
+    ``nn.Module.compile`` keeps the compiled callable in ``_compiled_call_impl`` and calls it when
+    set; torch has no public call to undo it. Checkpointed layers are not handled (inference only).
+    """
+    for layer in layers:
+        layer._compiled_call_impl = None
 
 
 def inductor_options_error(options: Mapping[str, Any]) -> str | None:
