@@ -62,7 +62,7 @@ class BatchingConfig:
     # torch.compile the greedy decoding step (GPU only; the replica compiles for 1-3 min at start).
     # serve/config.yaml turns it on; a replica deployed without a user_config decodes eagerly.
     compile_decoding: bool = False
-    # torch.compile each Conformer layer (GPU only; ~20 s once per replica start): the encoder's time
+    # torch.compile each Conformer layer (GPU only; ~30 s once per replica start): the encoder's time
     # for a batch of 256 x 10 s fell 0.243 -> 0.175 s on an H200, 64 x 10 s 0.070 -> 0.053 s
     # (BENCHMARKS.md). serve/config.yaml turns it on; off, the encoder runs eagerly.
     compile_encoder: bool = False
