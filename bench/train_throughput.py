@@ -88,8 +88,9 @@ def run_epochs(step, batches: Iterable[dict], device: torch.device, warmup: int,
 
 # ----- ours: Ray Train + DeepSpeed -----
 # Run in this order: compiling is in place. "compiled_pageable" feeds the compiled model pageable batches
-# (the training loop before salm.train.batch_device.prefetch_pinned); "compiled_nchw" runs the compiled
-# model's subsampling NCHW (the recipe before perception.channels_last_subsampling), same run.
+# (the training loop before salm.train.batch_device.prefetch_pinned). "compiled_fresh_lengths" feeds the
+# compiled model batches whose longest clips are one encoder frame shorter at every pass (FreshLengths):
+# frame counts it has never met, as bucketed training brings them; against "compiled", what new shapes cost.
 # "compiled_inductor_dropout" draws the compiled layers' dropout masks with Inductor's Triton RNG and
 # "compiled_conv_pointwise" runs the Conformer's pointwise convolutions as NeMo's Conv1d (the recipe
 # before salm.model.dropout and salm.model.pointwise_conv): each traces every layer again.
@@ -106,7 +107,7 @@ MODEL_VARIANTS = [
     "compiled",
     "compiled_packed",
     "compiled_pageable",
-    "compiled_nchw",
+    "compiled_fresh_lengths",
     "compiled_inductor_dropout",
     "compiled_conv_pointwise",
     "compiled_checkpointed_llm",
@@ -132,18 +133,43 @@ class PrefetchedBatches:
         return prefetch_pinned(self.batches, self.device)
 
 
+# Samples per encoder frame: 10 ms mel hop x 8x subsampling at 16 kHz.
+SAMPLES_PER_ENCODER_FRAME = 1280
+
+
+class FreshLengths(PrefetchedBatches):
+    """``PrefetchedBatches``, but each pass cuts every batch's longest clips by one more encoder frame
+    (80 ms): each pass brings frame counts the step has never met, as bucketed training does at
+    nearly every step, while the repeated batches let every per-shape cost (cuDNN plans, recompiles)
+    be paid once in the warm-up. Same clips and nearly the same FLOPs."""
+
+    def __init__(self, batches: list[dict], device: torch.device) -> None:
+        super().__init__(batches, device)
+        self.passes = 0
+
+    def __iter__(self) -> Iterator[dict]:
+        self.passes += 1
+        cut = self.passes * SAMPLES_PER_ENCODER_FRAME
+        # a generator: the prefetch thread cuts each batch, as a data loader's collate would
+        return prefetch_pinned((shortened(batch, cut) for batch in self.batches), self.device)
+
+
+def shortened(batch: dict, cut: int) -> dict:
+    """``batch`` with its padded audio ``cut`` samples shorter and the clips that reached past it trimmed."""
+    keep = batch["audios"].shape[1] - cut
+    if keep < SAMPLES_PER_ENCODER_FRAME:
+        raise ValueError(f"cannot cut {cut} samples off a batch of {batch['audios'].shape[1]}-sample clips")
+    return {
+        **batch,
+        "audios": batch["audios"][:, :keep].contiguous(),
+        "audio_lens": batch["audio_lens"].clamp(max=keep),
+    }
+
+
 def set_encoder_sdpa(model, enabled: bool) -> None:
     """NeMo's Conformer attention reads ``use_pytorch_sdpa`` at every forward: toggle it per variant."""
     for layer in model.perception.encoder.layers:
         layer.self_attn.use_pytorch_sdpa = enabled
-
-
-def set_encoder_layouts(variant: str) -> None:
-    """The recipe's channels-last subsampling (``salm.model.encoder_layout``) off for "compiled_nchw", as the
-    recipe says for every other variant; switched at run time: the hook reads its device set at every call."""
-    from salm.model import encoder_layout
-
-    encoder_layout.CHANNELS_LAST_DEVICES = set() if variant == "compiled_nchw" else {"cuda"}
 
 
 def set_compiled_levers(model, variant: str) -> bool:
@@ -326,7 +352,6 @@ def time_ds_variant(cfg, device: torch.device, config: dict, ds_variant: str) ->
         name = variant if ds_variant == "recipe" else f"{variant},ds={ds_variant}"
         try:
             set_encoder_sdpa(model, variant == "encoder_sdpa")
-            set_encoder_layouts(variant)
             model.pack_llm_sequences = variant in PACKED_VARIANTS or recipe_packs  # the recipe's, or packed
             if compiled and set_compiled_levers(model, variant):
                 from torch._dynamo import reset  # here, not at the top: see the counters' import below
@@ -336,7 +361,10 @@ def time_ds_variant(cfg, device: torch.device, config: dict, ds_variant: str) ->
                 set_eager_checkpointing(model, variant)
             elif variant in CHECKPOINTED_PARTS:
                 checkpoint_compiled_layers(model, cfg.trainer.compile_options, CHECKPOINTED_PARTS[variant])
-            feed = batches if variant == "compiled_pageable" else prefetched
+            feed = {
+                "compiled_pageable": batches,
+                "compiled_fresh_lengths": FreshLengths(batches, device),
+            }.get(variant, prefetched)
             compile_s = None
             # In place, hence last; its first pass compiles.
             if variant.startswith("compiled") and not compiled:
@@ -360,6 +388,10 @@ def time_ds_variant(cfg, device: torch.device, config: dict, ds_variant: str) ->
             results[name] = {"seconds": seconds, "peak_mem_gb": peak_gb(device), "compile_pass_s": compile_s}
             if compile_s is not None:
                 results[name].update(graphs)
+            if compiled:  # graphs compiled so far: one that grows in a later variant recompiled there
+                from torch._dynamo.utils import counters
+
+                results[name]["graphs_so_far"] = counters["stats"]["unique_graphs"]
             print(f"ours[{name}]: {seconds:.3f} s per pass", flush=True)
             if config["profile"]:
                 profiled = profile_pass(step, feed, device)

@@ -100,3 +100,22 @@ def test_padding_report_recovers_the_clips_share_of_the_counted_flops(tiny_model
     counts[0]["positions"] += 1
     with pytest.raises(SystemExit, match="another model or prompt"):
         padding_report(model, batches, counts, source="counts.json")
+
+
+def test_fresh_lengths_bring_frame_counts_no_earlier_pass_had(tiny_model_and_batch) -> None:
+    """``compiled_fresh_lengths``' feed: every pass, each batch's padded audio one encoder frame
+    shorter than the pass before, the clips that reached past it trimmed, the shorter ones kept."""
+    from bench.train_throughput import SAMPLES_PER_ENCODER_FRAME, FreshLengths
+
+    _, batch = tiny_model_and_batch
+    width, lens = batch["audios"].shape[1], batch["audio_lens"]
+    feed = FreshLengths([batch], torch.device("cpu"))
+    for passes in (1, 2, 3):
+        (seen,) = list(feed)
+        keep = width - passes * SAMPLES_PER_ENCODER_FRAME
+        assert seen["audios"].shape == (batch["audios"].shape[0], keep)
+        assert torch.equal(seen["audio_lens"], lens.clamp(max=keep))
+        assert torch.equal(seen["audios"], batch["audios"][:, :keep])
+        assert torch.equal(seen["input_ids"], batch["input_ids"])  # the text stays the same
+    assert (lens < width - 3 * SAMPLES_PER_ENCODER_FRAME).any()  # some clips were too short to cut
+    assert batch["audios"].shape[1] == width  # the source batches are not changed
