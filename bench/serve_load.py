@@ -18,8 +18,9 @@ loopback only) for a saved model, or for the tiny model built on the spot::
         --out bench/results/serve_load_cpu.json
 
 ``--offline`` also times ``SALM.generate`` on the same clips in batches of ``--concurrency``, in
-the same process after the server is gone, so the served number reads against what the model does
-offline on the same machine. Clips are synthesised offline with flite unless ``--audio`` is given.
+the same process after the server is gone, on the model set up as the server's replica was (its
+``user_config``: encoder layout, compiled encoder and decoding step on a GPU), so the served number
+reads against what the same model does offline on the same machine. Clips are synthesised offline with flite unless ``--audio`` is given.
 """
 
 from __future__ import annotations
@@ -164,13 +165,47 @@ def load_like_a_replica(model_dir: Path):
     return merge_lora_into_llm(SALM.from_pretrained(model_dir).eval().to(device=device, dtype=dtype))
 
 
+def transcriber_user_config(overrides: Sequence[str] = ()) -> dict:
+    """The Transcriber's ``user_config`` in ``serve/config.yaml`` with the server's ``--set`` overrides."""
+    from serve.config_file import load_serve_config
+
+    config = load_serve_config(overrides=list(overrides))
+    (transcriber,) = [d for d in config["applications"][0]["deployments"] if d["name"] == "Transcriber"]
+    return transcriber.get("user_config") or {}
+
+
+def set_up_like_the_transcriber(model, user_config: dict):
+    """``model`` (as ``load_like_a_replica`` returns it) set up as a Transcriber replica with this
+    ``user_config`` sets it up before serving: the encoder layout, and on a GPU the compiled encoder
+    layers and decoding step. So ``--offline`` times the model the server ran, not another setup."""
+    from salm.model.compile import compile_layers, encoder_layers
+    from salm.model.perception import INFERENCE_ENCODER_LAYOUT, configured_encoder_layout
+    from serve.transcriber import BatchingConfig
+
+    config = BatchingConfig(**user_config)
+    keep = config.keep_encoder_layout
+    layout = configured_encoder_layout(model.cfg.perception) if keep else INFERENCE_ENCODER_LAYOUT
+    model.perception.set_encoder_layout(**layout)
+    if model.device.type == "cuda":  # as the replica: CPUs run both eagerly
+        model.compile_decoding = config.compile_decoding
+        if config.compile_encoder:
+            compile_layers(encoder_layers(model))
+    return model
+
+
 def offline_throughput(
-    model_dir: Path, paths: list[Path], batch_sizes: list[int], requests: int, max_new_tokens: int
+    model_dir: Path,
+    paths: list[Path],
+    batch_sizes: list[int],
+    requests: int,
+    max_new_tokens: int,
+    user_config: dict,
 ) -> list[dict]:
-    """``SALM.generate`` on the same clips in batches of each size: the no-serving ceiling."""
+    """``SALM.generate`` on the same clips in batches of each size, the model set up as the server's
+    replica (``user_config``): the no-serving ceiling."""
     from salm.audio import load_audio
 
-    model = load_like_a_replica(model_dir)
+    model = set_up_like_the_transcriber(load_like_a_replica(model_dir), user_config)
     waves = [load_audio(path, model.sampling_rate) for path in paths]
     order = [waves[i % len(waves)] for i in range(requests)]
     results = []
@@ -463,8 +498,9 @@ def main() -> None:
         if model_dir is None:
             parser.error("--offline needs --model or --tiny")
         extra = [size for size in args.offline_batch_sizes or [] if size not in args.concurrency]
+        user_config = transcriber_user_config(overrides if args.url is None else ())
         offline = offline_throughput(
-            model_dir, paths, args.concurrency + extra, args.requests, args.max_new_tokens
+            model_dir, paths, args.concurrency + extra, args.requests, args.max_new_tokens, user_config
         )
         for run, ceiling in zip(runs, offline, strict=False):
             run["offline"] = ceiling

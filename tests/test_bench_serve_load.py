@@ -13,14 +13,23 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 import uvicorn
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from bench.serve_load import Clip, build_random_model, free_port, run_load
+from bench.serve_load import (
+    Clip,
+    build_random_model,
+    free_port,
+    run_load,
+    set_up_like_the_transcriber,
+    transcriber_user_config,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -114,6 +123,48 @@ def test_random_model_for_the_load_test_carries_its_model_overrides(tmp_path) ->
     )
     assert plain.cfg.perception.get("pad_attention_keys_to") != 8
     assert changed.cfg.perception.pad_attention_keys_to == 8
+
+
+def test_offline_times_the_model_set_up_as_the_servers_replica(tiny_model_cfg) -> None:
+    """``--offline`` must time what the server ran: the replica's encoder layout (from the same
+    ``user_config`` and ``--set`` overrides), and on a GPU its compiled encoder and decoding step."""
+    from salm.model import SALM
+    from salm.model.compile import encoder_layers, is_compiled
+    from salm.model.rel_shift import StridedRelPositionAttention
+
+    tiny_model_cfg.perception.pad_attention_keys_to = 8
+    model = SALM(tiny_model_cfg).eval()
+
+    def key_multiples() -> set[int]:
+        return {m.key_multiple for m in model.modules() if isinstance(m, StridedRelPositionAttention)}
+
+    set_up_like_the_transcriber(model, transcriber_user_config())
+    assert key_multiples() == {0}  # serve/config.yaml: keep_encoder_layout false
+    assert not any(is_compiled(layer) for layer in encoder_layers(model))  # a CPU replica runs eagerly
+    assert model.compile_decoding is False
+    set_up_like_the_transcriber(
+        model, transcriber_user_config(["Transcriber.user_config.keep_encoder_layout=true"])
+    )
+    assert key_multiples() == {8}
+
+    def on_a_gpu(overrides: list[str]) -> SimpleNamespace:
+        layers = [torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)]
+        stand_in = SimpleNamespace(
+            device=torch.device("cuda"),
+            cfg=model.cfg,
+            compile_decoding=False,
+            perception=SimpleNamespace(
+                set_encoder_layout=lambda **_: None, encoder=SimpleNamespace(layers=layers)
+            ),
+        )
+        return set_up_like_the_transcriber(stand_in, transcriber_user_config(overrides))
+
+    served = on_a_gpu([])
+    assert served.compile_decoding is True and all(is_compiled(layer) for layer in encoder_layers(served))
+    eager = on_a_gpu(
+        ["Transcriber.user_config.compile_encoder=false", "Transcriber.user_config.compile_decoding=false"]
+    )
+    assert eager.compile_decoding is False and not any(is_compiled(layer) for layer in encoder_layers(eager))
 
 
 def test_model_overrides_without_a_model_to_build_are_refused(monkeypatch, capsys) -> None:
