@@ -210,6 +210,8 @@ class Transcriber:
         The compile happens on the first calls: 1 and 2 clips of silence, through the path requests
         take (``prepare_generation_inputs``). A one-row batch gets a graph of its own (torch
         specialises sizes of 1); every larger batch and every clip length shares one dynamic graph.
+        Those calls run at every reconfigure: milliseconds when the graphs hold, and a recompile here,
+        not in a request, when a new ``keep_encoder_layout`` changed what the graphs were built for.
         If compiling fails (e.g. no C compiler for Triton), the layers run eagerly again and the
         replica says why: same transcripts, slower encoder.
         """
@@ -219,14 +221,15 @@ class Transcriber:
         if not wanted:
             uncompile_layers(layers)
             return
-        if not layers or all(is_compiled(layer) for layer in layers):
+        if not layers:
             return
-        logger.info("compiling the encoder's Conformer layers (compile_encoder: true), once per replica")
+        if not all(is_compiled(layer) for layer in layers):
+            logger.info("compiling the encoder's Conformer layers (compile_encoder: true), once per replica")
         started = time.perf_counter()
         silence = np.zeros(self.model.sampling_rate, dtype=np.float32)
         prompt = [{"role": "user", "content": self.default_prompt, "audio": silence}]
         try:
-            compile_layers(layers)
+            compile_layers([layer for layer in layers if not is_compiled(layer)])
             for rows in (1, 2):
                 self.model.prepare_generation_inputs([prompt] * rows)
         except Exception as error:
@@ -237,7 +240,7 @@ class Transcriber:
                 "`Transcriber.user_config.compile_encoder: false` to skip the attempt"
             )
             return
-        logger.info(f"encoder layers compiled in {time.perf_counter() - started:.0f} s")
+        logger.info(f"compiled encoder layers ready in {time.perf_counter() - started:.1f} s")
 
     def _compile_decoding_now(self) -> None:
         """Compile the decoding step before the first request instead of during it: one clip (its

@@ -249,6 +249,13 @@ def test_a_replica_compiles_its_encoder_before_requests_and_no_request_recompile
     assert model.generate(prompts[:1], max_new_tokens=6).token_ids == eager[:1]
     assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled inside a request
 
+    # a user_config change of keep_encoder_layout: the layers' graphs were built for the old layout
+    model.perception.set_encoder_layout(channels_last_subsampling=False, pad_attention_keys_to=8)
+    replica._compile_encoder(True)
+    graphs = counters["stats"]["unique_graphs"]
+    assert model.generate(prompts, max_new_tokens=6).token_ids == eager  # padded keys: same numbers
+    assert counters["stats"]["unique_graphs"] == graphs  # recompiled at reconfigure, not in the request
+
     replica._compile_encoder(False)
     assert not any(is_compiled(layer) for layer in encoder_layers(model))
 
