@@ -26,6 +26,10 @@ Tokens are LLM positions (audio frames + text). Run on the GPU machine::
 
     PYTHONPATH=$HOME/site:$PWD python3 -m bench.train_throughput --out $OUT
 
+The five batches repeat at every pass, so a cost paid once per new input shape (cuDNN's plans, a
+recompile) is paid in the warm-up and never timed. ``--fresh-lengths`` feeds every path a frame
+count it has not met at every step instead, as a bucketed training run does (``FreshLengths``).
+
 ``--tiny`` runs the tiny recipe on CPU (a smoke test of all three paths).
 """
 
@@ -335,7 +339,7 @@ def time_ds_variant(cfg, device: torch.device, config: dict, ds_variant: str) ->
     if ds_variant == "deepspeed_grad_norm":
         use_deepspeed_grad_norm(engine.optimizer)
     batches = make_batches(model, config["budget_s"], config["seed"], config["tiny"])
-    prefetched = PrefetchedBatches(batches, device)
+    prefetched = (FreshLengths if config["fresh_lengths"] else PrefetchedBatches)(batches, device)
 
     def step(batch: dict) -> None:
         with record_function(PHASES[0]):
@@ -444,6 +448,7 @@ def run_ours(cfg, args, use_gpu: bool) -> dict:
                 "profile": args.profile,
                 "warmup": args.warmup,
                 "repeats": args.repeats,
+                "fresh_lengths": args.fresh_lengths,
                 "result_file": str(result_file),
             },
             scaling_config=ScalingConfig(
@@ -524,10 +529,11 @@ def full_vocab_loss(model, batch: dict, autocast) -> torch.Tensor:
 
 
 def run_plain(
-    cfg, batches: list[dict], device: torch.device, args, time_it: bool = True
+    cfg, batches: list[dict], feed: Iterable[dict], device: torch.device, args, time_it: bool = True
 ) -> tuple[dict | None, list[dict], dict]:
-    """Count model FLOPs and positions per batch with our loss, then time the plain loop (unless
-    ``time_it`` is false: ``--skip plain`` still needs the counts and NeMo's starting weights).
+    """Count model FLOPs and positions per batch of ``batches`` with our loss, then time the plain
+    loop over ``feed`` (unless ``time_it`` is false: ``--skip plain`` still needs the counts and
+    NeMo's starting weights).
 
     Returns (plain timing or None, per-batch counts, our model's state dict on CPU for NeMo).
     """
@@ -545,7 +551,7 @@ def run_plain(
         return full_vocab_loss(model, to_device(batch, device), autocast)
 
     result = (
-        time_eager_path("plain", plain_loss, model.trainable_parameters(), cfg, batches, device, args)
+        time_eager_path("plain", plain_loss, model.trainable_parameters(), cfg, feed, device, args)
         if time_it
         else None
     )
@@ -554,7 +560,7 @@ def run_plain(
 
 
 # ----- NeMo's SALM -----
-def run_nemo(cfg, batches: list[dict], device: torch.device, state: dict, args) -> dict:
+def run_nemo(cfg, feed: Iterable[dict], device: torch.device, state: dict, args) -> dict:
     """NeMo 3.0's own SALM with our weights: ``training_step`` -> backward -> AdamW, bf16 weights."""
     from nemo.collections.speechlm2 import SALM as NeMoSALM
 
@@ -579,11 +585,11 @@ def run_nemo(cfg, batches: list[dict], device: torch.device, state: dict, args) 
             return nemo.training_step(to_device(batch, device), 0)["loss"]
 
     trainable = [p for p in nemo.parameters() if p.requires_grad]
-    return time_eager_path("nemo", nemo_loss, trainable, cfg, batches, device, args)
+    return time_eager_path("nemo", nemo_loss, trainable, cfg, feed, device, args)
 
 
 def time_eager_path(
-    name: str, loss_fn, params: list, cfg, batches: list[dict], device: torch.device, args
+    name: str, loss_fn, params: list, cfg, batches: Iterable[dict], device: torch.device, args
 ) -> dict:
     """Seconds per pass (and peak memory) of ``loss_fn(batch).backward()`` + a plain AdamW step."""
     opt = cfg.model.optimizer
@@ -663,9 +669,20 @@ def main() -> None:
         "batches (e.g. bench/results/train_throughput.json) instead of building the fp32 model to count "
         "them (about a minute of GPU time); refused when its batches differ",
     )
+    parser.add_argument(
+        "--fresh-lengths",
+        action="store_true",
+        help="feed every path and variant a frame count it has not met at every step, as bucketed "
+        "training does (FreshLengths: each pass one encoder frame shorter); model FLOPs stay those "
+        "of the uncut batches (a few 80 ms frames more than run)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args()
+    if args.fresh_lengths and "compiled_fresh_lengths" in args.variants:
+        parser.error(
+            "--fresh-lengths feeds every variant new lengths: leave out the compiled_fresh_lengths variant"
+        )
     if args.tiny:
         args.budget_s = min(args.budget_s, 6.0)
     args.variants = sorted(set(args.variants), key=MODEL_VARIANTS.index)
@@ -693,19 +710,22 @@ def main() -> None:
                 )
         print(f"ours took {time.perf_counter() - started:.0f} s end to end", flush=True)
     batches = make_batches(build_tokenizer_model(cfg), args.budget_s, args.seed, args.tiny)
+    # One feed for both baselines: their passes take turns along one sequence of cuts, so NeMo does
+    # not meet the frame counts the plain loop already showed cuDNN in this process.
+    feed = FreshLengths(batches, device) if args.fresh_lengths else batches
     counts_from = args.flops_from if {"plain", "nemo"} <= set(args.skip) else None
     if counts_from is not None:
         counts = reused_counts(counts_from, batches)
         print(f"model FLOPs per batch reused from {args.flops_from} (same batches)", flush=True)
     else:
-        plain, counts, state = run_plain(cfg, batches, device, args, time_it="plain" not in args.skip)
+        plain, counts, state = run_plain(cfg, batches, feed, device, args, time_it="plain" not in args.skip)
         if plain is not None:
             paths["plain"] = plain
     gc.collect()
     if use_gpu:
         torch.cuda.empty_cache()
     if "nemo" not in args.skip:
-        paths["nemo"] = run_nemo(cfg, batches, device, state, args)
+        paths["nemo"] = run_nemo(cfg, feed, device, state, args)
 
     flops = sum(c["flops"] for c in counts)
     positions = sum(c["positions"] for c in counts)
@@ -748,6 +768,7 @@ def main() -> None:
                 "bf16_matmul_tflops": peak_tflops,
                 "batches": [{**d, **c} for d, c in zip(describe_batches(batches), counts, strict=True)],
                 "flops_from": str(counts_from) if counts_from is not None else None,
+                "fresh_lengths": args.fresh_lengths,
                 "paths": rows,
             },
             args.out,

@@ -119,3 +119,14 @@ def test_fresh_lengths_bring_frame_counts_no_earlier_pass_had(tiny_model_and_bat
         assert torch.equal(seen["input_ids"], batch["input_ids"])  # the text stays the same
     assert (lens < width - 3 * SAMPLES_PER_ENCODER_FRAME).any()  # some clips were too short to cut
     assert batch["audios"].shape[1] == width  # the source batches are not changed
+
+
+def test_fresh_lengths_for_every_path_refuses_the_variant_that_would_cut_twice(monkeypatch, capsys) -> None:
+    from bench import train_throughput
+
+    argv = ["train_throughput", "--tiny", "--fresh-lengths", "--variants", "compiled_fresh_lengths"]
+    monkeypatch.setattr("sys.argv", argv)
+    with pytest.raises(SystemExit) as stopped:
+        train_throughput.main()
+    assert stopped.value.code == 2
+    assert "leave out the compiled_fresh_lengths variant" in capsys.readouterr().err
