@@ -187,11 +187,18 @@ def evaluate_rows(
 class ScoringActor:
     """A Ray Data actor holding one model; ``__call__`` scores one batch (a pandas DataFrame)."""
 
-    def __init__(self, model_path: str, load_kwargs: dict, options: GenerationOptions, compute_loss: bool):
+    def __init__(
+        self,
+        model_path: str,
+        load_kwargs: dict,
+        options: GenerationOptions,
+        compute_loss: bool,
+        dtype: str = "auto",
+    ):
         from salm.io.loading import load_pretrained
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = ready_for_inference(load_pretrained(model_path, **load_kwargs), device)
+        self.model = ready_for_inference(load_pretrained(model_path, **load_kwargs), device, dtype)
         self.options = options
         self.compute_loss = compute_loss
 
@@ -212,10 +219,12 @@ def evaluate_on_ray(
     gpus_per_actor: float | None = None,
     cpus_per_actor: float = 1.0,
     load_kwargs: dict | None = None,
+    dtype: str = "auto",
 ) -> list[dict]:
     """All rows through Ray Data ``map_batches`` on ``num_actors`` model actors.
 
     ``gpus_per_actor=None`` gives each actor one GPU when the cluster has any, else CPU actors.
+    ``dtype``: the actors' weights (``salm.generate.inference_dtype``).
     Rows enter sorted by duration, so each batch holds clips of similar length.
     """
     import ray
@@ -234,6 +243,7 @@ def evaluate_on_ray(
             "load_kwargs": load_kwargs or {},
             "options": options,
             "compute_loss": compute_loss,
+            "dtype": dtype,
         },
         batch_size=batch_size,
         batch_format="pandas",
@@ -361,6 +371,7 @@ def run(args: argparse.Namespace) -> EvalReport:
             gpus_per_actor=args.gpus_per_actor,
             cpus_per_actor=args.cpus_per_actor,
             load_kwargs=load_kwargs,
+            dtype=args.dtype,
         )
     else:
         model = load_model_for_inference(args)

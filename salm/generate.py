@@ -24,6 +24,9 @@ from salm.errors import AudioLoadError, SALMConfigError
 DECODING = ("greedy", "beam", "sample")
 
 
+INFERENCE_DTYPES = ("auto", "float32", "bfloat16")
+
+
 @dataclass(frozen=True)
 class GenerationOptions:
     """Prompt and decoding settings shared by `salm generate` and `salm eval`."""
@@ -157,6 +160,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--tokenizer-path", default=None, help="tokenizer dir overriding the model's")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=INFERENCE_DTYPES,
+        help="the weights' dtype; auto: bfloat16 on a GPU (as Serve replicas run), float32 on the CPU; "
+        "the mel front end stays float32",
+    )
 
 
 def generation_options(args: argparse.Namespace) -> GenerationOptions:
@@ -171,23 +181,40 @@ def generation_options(args: argparse.Namespace) -> GenerationOptions:
 
 
 def load_model_for_inference(args: argparse.Namespace):
-    """The model named on the command line, in eval mode, on ``--device``, with inference's encoder layout."""
+    """The model named on the command line, in eval mode, on ``--device`` in ``--dtype``, with
+    inference's encoder layout."""
     import torch
 
     from salm.io.loading import load_pretrained
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_pretrained(args.model, llm_path=args.llm_path, tokenizer_path=args.tokenizer_path)
-    return ready_for_inference(model, device)
+    return ready_for_inference(model, device, args.dtype)
 
 
-def ready_for_inference(model, device: str):
-    """``model`` in eval mode on ``device``, with inference's encoder layout (same numbers, no cost
-    per new input length; ``salm.model.perception.INFERENCE_ENCODER_LAYOUT``)."""
+def inference_dtype(device: str, dtype: str = "auto"):
+    """The torch dtype of ``dtype`` (one of ``INFERENCE_DTYPES``); ``auto`` is bfloat16 on a GPU,
+    where it is fast, and float32 on the CPU, which runs float32 faster than bfloat16."""
+    import torch
+
+    if dtype not in INFERENCE_DTYPES:
+        raise SALMConfigError(f"dtype must be one of {', '.join(INFERENCE_DTYPES)}, got {dtype!r}")
+    if dtype == "auto":
+        dtype = "bfloat16" if torch.device(device).type == "cuda" else "float32"
+    return getattr(torch, dtype)
+
+
+def ready_for_inference(model, device: str, dtype: str = "auto"):
+    """``model`` in eval mode on ``device`` in ``dtype`` (``inference_dtype``), the mel front end in
+    float32 (log-mel of a bf16 waveform loses most of its resolution, as NeMo keeps it), with
+    inference's encoder layout (same numbers, no cost per new input length;
+    ``salm.model.perception.INFERENCE_ENCODER_LAYOUT``)."""
     from salm.model.perception import INFERENCE_ENCODER_LAYOUT
 
     model.perception.set_encoder_layout(**INFERENCE_ENCODER_LAYOUT)
-    return model.eval().to(device)
+    model = model.eval().to(device=device, dtype=inference_dtype(device, dtype))
+    model.perception.preprocessor.float()
+    return model
 
 
 def register(commands: argparse._SubParsersAction) -> None:

@@ -156,11 +156,13 @@ class Transcriber:
         warning = missing_gpu_warning(device, _cluster_gpus())
         if warning:
             logger.warning(warning)
-        if dtype == "auto":  # bf16 where it is fast (GPU); CPUs run fp32 faster than bf16
-            dtype = "bfloat16" if device == "cuda" else "float32"
+        from salm.generate import inference_dtype
         from salm.io.nemo_file import merge_lora_into_llm
 
-        model = SALM.from_pretrained(model_path).eval().to(device=device, dtype=getattr(torch, dtype))
+        # bf16 on a GPU, where it is fast, unless told otherwise; CPUs run fp32 faster than bf16
+        model = (
+            SALM.from_pretrained(model_path).eval().to(device=device, dtype=inference_dtype(device, dtype))
+        )
         # A replica never trains or saves: LoRA folded into the LLM weights drops the adapter matmuls
         # from every prefill and decoding step (bench/serve_throughput.py, variant merged_lora).
         self.model = merge_lora_into_llm(model)

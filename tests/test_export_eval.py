@@ -137,6 +137,47 @@ def test_eval_prints_wer_and_rtfx_and_writes_predictions(
     assert metrics["ref_words"] == sum(len(u.text.split()) for u in speech_clips)
 
 
+def test_inference_weights_take_dtype_and_the_mel_front_end_stays_fp32(exported, manifest, tmp_path) -> None:
+    """``--dtype``: bf16 weights where asked (``auto``: on a GPU, as Serve replicas), the log-mel front
+    end in fp32 whatever the weights; ``salm eval`` scores a set with bf16 weights end to end."""
+    from argparse import Namespace
+
+    from salm.errors import SALMConfigError
+    from salm.generate import inference_dtype, load_model_for_inference
+
+    def loaded(dtype: str) -> SALM:
+        args = Namespace(
+            model=str(exported / "hf"), llm_path=None, tokenizer_path=None, device="cpu", dtype=dtype
+        )
+        return load_model_for_inference(args)
+
+    def dtypes(module: torch.nn.Module) -> set[torch.dtype]:
+        return {t.dtype for t in [*module.parameters(), *module.buffers()] if t.is_floating_point()}
+
+    assert dtypes(loaded("auto")) == {torch.float32}  # the CPU's auto
+    model = loaded("bfloat16")
+    assert dtypes(model.llm) == dtypes(model.perception.encoder) == {torch.bfloat16}
+    assert dtypes(model.perception.preprocessor) == {torch.float32}
+    assert inference_dtype("cuda", "auto") == torch.bfloat16
+    with pytest.raises(SALMConfigError, match="dtype must be one of auto, float32, bfloat16"):
+        inference_dtype("cpu", "fp16")
+
+    out = tmp_path / "eval"
+    args = [
+        "eval",
+        str(exported / "hf"),
+        "--manifest",
+        str(manifest),
+        "--out-dir",
+        str(out),
+        "--dtype",
+        "bfloat16",
+    ]
+    assert main([*args, "--max-new-tokens", "4", "--batch-size", "4"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["loss"] > 0 and metrics["rtfx"] > 0
+
+
 def test_eval_without_references_says_to_use_generate(exported, tmp_path, speech_clips, capsys) -> None:
     unlabelled = tmp_path / "unlabelled.json"
     unlabelled.write_text(json.dumps({"audio_filepath": str(speech_clips[0].path)}) + "\n")
@@ -229,7 +270,9 @@ def test_inference_loads_a_model_trained_with_the_recipes_layout_in_inferences(
     tiny_model_cfg.perception.channels_last_subsampling = True
     tiny_model_cfg.perception.pad_attention_keys_to = 8
     SALM(tiny_model_cfg).save_pretrained(tmp_path / "model")
-    args = Namespace(model=str(tmp_path / "model"), llm_path=None, tokenizer_path=None, device="cpu")
+    args = Namespace(
+        model=str(tmp_path / "model"), llm_path=None, tokenizer_path=None, device="cpu", dtype="auto"
+    )
     model = load_model_for_inference(args)
     assert model.cfg.perception.channels_last_subsampling is True  # the saved config is untouched
     encoder = model.perception.encoder
