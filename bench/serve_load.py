@@ -20,7 +20,8 @@ loopback only) for a saved model, or for the tiny model built on the spot::
 ``--offline`` also times ``SALM.generate`` on the same clips in batches of ``--concurrency``, in
 the same process after the server is gone, on the model set up as the server's replica was (its
 ``user_config``: encoder layout, compiled encoder and decoding step on a GPU), so the served number
-reads against what the same model does offline on the same machine. Clips are synthesised offline with flite unless ``--audio`` is given.
+reads against what the same model does offline on the same machine. Clips are synthesised offline
+with flite unless ``--audio`` is given.
 """
 
 from __future__ import annotations
@@ -179,13 +180,10 @@ def set_up_like_the_transcriber(model, user_config: dict):
     ``user_config`` sets it up before serving: the encoder layout, and on a GPU the compiled encoder
     layers and decoding step. So ``--offline`` times the model the server ran, not another setup."""
     from salm.model.compile import compile_layers, encoder_layers
-    from salm.model.perception import INFERENCE_ENCODER_LAYOUT, configured_encoder_layout
-    from serve.transcriber import BatchingConfig
+    from serve.transcriber import BatchingConfig, serve_encoder_layout
 
     config = BatchingConfig(**user_config)
-    keep = config.keep_encoder_layout
-    layout = configured_encoder_layout(model.cfg.perception) if keep else INFERENCE_ENCODER_LAYOUT
-    model.perception.set_encoder_layout(**layout)
+    serve_encoder_layout(model, config.keep_encoder_layout)
     if model.device.type == "cuda":  # as the replica: CPUs run both eagerly
         model.compile_decoding = config.compile_decoding
         if config.compile_encoder:

@@ -365,10 +365,12 @@ def time_ds_variant(cfg, device: torch.device, config: dict, ds_variant: str) ->
                 set_eager_checkpointing(model, variant)
             elif variant in CHECKPOINTED_PARTS:
                 checkpoint_compiled_layers(model, cfg.trainer.compile_options, CHECKPOINTED_PARTS[variant])
-            feed = {
-                "compiled_pageable": batches,
-                "compiled_fresh_lengths": FreshLengths(batches, device),
-            }.get(variant, prefetched)
+            if variant == "compiled_pageable":
+                feed = batches
+            elif variant == "compiled_fresh_lengths":
+                feed = FreshLengths(batches, device)
+            else:
+                feed = prefetched
             compile_s = None
             # In place, hence last; its first pass compiles.
             if variant.startswith("compiled") and not compiled:

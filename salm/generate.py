@@ -204,17 +204,21 @@ def inference_dtype(device: str, dtype: str = "auto"):
     return getattr(torch, dtype)
 
 
-def ready_for_inference(model, device: str, dtype: str = "auto"):
+def on_device_for_inference(model, device: str, dtype: str = "auto"):
     """``model`` in eval mode on ``device`` in ``dtype`` (``inference_dtype``), the mel front end in
-    float32 (log-mel of a bf16 waveform loses most of its resolution, as NeMo keeps it), with
-    inference's encoder layout (same numbers, no cost per new input length;
-    ``salm.model.perception.INFERENCE_ENCODER_LAYOUT``)."""
-    from salm.model.perception import INFERENCE_ENCODER_LAYOUT
-
-    model.perception.set_encoder_layout(**INFERENCE_ENCODER_LAYOUT)
+    float32 (log-mel of a bf16 waveform loses most of its resolution, as NeMo keeps it)."""
     model = model.eval().to(device=device, dtype=inference_dtype(device, dtype))
     model.perception.preprocessor.float()
     return model
+
+
+def ready_for_inference(model, device: str, dtype: str = "auto"):
+    """``on_device_for_inference``, with inference's encoder layout (same numbers, no cost per new
+    input length; ``salm.model.perception.INFERENCE_ENCODER_LAYOUT``)."""
+    from salm.model.perception import INFERENCE_ENCODER_LAYOUT
+
+    model.perception.set_encoder_layout(**INFERENCE_ENCODER_LAYOUT)
+    return on_device_for_inference(model, device, dtype)
 
 
 def register(commands: argparse._SubParsersAction) -> None:

@@ -84,18 +84,10 @@ class BatchingConfig:
             )
         if self.max_new_tokens < 1:
             raise ValueError(f"`user_config.max_new_tokens` must be >= 1, got {self.max_new_tokens}")
-        if not isinstance(self.compile_decoding, bool):
-            raise ValueError(
-                f"`user_config.compile_decoding` must be true or false, got {self.compile_decoding!r}"
-            )
-        if not isinstance(self.compile_encoder, bool):
-            raise ValueError(
-                f"`user_config.compile_encoder` must be true or false, got {self.compile_encoder!r}"
-            )
-        if not isinstance(self.keep_encoder_layout, bool):
-            raise ValueError(
-                f"`user_config.keep_encoder_layout` must be true or false, got {self.keep_encoder_layout!r}"
-            )
+        for switch in ("compile_decoding", "compile_encoder", "keep_encoder_layout"):
+            value = getattr(self, switch)
+            if not isinstance(value, bool):
+                raise ValueError(f"`user_config.{switch}` must be true or false, got {value!r}")
         lengths = self.warm_up_clip_s
         if not isinstance(lengths, list | tuple) or not all(
             isinstance(s, int | float) and not isinstance(s, bool) and 0 < s <= self.max_batch_audio_s
@@ -117,6 +109,18 @@ def warm_up_batch_sizes(
 
     most = max(1, min(int(max_batch_audio_s // clip_s), max_requests))
     return sorted({padded_batch_size(count, compile_step) for count in range(1, most + 1)})
+
+
+def serve_encoder_layout(model, keep_encoder_layout: bool) -> None:
+    """Set ``model``'s encoder to the layout a replica serves with: the model's own with
+    ``keep_encoder_layout``, else inference's (NCHW subsampling, NeMo's T keys)."""
+    from salm.model.perception import INFERENCE_ENCODER_LAYOUT, configured_encoder_layout
+
+    if keep_encoder_layout:
+        layout = configured_encoder_layout(model.cfg.perception)
+    else:
+        layout = INFERENCE_ENCODER_LAYOUT
+    model.perception.set_encoder_layout(**layout)
 
 
 def batch_audio_seconds(jobs: list[TranscriptionJob]) -> int:
@@ -156,17 +160,14 @@ class Transcriber:
         warning = missing_gpu_warning(device, _cluster_gpus())
         if warning:
             logger.warning(warning)
-        from salm.generate import inference_dtype
+        from salm.generate import ready_for_inference
         from salm.io.nemo_file import merge_lora_into_llm
 
-        # bf16 on a GPU, where it is fast, unless told otherwise; CPUs run fp32 faster than bf16
-        model = (
-            SALM.from_pretrained(model_path).eval().to(device=device, dtype=inference_dtype(device, dtype))
-        )
+        # bf16 on a GPU unless told otherwise, the mel front end fp32; reconfigure sets the layout
+        model = ready_for_inference(SALM.from_pretrained(model_path), device, dtype)
         # A replica never trains or saves: LoRA folded into the LLM weights drops the adapter matmuls
         # from every prefill and decoding step (bench/serve_throughput.py, variant merged_lora).
         self.model = merge_lora_into_llm(model)
-        self.model.perception.preprocessor.float()  # log-mel features stay fp32 (cast for the encoder)
         self.default_prompt = f"Transcribe the following: {self.model.audio_locator_tag}"
         self.config = BatchingConfig()
         self.metrics = TranscriberMetrics()
@@ -196,14 +197,7 @@ class Transcriber:
         self.transcribe_batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
 
     def _apply_encoder_layout(self) -> None:
-        """The model's own encoder layout with ``keep_encoder_layout``, else inference's (NCHW, T keys)."""
-        from salm.model.perception import INFERENCE_ENCODER_LAYOUT, configured_encoder_layout
-
-        if self.config.keep_encoder_layout:
-            layout = configured_encoder_layout(self.model.cfg.perception)
-        else:
-            layout = INFERENCE_ENCODER_LAYOUT
-        self.model.perception.set_encoder_layout(**layout)
+        serve_encoder_layout(self.model, self.config.keep_encoder_layout)
 
     def _compile_encoder(self, wanted: bool) -> None:
         """Compile the Conformer layers (``compile_encoder``) before the first request, or run them
