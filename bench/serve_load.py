@@ -153,17 +153,17 @@ def synthesise_clips(workdir: Path, count: int, sentences_per_clip: int) -> list
 
 
 def load_like_a_replica(model_dir: Path):
-    """The saved model as a replica loads it: bf16 on a GPU (fp32 on CPU), eval, LoRA merged. It
-    keeps the encoder layout it was saved with (a replica switches to inference's unless
-    ``keep_encoder_layout``)."""
+    """The saved model as a replica loads it: bf16 on a GPU (fp32 on CPU), the mel front end fp32,
+    eval, LoRA merged (``salm.generate.on_device_for_inference``). It keeps the encoder layout it was
+    saved with (a replica switches to inference's unless ``keep_encoder_layout``)."""
     import torch
 
+    from salm.generate import on_device_for_inference
     from salm.io.nemo_file import merge_lora_into_llm
     from salm.model import SALM
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    return merge_lora_into_llm(SALM.from_pretrained(model_dir).eval().to(device=device, dtype=dtype))
+    return merge_lora_into_llm(on_device_for_inference(SALM.from_pretrained(model_dir), device))
 
 
 def transcriber_user_config(overrides: Sequence[str] = ()) -> dict:
