@@ -92,9 +92,11 @@ class AudioPerception(nn.Module):
         self.encoder = build_from_target("encoder", cfg.encoder)
         from salm.model.pointwise_conv import use_matmul_pointwise_convs  # imports NeMo, like the builders
         from salm.model.rel_shift import use_strided_rel_shift
+        from salm.model.subsampling_convs import use_matmul_subsampling_convs
 
         use_strided_rel_shift(self.encoder)  # same numbers; compiled, 19 ms of kernels per pass, not 282
         use_matmul_pointwise_convs(self.encoder)  # same numbers, aligned GEMMs for every frame count
+        use_matmul_subsampling_convs(self.encoder)  # same numbers, no cuDNN set-up per new frame count
         self.set_encoder_layout(**configured_encoder_layout(cfg))
         spec_augment = cfg.get("spec_augment")
         self.spec_augmentation = build_from_target("spec_augment", spec_augment) if spec_augment else None
