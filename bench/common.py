@@ -80,6 +80,28 @@ def peak_gb(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
 
 
+# The caching allocator's counters that show it struggling with new tensor sizes: cudaMalloc and
+# cudaFree calls, and retries (every cached block freed, then cudaMalloc again: a device sync).
+ALLOCATOR_COUNTERS = ("num_device_alloc", "num_device_free", "num_alloc_retries")
+
+
+def allocator_counts(device: torch.device) -> dict[str, int]:
+    """The allocator counters now (empty off CUDA); subtract two readings for what a stretch of work cost."""
+    if device.type != "cuda":
+        return {}
+    stats = torch.cuda.memory_stats(device)
+    return {key: int(stats.get(key, 0)) for key in ALLOCATOR_COUNTERS}
+
+
+def allocator_growth(before: dict[str, int], device: torch.device, passes: int) -> dict[str, float]:
+    """Allocator counters per pass since ``before``, and the memory the allocator holds now (GB)."""
+    if device.type != "cuda":
+        return {}
+    after = allocator_counts(device)
+    growth = {f"{key}_per_pass": round((after[key] - before[key]) / passes, 1) for key in ALLOCATOR_COUNTERS}
+    return {**growth, "reserved_gb": round(torch.cuda.memory_reserved(device) / 2**30, 1)}
+
+
 def set_pointwise_class(encoder: torch.nn.Module, cls: type) -> bool:
     """The Conformer's pointwise convolutions as ``cls``: NeMo's ``Conv1d`` (the benches' "before"
     variants) or the recipe's ``PointwiseConvAsMatmul``; same weights either way. Returns whether

@@ -6,9 +6,13 @@ it cost nothing (BENCHMARKS.md, "the encoder layout options"). Real bucketed tra
 bring a new frame count at nearly every step, while ``bench/train_throughput.py`` repeats five
 batches and never meets one. This times the encoder (the recipe's, with ``--layers`` of its
 Conformer layers) on frame counts it has never seen, then on the same ones again, for each
-combination of the two options in one process; the difference is the cost of a new shape::
+combination of the two options in one process (and with the subsampling's cuDNN convolutions run as
+matmuls, ``salm.model.subsampling_convs``); the difference is the cost of a new shape::
 
     python -m bench.new_shape_cost --layers 2 --batch 8 --lengths 12 --train --out $OUT
+
+``--op-diff`` also profiles each set's first unseen frame count and its repeat, and prints the host
+ops whose time grew most: what a new shape pays for.
 
 Each option set gets frame counts of its own, so no set meets a shape another set has already
 shown the kernels. ``--train`` adds the backward pass (training); without it, inference (serving).
@@ -25,12 +29,15 @@ from omegaconf import OmegaConf
 
 from bench.common import CONFIGS, card, timed, write_result
 
-# (channels_last_subsampling, pad_attention_keys_to) per option set
+# (channels_last_subsampling, pad_attention_keys_to, which subsampling convolutions run as matmuls:
+# none, "pointwise", or "stem and pointwise") per option set
 OPTION_SETS = {
-    "recipe": (True, 8),
-    "channels_last_only": (True, None),
-    "padded_keys_only": (False, 8),
-    "neither": (False, None),
+    "channels_last_and_padded_keys": (True, 8, None),
+    "channels_last_only": (True, None, None),
+    "padded_keys_only": (False, 8, None),  # the canary recipe until subsampling_convs
+    "neither": (False, None, None),
+    "padded_keys_matmul_pointwise": (False, 8, "pointwise"),
+    "padded_keys_matmul_subsampling": (False, 8, "stem and pointwise"),
 }
 
 
@@ -45,16 +52,17 @@ def build_perception(tiny: bool, layers: int, device: torch.device, dtype: torch
     return AudioPerception(cfg).to(device=device, dtype=dtype)
 
 
-def frame_counts(option_index: int, count: int, first: int) -> list[int]:
-    """``count`` mel frame counts that no other option set uses, 8 apart from any other set's (so
-    they differ after the 8x subsampling too): the sets take turns along one rising sequence."""
-    return [first + 8 * (step * len(OPTION_SETS) + option_index) for step in range(count)]
+def frame_counts(option_index: int, sets: int, count: int, first: int) -> list[int]:
+    """``count`` mel frame counts that none of the other ``sets`` uses, 8 apart from any other set's
+    (so they differ after the 8x subsampling too): the sets take turns along one rising sequence."""
+    return [first + 8 * (step * sets + option_index) for step in range(count)]
 
 
 def layout_seen(perception) -> dict:
     """The layout the encoder's modules actually carry: the options' effect, checked, not assumed."""
     from salm.model.encoder_layout import uses_channels_last_subsampling
     from salm.model.rel_shift import StridedRelPositionAttention
+    from salm.model.subsampling_convs import PointwiseConv2dAsMatmul, StemConvAsMatmul
 
     multiples = {
         m.key_multiple for m in perception.encoder.modules() if isinstance(m, StridedRelPositionAttention)
@@ -62,6 +70,9 @@ def layout_seen(perception) -> dict:
     return {
         "channels_last_hook": uses_channels_last_subsampling(perception.encoder),
         "key_multiples": sorted(multiples),
+        "subsampling_matmuls": sum(
+            isinstance(m, (PointwiseConv2dAsMatmul, StemConvAsMatmul)) for m in perception.encoder.modules()
+        ),
     }
 
 
@@ -80,14 +91,49 @@ def encoder_call(perception, batch: int, frames: int, train: bool, device: torch
     return call
 
 
+def host_op_growth(call, device: torch.device, rows: int = 12) -> list[dict]:
+    """Profile ``call`` on a shape it has never seen, then again: the host ops whose own time grew most."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    self_ms = []
+    for _ in range(2):
+        with profile(activities=activities) as prof:
+            timed(call, device)
+        self_ms.append({e.key: e.self_cpu_time_total / 1e3 for e in prof.key_averages()})
+    first, again = self_ms
+    growth = sorted(((first[k] - again.get(k, 0.0), k) for k in first), reverse=True)[:rows]
+    return [
+        {
+            "op": key,
+            "first_ms": round(first[key], 3),
+            "again_ms": round(again.get(key, 0.0), 3),
+            "grew_ms": round(ms, 3),
+        }
+        for ms, key in growth
+    ]
+
+
 def measure(perception, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict:
     """Per option set: seconds of each call on unseen frame counts, then on the same ones again."""
+    from salm.model.subsampling_convs import use_matmul_subsampling_convs
+
     perception.train(args.train)
     results = {}
-    for index, (name, (channels_last, key_multiple)) in enumerate(OPTION_SETS.items()):
+    for index, name in enumerate(args.sets):
+        channels_last, key_multiple, matmul_subsampling = OPTION_SETS[name]
         perception.set_encoder_layout(channels_last, key_multiple)
+        use_matmul_subsampling_convs(
+            perception.encoder, enabled=matmul_subsampling is not None, stem=matmul_subsampling != "pointwise"
+        )
         timed(encoder_call(perception, args.batch, args.first_frames - 8, args.train, device, dtype), device)
-        counts = frame_counts(index, args.lengths, args.first_frames)
+        counts = frame_counts(index, len(args.sets), args.lengths + args.op_diff, args.first_frames)
+        if args.op_diff:  # a frame count of its own, so the timed ones stay unseen
+            growth = host_op_growth(
+                encoder_call(perception, args.batch, counts.pop(), args.train, device, dtype), device
+            )
+            grown = ", ".join(f"{row['op']} {row['grew_ms']:+.2f}" for row in growth)
+            print(f"{name}: host ops that grew on a new shape (ms): {grown}", flush=True)
         calls = [encoder_call(perception, args.batch, n, args.train, device, dtype) for n in counts]
         first = [round(timed(call, device), 5) for call in calls]
         again = [round(timed(call, device), 5) for call in calls]
@@ -95,11 +141,13 @@ def measure(perception, args: argparse.Namespace, device: torch.device, dtype: t
         results[name] = {
             "channels_last_subsampling": channels_last,
             "pad_attention_keys_to": key_multiple,
+            "matmul_subsampling": matmul_subsampling,
             "layout_seen": layout_seen(perception),
             "frames": counts,
             "first_s": first,
             "again_s": again,
             "new_shape_cost_s": round(cost, 5),
+            **({"host_op_growth": growth} if args.op_diff else {}),
         }
         print(
             f"{name:>20}: first {statistics.fmean(first):.4f} s, again {statistics.fmean(again):.4f} s, "
@@ -121,8 +169,15 @@ def main() -> None:
         "--first-frames", type=int, default=1001, help="mel frames of the shortest (10 ms each)"
     )
     parser.add_argument("--train", action="store_true", help="forward and backward, as training runs it")
+    parser.add_argument(
+        "--sets", nargs="+", choices=list(OPTION_SETS), default=list(OPTION_SETS), help="option sets"
+    )
+    parser.add_argument(
+        "--op-diff", action="store_true", help="also profile one new shape per set: which host ops grew"
+    )
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args()
+    args.sets = list(dict.fromkeys(args.sets))
     if args.layers < 1 or args.batch < 2 or args.lengths < 1 or args.first_frames < 64:
         parser.error("need --layers >= 1, --batch >= 2, --lengths >= 1 and --first-frames >= 64")
 

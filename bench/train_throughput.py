@@ -22,13 +22,15 @@ Model FLOPs of a step are counted once per batch with ``FlopCounterMode`` on our
 backward; the LM head at target positions only) and the same count is used for every path, so
 MFU ratios equal throughput ratios. The ceiling is a bf16 matmul measured in the same run.
 A baseline that runs out of memory at ``--budget-s`` is reported as not fitting (ours may fit).
-Tokens are LLM positions (audio frames + text). Run on the GPU machine::
+Tokens are LLM positions (audio frames + text). Every row also reports the caching allocator's
+``cudaMalloc``/``cudaFree``/retry counts per pass and the memory it holds. The official command, on
+the GPU machine (BENCHMARKS.md)::
 
-    PYTHONPATH=$HOME/site:$PWD python3 -m bench.train_throughput --out $OUT
+    source bench/device_setup.sh; python3 -m bench.train_throughput --budget-s 640 --variants compiled --fresh-lengths --out $OUT
 
-The five batches repeat at every pass, so a cost paid once per new input shape (cuDNN's plans, a
-recompile) is paid in the warm-up and never timed. ``--fresh-lengths`` feeds every path a frame
-count it has not met at every step instead, as a bucketed training run does (``FreshLengths``).
+Without ``--fresh-lengths`` the five batches repeat at every pass, so a cost paid once per new input
+shape (cuDNN's plans, a recompile) is paid in the warm-up and never timed; with it every path meets
+a frame count it has not met at every step, as a bucketed training run does (``FreshLengths``).
 
 ``--tiny`` runs the tiny recipe on CPU (a smoke test of all three paths).
 """
@@ -52,6 +54,8 @@ from omegaconf import OmegaConf
 from torch.profiler import record_function
 
 from bench.common import (
+    allocator_counts,
+    allocator_growth,
     bf16_matmul_tflops,
     card,
     peak_gb,
@@ -95,6 +99,10 @@ def run_epochs(step, batches: Iterable[dict], device: torch.device, warmup: int,
 # (the training loop before salm.train.batch_device.prefetch_pinned). "compiled_fresh_lengths" feeds the
 # compiled model batches whose longest clips are one encoder frame shorter at every pass (FreshLengths):
 # frame counts it has never met, as bucketed training brings them; against "compiled", what new shapes cost.
+# "compiled_fresh_lengths_conv_subsampling" is that with the subsampling's stem and pointwise convolutions
+# as NeMo's cuDNN Conv2d (the recipe before salm.model.subsampling_convs; eager, so nothing is traced again).
+# "compiled_fresh_lengths_expandable" is "compiled_fresh_lengths" after the allocator's cache is emptied and
+# switched to expandable segments (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True); it stays on after it.
 # "compiled_inductor_dropout" draws the compiled layers' dropout masks with Inductor's Triton RNG and
 # "compiled_conv_pointwise" runs the Conformer's pointwise convolutions as NeMo's Conv1d (the recipe
 # before salm.model.dropout and salm.model.pointwise_conv): each traces every layer again.
@@ -112,6 +120,8 @@ MODEL_VARIANTS = [
     "compiled_packed",
     "compiled_pageable",
     "compiled_fresh_lengths",
+    "compiled_fresh_lengths_conv_subsampling",
+    "compiled_fresh_lengths_expandable",
     "compiled_inductor_dropout",
     "compiled_conv_pointwise",
     "compiled_checkpointed_llm",
@@ -183,7 +193,11 @@ def set_compiled_levers(model, variant: str) -> bool:
 
     from salm.model.dropout import EagerKernelDropout
     from salm.model.pointwise_conv import PointwiseConvAsMatmul
+    from salm.model.subsampling_convs import use_matmul_subsampling_convs
 
+    use_matmul_subsampling_convs(  # eager, outside the compiled layers: no retrace either way
+        model.perception.encoder, enabled=variant != "compiled_fresh_lengths_conv_subsampling"
+    )
     pointwise = nn.Conv1d if variant == "compiled_conv_pointwise" else PointwiseConvAsMatmul
     changed = set_pointwise_class(model.perception.encoder, pointwise)
     dropout = nn.Dropout if variant == "compiled_inductor_dropout" else EagerKernelDropout
@@ -351,6 +365,7 @@ def time_ds_variant(cfg, device: torch.device, config: dict, ds_variant: str) ->
 
     results = {}
     compiled = False
+    fresh = None  # the compiled_fresh_lengths variants' one feed: a later one goes on cutting, never repeats
     recipe_packs = cfg.trainer.get("pack_llm_sequences", False)
     for variant in config["variants"]:
         name = variant if ds_variant == "recipe" else f"{variant},ds={ds_variant}"
@@ -367,8 +382,8 @@ def time_ds_variant(cfg, device: torch.device, config: dict, ds_variant: str) ->
                 checkpoint_compiled_layers(model, cfg.trainer.compile_options, CHECKPOINTED_PARTS[variant])
             if variant == "compiled_pageable":
                 feed = batches
-            elif variant == "compiled_fresh_lengths":
-                feed = FreshLengths(batches, device)
+            elif variant.startswith("compiled_fresh_lengths"):
+                feed = fresh = fresh or FreshLengths(batches, device)
             else:
                 feed = prefetched
             compile_s = None
@@ -388,17 +403,27 @@ def time_ds_variant(cfg, device: torch.device, config: dict, ds_variant: str) ->
                     "frames": counters["frames"]["ok"],
                 }
                 print(f"ours[{name}]: {json.dumps(graphs)}", flush=True)
+            if variant == "compiled_fresh_lengths_expandable" and device.type == "cuda":
+                # cached blocks back to the driver; from here on the allocator grows segments in place
+                torch.cuda.empty_cache()
+                torch._C._accelerator_setAllocatorSettings("expandable_segments:True")
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
+            before = allocator_counts(device)
             seconds = run_epochs(step, feed, device, config["warmup"], config["repeats"])
             results[name] = {"seconds": seconds, "peak_mem_gb": peak_gb(device), "compile_pass_s": compile_s}
+            results[name]["allocator"] = allocator_growth(
+                before, device, config["warmup"] + config["repeats"]
+            )
             if compile_s is not None:
                 results[name].update(graphs)
             if compiled:  # graphs compiled so far: one that grows in a later variant recompiled there
                 from torch._dynamo.utils import counters
 
                 results[name]["graphs_so_far"] = counters["stats"]["unique_graphs"]
-            print(f"ours[{name}]: {seconds:.3f} s per pass", flush=True)
+            print(
+                f"ours[{name}]: {seconds:.3f} s per pass; allocator {results[name]['allocator']}", flush=True
+            )
             if config["profile"]:
                 profiled = profile_pass(step, feed, device)
                 results[name]["profile"] = profiled
@@ -610,6 +635,7 @@ def time_eager_path(
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    before = allocator_counts(device)
     try:
         seconds = run_epochs(step, batches, device, args.warmup, args.repeats)
     except torch.OutOfMemoryError as error:
@@ -622,8 +648,9 @@ def time_eager_path(
         gc.collect()
         torch.cuda.empty_cache()
         return {"out_of_memory": True, "peak_mem_gb": peak_gb(device)}
-    print(f"{name}: {seconds:.3f} s per pass", flush=True)
-    result = {"seconds": seconds, "peak_mem_gb": peak_gb(device)}
+    allocator = allocator_growth(before, device, args.warmup + args.repeats)
+    print(f"{name}: {seconds:.3f} s per pass; allocator {allocator}", flush=True)
+    result = {"seconds": seconds, "peak_mem_gb": peak_gb(device), "allocator": allocator}
     if args.profile:
         result["profile"] = profile_pass(step, batches, device)
         summary = {k: v for k, v in result["profile"].items() if k != "top_host_ops"}
@@ -681,9 +708,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args()
-    if args.fresh_lengths and "compiled_fresh_lengths" in args.variants:
+    if args.fresh_lengths and any(v.startswith("compiled_fresh_lengths") for v in args.variants):
         parser.error(
-            "--fresh-lengths feeds every variant new lengths: leave out the compiled_fresh_lengths variant"
+            "--fresh-lengths feeds every variant new lengths: leave out the compiled_fresh_lengths variants"
         )
     if args.tiny:
         args.budget_s = min(args.budget_s, 6.0)
