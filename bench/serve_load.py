@@ -178,16 +178,26 @@ def transcriber_user_config(overrides: Sequence[str] = ()) -> dict:
 def set_up_like_the_transcriber(model, user_config: dict):
     """``model`` (as ``load_like_a_replica`` returns it) set up as a Transcriber replica with this
     ``user_config`` sets it up before serving: the encoder layout, and on a GPU the compiled encoder
-    layers and decoding step. So ``--offline`` times the model the server ran, not another setup."""
-    from salm.model.compile import compile_layers, encoder_layers
-    from serve.transcriber import BatchingConfig, serve_encoder_layout
+    layers (warmed up as the replica does) and decoding step, through the replica's own functions
+    (``salm.inference_compile``), falling back to eager as it does. So ``--offline`` times the model
+    the server ran, not another setup."""
+    from salm.inference_compile import compile_decoding_now, compile_encoder_now
+    from serve.transcriber import BatchingConfig, default_prompt, serve_encoder_layout
 
     config = BatchingConfig(**user_config)
     serve_encoder_layout(model, config.keep_encoder_layout)
     if model.device.type == "cuda":  # as the replica: CPUs run both eagerly
-        model.compile_decoding = config.compile_decoding
-        if config.compile_encoder:
-            compile_layers(encoder_layers(model))
+        model.compile_decoding = False
+        failures = {
+            "compile_encoder": config.compile_encoder and compile_encoder_now(model, default_prompt(model)),
+            "compile_decoding": config.compile_decoding
+            and compile_decoding_now(model, config.max_new_tokens),
+        }
+        for option, failure in failures.items():
+            if failure:
+                print(
+                    f"{option}: compiling failed ({failure}); timing that part eagerly, as the replica would"
+                )
     return model
 
 

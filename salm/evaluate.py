@@ -34,6 +34,7 @@ from salm.generate import (
     GenerationOptions,
     add_generation_arguments,
     add_model_arguments,
+    compile_for_inference,
     duration_batches,
     generation_options,
     load_model_for_inference,
@@ -194,11 +195,14 @@ class ScoringActor:
         options: GenerationOptions,
         compute_loss: bool,
         dtype: str = "auto",
+        compile_model: bool = False,
     ):
         from salm.io.loading import load_pretrained
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = ready_for_inference(load_pretrained(model_path, **load_kwargs), device, dtype)
+        if compile_model:
+            compile_for_inference(self.model, options)
         self.options = options
         self.compute_loss = compute_loss
 
@@ -220,11 +224,13 @@ def evaluate_on_ray(
     cpus_per_actor: float = 1.0,
     load_kwargs: dict | None = None,
     dtype: str = "auto",
+    compile_model: bool = False,
 ) -> list[dict]:
     """All rows through Ray Data ``map_batches`` on ``num_actors`` model actors.
 
     ``gpus_per_actor=None`` gives each actor one GPU when the cluster has any, else CPU actors.
-    ``dtype``: the actors' weights (``salm.generate.inference_dtype``).
+    ``dtype``: the actors' weights (``salm.generate.inference_dtype``); ``compile_model``: each actor
+    compiles its model first (``salm.generate.compile_for_inference``).
     Rows enter sorted by duration, so each batch holds clips of similar length.
     """
     import ray
@@ -244,6 +250,7 @@ def evaluate_on_ray(
             "options": options,
             "compute_loss": compute_loss,
             "dtype": dtype,
+            "compile_model": compile_model,
         },
         batch_size=batch_size,
         batch_format="pandas",
@@ -372,10 +379,13 @@ def run(args: argparse.Namespace) -> EvalReport:
             cpus_per_actor=args.cpus_per_actor,
             load_kwargs=load_kwargs,
             dtype=args.dtype,
+            compile_model=args.compile,
         )
     else:
         model = load_model_for_inference(args)
-        started = time.perf_counter()  # model loading is not part of the evaluation's wall time
+        if args.compile:
+            compile_for_inference(model, options)
+        started = time.perf_counter()  # loading and compiling the model are not the evaluation's wall time
         scored = evaluate_rows(model, rows, options, args.batch_size, compute_loss=not args.no_loss)
     report, predictions = summarize(
         scored, normalize=not args.no_normalize, wall_seconds=time.perf_counter() - started

@@ -167,6 +167,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="the weights' dtype; auto: bfloat16 on a GPU (as Serve replicas run), float32 on the CPU; "
         "the mel front end stays float32",
     )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the encoder's layers, and on a GPU the greedy decoding step, before the first batch, "
+        "as Serve replicas do (minutes once; the same transcripts, faster on large sets)",
+    )
 
 
 def generation_options(args: argparse.Namespace) -> GenerationOptions:
@@ -190,6 +196,38 @@ def load_model_for_inference(args: argparse.Namespace):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_pretrained(args.model, llm_path=args.llm_path, tokenizer_path=args.tokenizer_path)
     return ready_for_inference(model, device, args.dtype)
+
+
+def compile_for_inference(model, options: GenerationOptions) -> None:
+    """``--compile``: the encoder's Conformer layers, and on a GPU the greedy decoding step, compiled
+    before the first batch with the Serve replica's own functions (``salm.inference_compile``), so a
+    GPU evaluation runs the server's setup. What was compiled, and any failure (that part then runs
+    eagerly: same transcripts, slower), is said on stderr."""
+    import time
+
+    from salm.inference_compile import compile_decoding_now, compile_encoder_now
+
+    started = time.perf_counter()
+    compiled = []
+    failure = compile_encoder_now(model, options.prompt_for(model.audio_locator_tag))
+    if failure is None:
+        compiled.append("the encoder's layers")
+    else:
+        print(f"--compile: compiling the encoder failed ({failure}); it runs eagerly", file=sys.stderr)
+    if options.decoding != "greedy":
+        print(f"--compile: only greedy decoding has a compiled step; --decoding {options.decoding} runs eagerly",
+              file=sys.stderr)  # fmt: skip
+    elif model.device.type != "cuda":
+        print(
+            "--compile: the decoding step is compiled on a GPU only; on the CPU it runs eagerly",
+            file=sys.stderr,
+        )
+    elif (failure := compile_decoding_now(model, options.max_new_tokens)) is None:
+        compiled.append("the greedy decoding step")
+    else:
+        print(f"--compile: compiling the decoding step failed ({failure}); it runs eagerly", file=sys.stderr)
+    done = " and ".join(compiled) or "nothing"
+    print(f"--compile: {done} compiled in {time.perf_counter() - started:.0f} s", file=sys.stderr)
 
 
 def inference_dtype(device: str, dtype: str = "auto"):
@@ -238,6 +276,8 @@ def run(args: argparse.Namespace) -> None:
     options = generation_options(args)
     rows = read_manifest(args.manifest) if args.manifest else audio_rows(args.audio)
     model = load_model_for_inference(args)
+    if args.compile:
+        compile_for_inference(model, options)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w") if args.out else nullcontext(sys.stdout) as sink:

@@ -123,6 +123,11 @@ def serve_encoder_layout(model, keep_encoder_layout: bool) -> None:
     model.perception.set_encoder_layout(**layout)
 
 
+def default_prompt(model) -> str:
+    """The prompt of a request that brings none (canary-qwen-2.5b's), with the model's audio placeholder."""
+    return f"Transcribe the following: {model.audio_locator_tag}"
+
+
 def batch_audio_seconds(jobs: list[TranscriptionJob]) -> int:
     """``@serve.batch``'s size of a batch: its audio seconds, rounded up (the budget is an int)."""
     return math.ceil(sum(job.audio_s for job in jobs))
@@ -168,7 +173,7 @@ class Transcriber:
         # A replica never trains or saves: LoRA folded into the LLM weights drops the adapter matmuls
         # from every prefill and decoding step (bench/serve_throughput.py, variant merged_lora).
         self.model = merge_lora_into_llm(model)
-        self.default_prompt = f"Transcribe the following: {self.model.audio_locator_tag}"
+        self.default_prompt = default_prompt(self.model)
         self.config = BatchingConfig()
         self.metrics = TranscriberMetrics()
         self._waiting = 0
@@ -201,66 +206,48 @@ class Transcriber:
 
     def _compile_encoder(self, wanted: bool) -> None:
         """Compile the Conformer layers (``compile_encoder``) before the first request, or run them
-        eagerly again when it is turned off.
+        eagerly again when it is turned off (``salm.inference_compile.compile_encoder_now``).
 
-        The compile happens on the first calls: 1 and 2 clips of silence, through the path requests
-        take (``prepare_generation_inputs``). A one-row batch gets a graph of its own (torch
-        specialises sizes of 1); every larger batch and every clip length shares one dynamic graph.
-        Those calls run at every reconfigure: milliseconds when the graphs hold, and a recompile here,
-        not in a request, when a new ``keep_encoder_layout`` changed what the graphs were built for.
-        If compiling fails (e.g. no C compiler for Triton), the layers run eagerly again and the
-        replica says why: same transcripts, slower encoder.
+        Its warm-up calls run at every reconfigure: milliseconds when the graphs hold, and a
+        recompile here, not in a request, when a new ``keep_encoder_layout`` changed what the graphs
+        were built for. If compiling fails, the layers run eagerly and the replica says why.
         """
-        from salm.model.compile import compile_layers, encoder_layers, is_compiled, uncompile_layers
+        from salm.inference_compile import compile_encoder_now
+        from salm.model.compile import encoder_layers, is_compiled, uncompile_layers
 
         layers = encoder_layers(self.model)
         if not wanted:
             uncompile_layers(layers)
             return
-        if not layers:
-            return
-        if not all(is_compiled(layer) for layer in layers):
+        if layers and not all(is_compiled(layer) for layer in layers):
             logger.info("compiling the encoder's Conformer layers (compile_encoder: true), once per replica")
         started = time.perf_counter()
-        silence = np.zeros(self.model.sampling_rate, dtype=np.float32)
-        prompt = [{"role": "user", "content": self.default_prompt, "audio": silence}]
-        try:
-            compile_layers([layer for layer in layers if not is_compiled(layer)])
-            for rows in (1, 2):
-                self.model.prepare_generation_inputs([prompt] * rows)
-        except Exception as error:
-            uncompile_layers(layers)
+        failure = compile_encoder_now(self.model, self.default_prompt)
+        if failure is not None:
             logger.warning(
-                f"compiling the encoder failed ({type(error).__name__}: {error}); this replica runs it "
+                f"compiling the encoder failed ({failure}); this replica runs it "
                 "eagerly (slower at large batches, same transcripts). Fix the cause, or set "
                 "`Transcriber.user_config.compile_encoder: false` to skip the attempt"
             )
             return
-        logger.info(f"compiled encoder layers ready in {time.perf_counter() - started:.1f} s")
+        if layers:
+            logger.info(f"compiled encoder layers ready in {time.perf_counter() - started:.1f} s")
 
     def _compile_decoding_now(self) -> None:
-        """Compile the decoding step before the first request instead of during it: one clip (its
-        decoder has 2 rows, like every batch's, so this one dynamic-shape compile serves them all).
-        Takes 1-3 minutes on a GPU (134 s on an H200), once per replica.
+        """Compile the decoding step before the first request instead of during it
+        (``salm.inference_compile.compile_decoding_now``; 134 s on an H200, once per replica).
 
-        If compiling fails (e.g. an image without the C compiler Triton needs), the model turns
-        ``compile_decoding`` off itself (``SALM._decode_with_cache``); anything that escapes is
-        caught here. Either way the replica says why and serves with the uncompiled step rather
-        than failing every request.
+        If compiling fails (e.g. an image without the C compiler Triton needs), the replica says why
+        and serves with the uncompiled step rather than failing every request.
         """
+        from salm.inference_compile import compile_decoding_now
+
         logger.info("compiling the greedy decoding step (compile_decoding: true), once per replica")
         started = time.perf_counter()
-        silence = np.zeros(self.model.sampling_rate, dtype=np.float32)
-        try:
-            self.model.transcribe([silence], max_new_tokens=self.config.max_new_tokens)
-        except Exception as error:
-            self.model.compile_decoding = False
-            reason = f"{type(error).__name__}: {error}"
-        else:
-            reason = None if self.model.compile_decoding else "the model's warning above says why"
-        if reason is not None:
+        failure = compile_decoding_now(self.model, self.config.max_new_tokens)
+        if failure is not None:
             logger.warning(
-                f"compiling the decoding step failed ({reason}); this replica decodes with the "
+                f"compiling the decoding step failed ({failure}); this replica decodes with the "
                 "uncompiled step (slower per token, same transcripts). Fix the cause, or set "
                 "`Transcriber.user_config.compile_decoding: false` to skip the attempt"
             )

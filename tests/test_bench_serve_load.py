@@ -125,7 +125,7 @@ def test_random_model_for_the_load_test_carries_its_model_overrides(tmp_path) ->
     assert changed.cfg.perception.pad_attention_keys_to == 8
 
 
-def test_offline_times_the_model_set_up_as_the_servers_replica(tiny_model_cfg) -> None:
+def test_offline_times_the_model_set_up_as_the_servers_replica(tiny_model_cfg, capsys) -> None:
     """``--offline`` must time what the server ran: the replica's encoder layout (from the same
     ``user_config`` and ``--set`` overrides), and on a GPU its compiled encoder and decoding step."""
     from salm.model import SALM
@@ -147,24 +147,43 @@ def test_offline_times_the_model_set_up_as_the_servers_replica(tiny_model_cfg) -
     )
     assert key_multiples() == {8}
 
-    def on_a_gpu(overrides: list[str]) -> SimpleNamespace:
+    def on_a_gpu(overrides: list[str], fails: bool = False) -> SimpleNamespace:
         layers = [torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)]
+        calls = []
+
+        def call(name: str, rows: int) -> None:
+            calls.append((name, rows))
+            if fails:
+                raise RuntimeError("Failed to find C compiler")
+
         stand_in = SimpleNamespace(
             device=torch.device("cuda"),
             cfg=model.cfg,
+            sampling_rate=16000,
+            audio_locator_tag=model.audio_locator_tag,
             compile_decoding=False,
+            calls=calls,
+            prepare_generation_inputs=lambda prompts: call("encoder warm-up", len(prompts)),
+            transcribe=lambda audios, max_new_tokens: call("decoding compile", len(audios)),
             perception=SimpleNamespace(
                 set_encoder_layout=lambda **_: None, encoder=SimpleNamespace(layers=layers)
             ),
         )
         return set_up_like_the_transcriber(stand_in, transcriber_user_config(overrides))
 
-    served = on_a_gpu([])
+    served = on_a_gpu([])  # serve/config.yaml compiles both, with the replica's warm-up calls
     assert served.compile_decoding is True and all(is_compiled(layer) for layer in encoder_layers(served))
+    assert served.calls == [("encoder warm-up", 1), ("encoder warm-up", 2), ("decoding compile", 1)]
     eager = on_a_gpu(
         ["Transcriber.user_config.compile_encoder=false", "Transcriber.user_config.compile_decoding=false"]
     )
     assert eager.compile_decoding is False and not any(is_compiled(layer) for layer in encoder_layers(eager))
+    assert eager.calls == []
+    failed = on_a_gpu([], fails=True)  # as the replica: eager again, and said
+    assert failed.compile_decoding is False and not any(
+        is_compiled(layer) for layer in encoder_layers(failed)
+    )
+    assert capsys.readouterr().out.count("compiling failed (RuntimeError: Failed to find C compiler)") == 2
 
 
 def test_model_overrides_without_a_model_to_build_are_refused(monkeypatch, capsys) -> None:

@@ -178,6 +178,49 @@ def test_inference_weights_take_dtype_and_the_mel_front_end_stays_fp32(exported,
     assert metrics["loss"] > 0 and metrics["rtfx"] > 0
 
 
+def test_eval_with_compile_compiles_the_encoder_and_scores_the_same_transcripts(
+    exported, manifest, tmp_path, capsys
+) -> None:
+    """``--compile``: the Serve replica's setup (``salm.inference_compile``) before the first batch;
+    the same predictions as the eager run, and stderr says what was compiled (on the CPU: the encoder)."""
+    predictions = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        out = tmp_path / name
+        args = ["eval", str(exported / "hf"), "--manifest", str(manifest), "--out-dir", str(out)]
+        assert main([*args, "--max-new-tokens", "6", "--batch-size", "4", *extra]) == 0
+        rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+        predictions[name] = [row["pred_text"] for row in rows]
+        said = capsys.readouterr().err
+    assert predictions["compiled"] == predictions["eager"]
+    assert "--compile: the encoder's layers compiled in" in said
+    assert "on the CPU it runs eagerly" in said
+
+
+def test_compile_for_inference_says_what_failed_and_leaves_the_model_eager(capsys) -> None:
+    from types import SimpleNamespace
+
+    from salm.generate import GenerationOptions, compile_for_inference
+    from salm.model.compile import is_compiled
+
+    def prepare_generation_inputs(prompts):
+        raise RuntimeError("Failed to find C compiler")
+
+    layers = torch.nn.ModuleList([torch.nn.Linear(2, 2)])
+    model = SimpleNamespace(
+        sampling_rate=16000,
+        audio_locator_tag="<|audio|>",
+        device=torch.device("cpu"),
+        perception=SimpleNamespace(encoder=SimpleNamespace(layers=layers)),
+        prepare_generation_inputs=prepare_generation_inputs,
+    )
+    compile_for_inference(model, GenerationOptions(decoding="beam"))
+    said = capsys.readouterr().err
+    assert not is_compiled(layers[0])
+    assert "compiling the encoder failed (RuntimeError: Failed to find C compiler); it runs eagerly" in said
+    assert "--decoding beam runs eagerly" in said
+    assert "--compile: nothing compiled" in said
+
+
 def test_eval_without_references_says_to_use_generate(exported, tmp_path, speech_clips, capsys) -> None:
     unlabelled = tmp_path / "unlabelled.json"
     unlabelled.write_text(json.dumps({"audio_filepath": str(speech_clips[0].path)}) + "\n")
