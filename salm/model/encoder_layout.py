@@ -17,7 +17,9 @@ sets up its channels-last kernels for every new input shape: ~1.8 s per new fram
 training step and ~0.45 s in inference on an H200, against ~0.03 s in NCHW
 (``bench/new_shape_cost.py``; BENCHMARKS.md, "What a new frame count costs"). Bucketed batches bring
 a new frame count at nearly every step, and served clips at nearly every request, so no recipe
-turns it on; it stays for inputs whose shapes repeat.
+turns it on; it stays for inputs whose shapes repeat. (The stem and pointwise convolutions now run as
+matmuls, ``salm.model.subsampling_convs``, which keep a channels-last input channels-last; the
+depthwise ones are then cuDNN's.)
 """
 
 from __future__ import annotations
