@@ -374,9 +374,11 @@ def main() -> None:
             if name == "ours_compiled_decode":
                 ours.compile_decoding = True
             if name == "ours_compiled_encoder":  # as a replica with user_config.compile_encoder does
-                from salm.model.compile import compile_layers, encoder_layers
+                from salm.inference_compile import compile_encoder_now
 
-                compile_layers(encoder_layers(ours))
+                failure = compile_encoder_now(ours, f"Transcribe the following: {ours.audio_locator_tag}")
+                if failure is not None:  # the layers are eager again: this variant would time nothing new
+                    raise RuntimeError(f"compiling the encoder failed: {failure}")
             outputs[name] = {}
             for batch, (audios, lens) in inputs.items():
                 sync(device)
