@@ -215,8 +215,10 @@ def compile_for_inference(model, options: GenerationOptions) -> None:
     else:
         print(f"--compile: compiling the encoder failed ({failure}); it runs eagerly", file=sys.stderr)
     if options.decoding != "greedy":
-        print(f"--compile: only greedy decoding has a compiled step; --decoding {options.decoding} runs eagerly",
-              file=sys.stderr)  # fmt: skip
+        uncompiled = (
+            f"only greedy decoding has a compiled step; --decoding {options.decoding} runs uncompiled"
+        )
+        print(f"--compile: {uncompiled}", file=sys.stderr)
     elif model.device.type != "cuda":
         print(
             "--compile: the decoding step is compiled on a GPU only; on the CPU it runs eagerly",
