@@ -182,22 +182,21 @@ def set_up_like_the_transcriber(model, user_config: dict):
     (``salm.inference_compile``), falling back to eager as it does. So ``--offline`` times the model
     the server ran, not another setup."""
     from salm.inference_compile import compile_decoding_now, compile_encoder_now
-    from serve.transcriber import BatchingConfig, default_prompt, serve_encoder_layout
+    from serve.transcriber import BatchingConfig, serve_encoder_layout
 
     config = BatchingConfig(**user_config)
     serve_encoder_layout(model, config.keep_encoder_layout)
-    if model.device.type == "cuda":  # as the replica: CPUs run both eagerly
-        model.compile_decoding = False
-        failures = {
-            "compile_encoder": config.compile_encoder and compile_encoder_now(model, default_prompt(model)),
-            "compile_decoding": config.compile_decoding
-            and compile_decoding_now(model, config.max_new_tokens),
-        }
-        for option, failure in failures.items():
-            if failure:
-                print(
-                    f"{option}: compiling failed ({failure}); timing that part eagerly, as the replica would"
-                )
+    if model.device.type != "cuda":  # as the replica: CPUs run both eagerly
+        return model
+    model.compile_decoding = False
+    failures = {}
+    if config.compile_encoder:
+        failures["compile_encoder"] = compile_encoder_now(model, model.default_prompt)
+    if config.compile_decoding:
+        failures["compile_decoding"] = compile_decoding_now(model, config.max_new_tokens)
+    for option, failure in failures.items():
+        if failure is not None:
+            print(f"{option}: compiling failed ({failure}); timing that part eagerly, as the replica would")
     return model
 
 

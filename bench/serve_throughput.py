@@ -376,7 +376,7 @@ def main() -> None:
             if name == "ours_compiled_encoder":  # as a replica with user_config.compile_encoder does
                 from salm.inference_compile import compile_encoder_now
 
-                failure = compile_encoder_now(ours, f"Transcribe the following: {ours.audio_locator_tag}")
+                failure = compile_encoder_now(ours, ours.default_prompt)
                 if failure is not None:  # the layers are eager again: this variant would time nothing new
                     raise RuntimeError(f"compiling the encoder failed: {failure}")
             outputs[name] = {}

@@ -123,11 +123,6 @@ def serve_encoder_layout(model, keep_encoder_layout: bool) -> None:
     model.perception.set_encoder_layout(**layout)
 
 
-def default_prompt(model) -> str:
-    """The prompt of a request that brings none (canary-qwen-2.5b's), with the model's audio placeholder."""
-    return f"Transcribe the following: {model.audio_locator_tag}"
-
-
 def batch_audio_seconds(jobs: list[TranscriptionJob]) -> int:
     """``@serve.batch``'s size of a batch: its audio seconds, rounded up (the budget is an int)."""
     return math.ceil(sum(job.audio_s for job in jobs))
@@ -173,7 +168,7 @@ class Transcriber:
         # A replica never trains or saves: LoRA folded into the LLM weights drops the adapter matmuls
         # from every prefill and decoding step (bench/serve_throughput.py, variant merged_lora).
         self.model = merge_lora_into_llm(model)
-        self.default_prompt = default_prompt(self.model)
+        self.default_prompt = self.model.default_prompt
         self.config = BatchingConfig()
         self.metrics = TranscriberMetrics()
         self._waiting = 0

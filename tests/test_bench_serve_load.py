@@ -160,7 +160,7 @@ def test_offline_times_the_model_set_up_as_the_servers_replica(tiny_model_cfg, c
             device=torch.device("cuda"),
             cfg=model.cfg,
             sampling_rate=16000,
-            audio_locator_tag=model.audio_locator_tag,
+            default_prompt=model.default_prompt,
             compile_decoding=False,
             calls=calls,
             prepare_generation_inputs=lambda prompts: call("encoder warm-up", len(prompts)),

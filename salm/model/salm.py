@@ -126,6 +126,12 @@ class SALM(nn.Module):
 
     # ----- properties NeMo users know -----
     @property
+    def default_prompt(self) -> str:
+        """canary-qwen-2.5b's ASR prompt around this model's audio placeholder: what ``transcribe``
+        and a Serve replica use when a request brings no prompt."""
+        return f"Transcribe the following: {self.audio_locator_tag}"
+
+    @property
     def audio_locator_tag_id(self) -> int:
         return self.tokenizer.convert_tokens_to_ids(self.audio_locator_tag)
 
@@ -442,7 +448,7 @@ class SALM(nn.Module):
 
     def transcribe(self, audios: list[AudioInput], prompt: str | None = None, **generate_kwargs) -> list[str]:
         """One-liner ASR: the canary-qwen prompt around each audio; returns the texts."""
-        prompt = prompt or f"Transcribe the following: {self.audio_locator_tag}"
+        prompt = prompt or self.default_prompt
         prompts = [[{"role": "user", "content": prompt, "audio": audio}] for audio in audios]
         return self.generate(prompts, **generate_kwargs).texts
 
