@@ -7,6 +7,7 @@ and nothing is downloaded. The LLM directory is Qwen3-1.7B's config with the rea
 from __future__ import annotations
 
 import json
+import os
 import time
 from datetime import date
 from pathlib import Path
@@ -15,10 +16,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from salm.assets.tiny_llm import write_tiny_qwen3
+from salm.model.config import asr_prompt
 
 CONFIGS = Path(__file__).resolve().parents[1] / "salm" / "configs"
 RESULTS = Path(__file__).resolve().parent / "results"
-PROMPT = "Transcribe the following: <|audioplaceholder|>"
+PROMPT = asr_prompt()
 
 
 def write_llm_dir(out_dir: Path, tiny: bool) -> Path:
@@ -73,7 +75,18 @@ def bf16_matmul_tflops(device: torch.device) -> float:
 
 
 def card(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    """The GPU's name, or the CPU's model and core count (``/proc/cpuinfo``) for a CPU run."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    models = [line.split(":", 1)[1].strip() for line in _cpuinfo_lines() if line.startswith("model name")]
+    return f"cpu: {models[0] if models else 'unknown model'}, {os.cpu_count()} cores"
+
+
+def _cpuinfo_lines() -> list[str]:
+    try:
+        return Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:  # not Linux
+        return []
 
 
 def peak_gb(device: torch.device) -> float:

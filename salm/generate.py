@@ -20,6 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from salm.errors import AudioLoadError, SALMConfigError
+from salm.model.config import asr_prompt
 
 DECODING = ("greedy", "beam", "sample")
 
@@ -31,7 +32,7 @@ INFERENCE_DTYPES = ("auto", "float32", "bfloat16")
 class GenerationOptions:
     """Prompt and decoding settings shared by `salm generate` and `salm eval`."""
 
-    prompt: str | None = None  # None: "Transcribe the following: <audio_locator_tag>"
+    prompt: str | None = None  # None: canary's ``asr_prompt`` around the model's audio_locator_tag
     max_new_tokens: int = 128
     decoding: str = "greedy"
     num_beams: int = 4
@@ -54,7 +55,7 @@ class GenerationOptions:
         return kwargs
 
     def prompt_for(self, audio_locator_tag: str) -> str:
-        prompt = self.prompt or f"Transcribe the following: {audio_locator_tag}"
+        prompt = self.prompt or asr_prompt(audio_locator_tag)
         if prompt.count(audio_locator_tag) != 1:
             raise SALMConfigError(f"--prompt must contain {audio_locator_tag} exactly once, got {prompt!r}")
         return prompt

@@ -24,11 +24,12 @@ from omegaconf import OmegaConf
 
 from salm.assets.synthetic_speech import make_sentences, synthesize_corpus, write_nemo_manifest
 from salm.assets.tiny_llm import write_tiny_qwen3
+from salm.model.config import asr_prompt
 
 TRAIN_VOICES = ("kal16", "slt", "rms", "awb", "espeak:en-us", "espeak:en")
 HELDOUT_VOICES = ("kal",)  # never heard in training (and 8 kHz: resampled on the way in)
 FLITE_16K_VOICES = ("kal16", "slt", "rms", "awb")
-PROMPT = "Transcribe the following: <|audioplaceholder|>"
+PROMPT = asr_prompt()
 
 # The GPU preset's SALM: FastConformer 6 x 256 and a Qwen3 4 x 256 (random, all trained),
 # sized to learn the corpus in a few minutes on one H100.

@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from salm.errors import SALMConfigError
+from salm.model.config import asr_prompt
 
-DEFAULT_PROMPT = "Transcribe the following: <|audioplaceholder|>"
+DEFAULT_PROMPT = asr_prompt()
 
 
 @dataclass(frozen=True)

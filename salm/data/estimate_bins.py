@@ -22,6 +22,7 @@ from salm.data.config import DataConfig
 from salm.data.processing import encode_example
 from salm.data.shar_source import resolve_sources
 from salm.errors import SALMConfigError
+from salm.model.config import AUDIO_LOCATOR_TAG
 
 
 def _cuts(cfg: DataConfig) -> Iterator[dict]:
@@ -39,7 +40,7 @@ def estimate_bins(
     num_examples: int | None = None,
     tokenizer_dir: str | None = None,
     prompt_format: str = "qwen",
-    audio_locator_tag: str = "<|audioplaceholder|>",
+    audio_locator_tag: str = AUDIO_LOCATOR_TAG,
 ) -> list[float]:
     """Bins for ``cfg.bucket_duration_bins`` (seconds, or tokens when ``cfg.use_multimodal_sampling``)."""
     if num_buckets < 2:

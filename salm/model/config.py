@@ -10,12 +10,21 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from salm.errors import SALMConfigError
 
+AUDIO_LOCATOR_TAG = "<|audioplaceholder|>"  # canary-qwen-2.5b's audio placeholder
+
+
+def asr_prompt(audio_locator_tag: str = AUDIO_LOCATOR_TAG) -> str:
+    """canary-qwen-2.5b's transcription instruction around ``audio_locator_tag``: the prompt of its
+    training data, and what inference uses when none is given."""
+    return f"Transcribe the following: {audio_locator_tag}"
+
+
 DEFAULTS = {
     "pretrained_weights": True,
     "tokenizer_path": None,
     "pretrained_asr": None,
     "prompt_format": "qwen",
-    "audio_locator_tag": "<|audioplaceholder|>",
+    "audio_locator_tag": AUDIO_LOCATOR_TAG,
     "freeze_params": [],
     "prevent_freeze_params": [],
 }

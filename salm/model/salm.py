@@ -26,7 +26,7 @@ from transformers import GenerationConfig
 
 from salm.audio import collate_audio, load_audio
 from salm.errors import PromptError, SALMConfigError
-from salm.model.config import model_config, trainable_patterns
+from salm.model.config import asr_prompt, model_config, trainable_patterns
 from salm.model.decoding import (
     DecoderCache,
     GreedyDecoder,
@@ -129,7 +129,7 @@ class SALM(nn.Module):
     def default_prompt(self) -> str:
         """canary-qwen-2.5b's ASR prompt around this model's audio placeholder: what ``transcribe``
         and a Serve replica use when a request brings no prompt."""
-        return f"Transcribe the following: {self.audio_locator_tag}"
+        return asr_prompt(self.audio_locator_tag)
 
     @property
     def audio_locator_tag_id(self) -> int:
