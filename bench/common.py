@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from datetime import date
 from pathlib import Path
@@ -39,6 +40,19 @@ def recipe(llm_dir: Path, tiny: bool) -> DictConfig:
     cfg.model.pretrained_weights = False
     cfg.model.pretrained_asr = None
     return cfg
+
+
+def init_single_process_group() -> None:
+    """World size 1 over gloo, as DeepSpeed needs a process group even for one rank."""
+    if torch.distributed.is_initialized():
+        return
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
+    )
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
 
 
 def sync(device: torch.device) -> None:

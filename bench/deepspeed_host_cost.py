@@ -22,8 +22,6 @@ Single process, world size 1 (gloo), 1 CPU thread for steady timings.
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import statistics
 import tempfile
 import time
@@ -32,7 +30,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from bench.common import RESULTS, card, recipe, write_result
+from bench.common import RESULTS, card, init_single_process_group, recipe, write_result
 from bench.train_batches import build_tokenizer_model, make_batches
 from salm.assets.tiny_llm import write_tiny_qwen3
 
@@ -64,19 +62,6 @@ def write_narrow_qwen3(out_dir: Path, width: int) -> Path:
     return write_tiny_qwen3(
         out_dir, hidden_size=width, num_layers=28, num_heads=4, num_kv_heads=2, intermediate_size=2 * width
     )
-
-
-def init_single_process_group() -> None:
-    """World size 1 over gloo, as DeepSpeed needs a process group even for one rank."""
-    if torch.distributed.is_initialized():
-        return
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
-    )
-    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
 
 
 class TrainingPath:

@@ -74,10 +74,13 @@ def pack_sequences(
     real = attention_mask.bool()
     lengths = real.sum(dim=1)
     cu_seq_lens = nn.functional.pad(lengths.cumsum(dim=0), (1, 0)).to(torch.int32)
-    positions = (real.cumsum(dim=1) - 1)[real]
+    # The real positions as flat indices, found once (one wait for the GPU); gathering by integer
+    # index, unlike a boolean mask, also keeps the backward (a scatter-add) from waiting again.
+    flat_real = real.flatten().nonzero().squeeze(1)  # (N,)
+    positions = (real.cumsum(dim=1) - 1).flatten().index_select(0, flat_real)
     return PackedSequences(
-        embeds=input_embeds[real].unsqueeze(0),
-        targets=target_ids[real].unsqueeze(0),
+        embeds=input_embeds.flatten(0, 1).index_select(0, flat_real).unsqueeze(0),
+        targets=target_ids.flatten().index_select(0, flat_real).unsqueeze(0),
         position_ids=positions.unsqueeze(0),
         cu_seq_lens=cu_seq_lens,
         max_length=attention_mask.shape[1],

@@ -90,6 +90,11 @@ class AudioPerception(nn.Module):
         self.preprocessor = build_from_target("preprocessor", cfg.preprocessor)
         _unpin_featurizer_forward(self.preprocessor)
         self.encoder = build_from_target("encoder", cfg.encoder)
+        if "sync_max_audio_length" not in cfg.encoder:
+            # NeMo's default all-reduces every batch's frame count over the ranks and reads it back
+            # (a wait for the GPU at the start of each forward), only so that every rank grows its
+            # positional-encoding buffer alike; a rank that grows its own computes the same values.
+            self.encoder.sync_max_audio_length = False
         from salm.model.pointwise_conv import use_matmul_pointwise_convs  # imports NeMo, like the builders
         from salm.model.rel_shift import use_strided_rel_shift
         from salm.model.subsampling_convs import use_matmul_subsampling_convs

@@ -41,7 +41,10 @@ def replace_placeholders(
     hidden = embeds.shape[-1]
     device = input_ids.device
     is_placeholder = input_ids == placeholder_id
-    num_placeholders = int(is_placeholder.sum())
+    # Integer indices of the placeholders, row-major as the audios are ordered. Found once: on a GPU
+    # each boolean-mask indexing (and each count read back) waits for the device to catch up.
+    placeholder_rows, placeholder_cols = is_placeholder.nonzero(as_tuple=True)  # (N,), (N,)
+    num_placeholders = placeholder_rows.numel()
     if num_placeholders != audio_lens.shape[0]:
         per_example = is_placeholder.sum(dim=1).tolist()
         raise PromptError(
@@ -51,9 +54,8 @@ def replace_placeholders(
     # Only the leading (left) padding is dropped; a pad id inside the text keeps its slot, masked out.
     is_leading_pad = (input_ids != padding_id).cumsum(dim=1) == 0
 
-    widths = torch.ones_like(input_ids)  # how many output slots each input token takes
-    widths[is_leading_pad] = 0
-    widths[is_placeholder] = audio_lens.to(widths.dtype)
+    widths = torch.where(is_leading_pad, 0, torch.ones_like(input_ids))  # output slots of each input token
+    widths = widths.index_put((placeholder_rows, placeholder_cols), audio_lens.to(widths.dtype))
     ends = widths.cumsum(dim=1)  # (B, T)
     out_lens = ends[:, -1]  # (B,)
     out_length = int(out_lens.max())
@@ -67,8 +69,8 @@ def replace_placeholders(
     )  # (B, T) flat destinations
 
     frame = torch.arange(audio_embeds.shape[1], device=device)  # (L,)
-    audio_rows = torch.arange(batch, device=device).unsqueeze(1).expand(batch, length)[is_placeholder]  # (N,)
-    audio_starts = audio_rows * row_stride + starts[is_placeholder]  # (N,)
+    audio_rows = placeholder_rows  # (N,)
+    audio_starts = audio_rows * row_stride + starts[placeholder_rows, placeholder_cols]  # (N,)
     frame_valid = frame.unsqueeze(0) < audio_lens.unsqueeze(1)  # (N, L)
     audio_dest = torch.where(
         frame_valid, audio_starts.unsqueeze(1) + frame, (audio_rows * row_stride + out_length).unsqueeze(1)

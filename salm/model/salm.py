@@ -217,8 +217,11 @@ class SALM(nn.Module):
             targets = inputs["target_ids"]
             computed_positions = inputs["attention_mask"].numel()
         is_target = targets != IGNORE_INDEX
-        logits = causal_lm.lm_head(hidden[is_target])  # (num_targets, V)
-        target_ids = targets[is_target]
+        # Target positions as flat indices (one wait for the GPU; a boolean mask would wait again in
+        # the backward, between the LLM's gradients and the encoder's)
+        target_index = is_target.flatten().nonzero().squeeze(1)
+        logits = causal_lm.lm_head(hidden.flatten(0, 1).index_select(0, target_index))  # (num_targets, V)
+        target_ids = targets.flatten().index_select(0, target_index)
         num_targets = is_target.sum()
         loss = nn.functional.cross_entropy(logits.float(), target_ids, reduction="sum") / num_targets.clamp(
             min=1

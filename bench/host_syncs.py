@@ -1,0 +1,155 @@
+"""Where a training step would make the host wait for the GPU, found on the CPU.
+
+A host sync drains the GPU's queue: the host can no longer run ahead of the device, and a
+host-bound stretch after it (the compiled Conformer layers' launches, in the forward and the
+backward) leaves the GPU idle instead of eating into a lead. The H200 profile counted 93 syncs per
+five-step pass ("Where the packed recipe step's time goes"). Which code makes them does not depend
+on the device: an op whose output size or value the host must read back syncs on CUDA wherever it
+runs. This script runs the tiny recipe's step (forward, backward, DeepSpeed's step; ZeRO-2 as the
+canary recipe, packed LLM sequences or not) on the CPU under a dispatch mode that records each
+such op with the line of Python that called it:
+
+- ``_local_scalar_dense``: ``.item()``, ``int(t)``, ``float(t)``, ``bool(t)``;
+- ``nonzero``, ``masked_select``, ``repeat_interleave`` without ``output_size``, ``unique``;
+- indexing or ``index_put`` with a boolean mask (``x[mask]``; its backward too), which calls
+  ``nonzero`` inside the kernel, out of the dispatch mode's sight;
+- ``Tensor.tolist``, ``.cpu``, ``.numpy`` calls (on a CUDA tensor, a copy to the host).
+
+    python3 -m bench.host_syncs [--unpacked] [--json FILE]
+
+It does not see syncs that only the CUDA path makes, nor a blocking copy from pageable memory.
+One site it lists does not wait on a GPU: torch's AdamW reads its step counter, a CPU tensor there too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import traceback
+from collections import Counter
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from bench.common import CONFIGS, init_single_process_group, recipe, write_llm_dir
+from bench.train_batches import build_tokenizer_model, make_batches
+
+SYNCING_OPS = frozenset(
+    {"_local_scalar_dense", "nonzero", "masked_select", "repeat_interleave", "_unique2", "unique_dim",
+     "unique_consecutive", "equal", "is_nonzero"}
+)  # fmt: skip
+INDEXING_OPS = frozenset({"index", "index_put", "index_put_", "_index_put_impl_"})
+HOST_COPIES = ("tolist", "cpu", "numpy")
+
+
+def call_site() -> str:
+    """``file:line function`` of the innermost caller outside torch and this module."""
+    for frame in reversed(traceback.extract_stack()[:-2]):
+        if "/torch/" not in frame.filename and not frame.filename.endswith("host_syncs.py"):
+            return f"{Path(frame.filename).name}:{frame.lineno} {frame.name}"
+    return "?"
+
+
+def _has_bool_index(args: tuple) -> bool:
+    indices = args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else ()
+    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices)
+
+
+class SyncSites(TorchDispatchMode):
+    """Counts ``(op, call site)`` of every op that would wait for a GPU, while active.
+
+    Also wraps ``Tensor.tolist/cpu/numpy`` for its lifetime (they do not pass through dispatch on
+    the CPU), and restores them on exit.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sites: Counter[tuple[str, str]] = Counter()
+        self._originals: dict[str, object] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        if name in SYNCING_OPS:
+            self.sites[(name, call_site())] += 1
+        elif name in INDEXING_OPS and _has_bool_index(args):
+            self.sites[(f"{name} with a boolean mask", call_site())] += 1
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        for method in HOST_COPIES:
+            original = getattr(torch.Tensor, method)
+            self._originals[method] = original
+
+            def counted(tensor, *args, _original=original, _method=method, **kwargs):
+                self.sites[(f"Tensor.{_method}", call_site())] += 1
+                return _original(tensor, *args, **kwargs)
+
+            setattr(torch.Tensor, method, counted)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for method, original in self._originals.items():
+            setattr(torch.Tensor, method, original)
+        return super().__exit__(*exc)
+
+
+def step_sync_sites(packed: bool, llm_dir: Path) -> dict[str, list[dict]]:
+    """Sync sites of one training step of the tiny recipe under the canary recipe's DeepSpeed
+    settings (ZeRO-2, bf16), by phase, after one untraced step."""
+    from salm.train.engine import build_model, wrap_in_deepspeed
+
+    cfg = recipe(llm_dir, tiny=True)
+    canary = OmegaConf.load(CONFIGS / "salm_canary_qwen_2.5b.yaml")
+    cfg.deepspeed.config = canary.deepspeed.config
+    cfg.deepspeed.zero_stage = canary.deepspeed.zero_stage
+    cfg.trainer.precision = "bf16"
+    cfg.trainer.gradient_clip_val = canary.trainer.gradient_clip_val
+    cfg.model.perception.pad_attention_keys_to = canary.model.perception.pad_attention_keys_to
+    init_single_process_group()  # as in a Ray Train worker: NeMo's encoder acts on it
+    engine, _ = wrap_in_deepspeed(cfg, build_model(cfg, torch.device("cpu")), torch.device("cpu"))
+    engine.module.salm.pack_llm_sequences = packed
+    batch = make_batches(build_tokenizer_model(cfg), 12.0, 3, tiny=True)[0]
+    loss = engine(batch)["loss"]
+    engine.backward(loss)
+    engine.step()
+    phases = {}
+    for phase in ("forward", "backward", "step"):
+        with SyncSites() as trace:
+            if phase == "forward":
+                loss = engine(batch)["loss"]
+            elif phase == "backward":
+                engine.backward(loss)
+            else:
+                engine.step()
+        phases[phase] = [
+            {"op": op, "site": site, "count": count} for (op, site), count in sorted(trace.sites.items())
+        ]
+    return phases
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--unpacked", action="store_true", help="padded LLM rows (the recipe packs them)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the sites here")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        phases = step_sync_sites(
+            packed=not args.unpacked, llm_dir=write_llm_dir(Path(tmp) / "llm", tiny=True)
+        )
+    total = 0
+    for phase, sites in phases.items():
+        count = sum(site["count"] for site in sites)
+        total += count
+        print(f"{phase}: {count} sync(s)")
+        for site in sites:
+            print(f"  {site['count']} x {site['op']:<32} {site['site']}")
+    print(f"one step: {total} place(s) where a GPU would wait for the host to read a result back")
+    if args.json:
+        args.json.write_text(json.dumps(phases, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

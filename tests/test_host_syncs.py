@@ -1,0 +1,55 @@
+"""The training step's host syncs (``bench/host_syncs.py``): none in the backward, four in the forward.
+
+Each is a place where the host waits for the GPU and loses its lead over it. The backward's two
+(boolean-mask gathers of the packed rows and of the target positions) sat between the LLM's
+gradients and the encoder's host-bound ones; NeMo's encoder all-reduced each batch's frame count.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_the_packed_training_step_syncs_only_to_size_its_gathers_and_never_in_the_backward(tmp_path) -> None:
+    out = tmp_path / "sites.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.host_syncs", "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    phases = json.loads(out.read_text())
+    assert phases["backward"] == []
+    forward = {(site["op"], site["site"].split(":")[0]) for site in phases["forward"]}
+    assert forward == {
+        ("nonzero", "placeholders.py"),  # where the audio goes: sizes the gather
+        ("_local_scalar_dense", "placeholders.py"),  # the longest row: the padded width
+        ("nonzero", "packing.py"),  # the real positions: the packed row's length
+        ("nonzero", "salm.py"),  # the target positions: the LM head's rows
+    }
+    assert all(site["count"] == 1 for site in phases["forward"])
+    step_sites = {site["site"].split(" ")[-1] for site in phases["step"]}
+    assert step_sites <= {"_optimizer_step", "is_invalid_grad_norm"}  # DeepSpeed's own
+    assert "one step: 6 place(s)" in done.stdout
+
+
+def test_a_longer_positional_encoding_gives_the_encoder_the_same_outputs(tiny_salm) -> None:
+    """Why NeMo's all-reduce of the frame count can go: a rank that grows its relative-position
+    table alone (``sync_max_audio_length`` off) computes what a rank with a longer table does."""
+    encoder = tiny_salm.perception.encoder
+    assert encoder.sync_max_audio_length is False
+    torch.manual_seed(0)
+    features = torch.randn(2, encoder._feat_in, 301)
+    lengths = torch.tensor([301, 180])
+    with torch.no_grad():
+        before, before_lens = encoder(audio_signal=features, length=lengths)
+        encoder.set_max_audio_length(encoder.max_audio_length * 4)
+        after, after_lens = encoder(audio_signal=features, length=lengths)
+    assert torch.equal(before_lens, after_lens)
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
