@@ -101,6 +101,9 @@ def run_epochs(step, batches: Iterable[dict], device: torch.device, warmup: int,
 # frame counts it has never met, as bucketed training brings them; against "compiled", what new shapes cost.
 # "compiled_fresh_lengths_conv_subsampling" is that with the subsampling's stem and pointwise convolutions
 # as NeMo's cuDNN Conv2d (the recipe before salm.model.subsampling_convs; eager, so nothing is traced again).
+# "compiled_fresh_lengths_bool_mask_gathers" is "compiled_fresh_lengths" with the loss's packed-row and
+# target gathers by boolean mask and NeMo's all-reduce of the frame count (the step before bench/host_syncs.py's
+# change: 5 more host syncs per step in the forward, 2 in the backward; eager code, nothing traced again).
 # "compiled_fresh_lengths_expandable" is "compiled_fresh_lengths" after the allocator's cache is emptied and
 # switched to expandable segments (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True); it stays on after it.
 # "compiled_inductor_dropout" draws the compiled layers' dropout masks with Inductor's Triton RNG and
@@ -121,6 +124,7 @@ MODEL_VARIANTS = [
     "compiled_pageable",
     "compiled_fresh_lengths",
     "compiled_fresh_lengths_conv_subsampling",
+    "compiled_fresh_lengths_bool_mask_gathers",
     "compiled_fresh_lengths_expandable",
     "compiled_inductor_dropout",
     "compiled_conv_pointwise",
@@ -206,6 +210,45 @@ def set_compiled_levers(model, variant: str) -> bool:
             if type(module) in (nn.Dropout, EagerKernelDropout) and type(module) is not dropout:
                 module.__class__, changed = dropout, True
     return changed
+
+
+def set_bool_mask_gathers(model, enabled: bool) -> None:
+    """The loss's gathers by boolean mask and NeMo's per-batch all-reduce of the frame count (the step
+    before ``bench/host_syncs.py``'s change), or the model's own integer-index gathers without it."""
+    import salm.model.salm as salm_module
+    from salm.model import packing, placeholders
+
+    salm_module.pack_sequences = pack_sequences_by_mask if enabled else packing.pack_sequences
+    salm_module.gather_target_positions = (
+        gather_target_positions_by_mask if enabled else placeholders.gather_target_positions
+    )
+    model.perception.encoder.sync_max_audio_length = enabled
+
+
+def pack_sequences_by_mask(
+    input_embeds: torch.Tensor, attention_mask: torch.Tensor, target_ids: torch.Tensor
+):
+    """``salm.model.packing.pack_sequences`` as it gathered before: three boolean masks (three syncs),
+    the embeddings' backward syncing again."""
+    from salm.model.packing import PackedSequences
+
+    real = attention_mask.bool()
+    cu_seq_lens = torch.nn.functional.pad(real.sum(dim=1).cumsum(dim=0), (1, 0)).to(torch.int32)
+    return PackedSequences(
+        embeds=input_embeds[real].unsqueeze(0),
+        targets=target_ids[real].unsqueeze(0),
+        position_ids=((real.cumsum(dim=1) - 1)[real]).unsqueeze(0),
+        cu_seq_lens=cu_seq_lens,
+        max_length=attention_mask.shape[1],
+    )
+
+
+def gather_target_positions_by_mask(hidden: torch.Tensor, targets: torch.Tensor):
+    """``salm.model.placeholders.gather_target_positions`` as the loss gathered before (two boolean masks)."""
+    from salm.model.placeholders import IGNORE_INDEX
+
+    is_target = targets != IGNORE_INDEX
+    return hidden[is_target], targets[is_target]
 
 
 def layers_of(model, parts: tuple[str, ...]) -> list:
@@ -371,6 +414,7 @@ def time_ds_variant(cfg, device: torch.device, config: dict, ds_variant: str) ->
         name = variant if ds_variant == "recipe" else f"{variant},ds={ds_variant}"
         try:
             set_encoder_sdpa(model, variant == "encoder_sdpa")
+            set_bool_mask_gathers(model, variant == "compiled_fresh_lengths_bool_mask_gathers")
             model.pack_llm_sequences = variant in PACKED_VARIANTS or recipe_packs  # the recipe's, or packed
             if compiled and set_compiled_levers(model, variant):
                 from torch._dynamo import reset  # here, not at the top: see the counters' import below

@@ -130,3 +130,39 @@ def test_fresh_lengths_for_every_path_refuses_the_variant_that_would_cut_twice(m
         train_throughput.main()
     assert stopped.value.code == 2
     assert "leave out the compiled_fresh_lengths variant" in capsys.readouterr().err
+
+
+def test_the_bool_mask_gathers_variant_trains_the_same_numbers_and_is_undone(tiny_model_and_batch) -> None:
+    """``compiled_fresh_lengths_bool_mask_gathers`` times the step's old gathers: same loss and gradients
+    as the model's own (packed rows, as the recipe), and the next variant gets the model's back."""
+    import salm.model.salm as salm_module
+    from bench.train_throughput import set_bool_mask_gathers
+    from salm.model import packing, placeholders
+
+    model, batch = tiny_model_and_batch
+
+    def loss_and_grads() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the same dropout masks
+        loss = model.loss(batch)["loss"]
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    model.pack_llm_sequences = True
+    try:
+        set_bool_mask_gathers(model, True)
+        assert salm_module.pack_sequences is not packing.pack_sequences
+        assert model.perception.encoder.sync_max_audio_length is True
+        before = loss_and_grads()
+        set_bool_mask_gathers(model, False)
+        assert salm_module.pack_sequences is packing.pack_sequences
+        assert salm_module.gather_target_positions is placeholders.gather_target_positions
+        assert model.perception.encoder.sync_max_audio_length is False
+        after = loss_and_grads()
+    finally:
+        set_bool_mask_gathers(model, False)
+        model.pack_llm_sequences = False
+        model.zero_grad(set_to_none=True)
+    assert torch.equal(before[0], after[0])
+    assert len(before[1]) == len(after[1]) > 0
+    assert all(torch.equal(a, b) for a, b in zip(before[1], after[1], strict=True))

@@ -97,3 +97,15 @@ def replace_placeholders(
         targets = torch.full((batch * row_stride,), IGNORE_INDEX, dtype=torch.long, device=device)
         targets = targets.index_put((dest,), all_targets).view(batch, row_stride)[:, :out_length]
     return out, targets, attention_mask
+
+
+def gather_target_positions(hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(hidden states at the target positions (K, H), their target ids (K,))``, in the batch's order.
+
+    ``hidden`` is ``(B, T, H)`` (or one packed row) and ``targets`` ``(B, T)`` with ``IGNORE_INDEX``
+    where no loss is wanted. The positions are found once as integer indices (one wait for a GPU to
+    size them): a boolean-mask gather would wait again in its backward, between the LLM's gradients
+    and the encoder's.
+    """
+    index = (targets != IGNORE_INDEX).flatten().nonzero().squeeze(1)  # (K,)
+    return hidden.flatten(0, 1).index_select(0, index), targets.flatten().index_select(0, index)

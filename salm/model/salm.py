@@ -38,7 +38,7 @@ from salm.model.freezing import apply_freezing
 from salm.model.llm import base_causal_lm, embedding_inside, install_lora, load_llm, validate_lora
 from salm.model.packing import pack_sequences, packed_attention_in
 from salm.model.perception import AudioPerception
-from salm.model.placeholders import IGNORE_INDEX, replace_placeholders
+from salm.model.placeholders import IGNORE_INDEX, gather_target_positions, replace_placeholders
 from salm.text.prompt_formats import get_prompt_format
 from salm.text.tokenizer import load_tokenizer, padding_id
 
@@ -216,13 +216,9 @@ class SALM(nn.Module):
             ).last_hidden_state  # (B, T', H)
             targets = inputs["target_ids"]
             computed_positions = inputs["attention_mask"].numel()
-        is_target = targets != IGNORE_INDEX
-        # Target positions as flat indices (one wait for the GPU; a boolean mask would wait again in
-        # the backward, between the LLM's gradients and the encoder's)
-        target_index = is_target.flatten().nonzero().squeeze(1)
-        logits = causal_lm.lm_head(hidden.flatten(0, 1).index_select(0, target_index))  # (num_targets, V)
-        target_ids = targets.flatten().index_select(0, target_index)
-        num_targets = is_target.sum()
+        at_targets, target_ids = gather_target_positions(hidden, targets)
+        logits = causal_lm.lm_head(at_targets)  # (num_targets, V)
+        num_targets = (targets != IGNORE_INDEX).sum()
         loss = nn.functional.cross_entropy(logits.float(), target_ids, reduction="sum") / num_targets.clamp(
             min=1
         )
