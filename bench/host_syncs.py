@@ -31,10 +31,9 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bench.common import CONFIGS, init_single_process_group, recipe, write_llm_dir
+from bench.common import init_single_process_group, recipe, with_canary_training_settings, write_llm_dir
 from bench.train_batches import build_tokenizer_model, make_batches
 
 SYNCING_OPS = frozenset(
@@ -101,13 +100,7 @@ def step_sync_sites(packed: bool, llm_dir: Path) -> dict[str, list[dict]]:
     settings (ZeRO-2, bf16), by phase, after one untraced step."""
     from salm.train.engine import build_model, wrap_in_deepspeed
 
-    cfg = recipe(llm_dir, tiny=True)
-    canary = OmegaConf.load(CONFIGS / "salm_canary_qwen_2.5b.yaml")
-    cfg.deepspeed.config = canary.deepspeed.config
-    cfg.deepspeed.zero_stage = canary.deepspeed.zero_stage
-    cfg.trainer.precision = "bf16"
-    cfg.trainer.gradient_clip_val = canary.trainer.gradient_clip_val
-    cfg.model.perception.pad_attention_keys_to = canary.model.perception.pad_attention_keys_to
+    cfg = with_canary_training_settings(recipe(llm_dir, tiny=True))
     init_single_process_group()  # as in a Ray Train worker: NeMo's encoder acts on it
     engine, _ = wrap_in_deepspeed(cfg, build_model(cfg, torch.device("cpu")), torch.device("cpu"))
     engine.module.salm.pack_llm_sequences = packed

@@ -8,19 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import free_port
-
 SCRIPT = r"""
-import json, os, sys
+import json, sys
 import torch
-import deepspeed
-from bench.common import recipe, write_llm_dir
+from bench.common import init_single_process_group, recipe, write_llm_dir
 from bench.train_batches import build_tokenizer_model, make_batches
 from salm.train.engine import build_model, wrap_in_deepspeed
 from salm.train.grad_norm import use_deepspeed_grad_norm
 
-os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
-deepspeed.init_distributed(dist_backend="gloo")
+init_single_process_group()
 cfg = recipe(write_llm_dir(sys.argv[1], tiny=True), tiny=True)
 torch.manual_seed(0)
 model = build_model(cfg, torch.device("cpu"))
@@ -38,7 +34,7 @@ print(json.dumps({"patched": patched, "ours": ours, "theirs": theirs, "type": ty
 
 def test_fused_gradient_norm_equals_deepspeeds_loop(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(tmp_path / "llm"), str(free_port())],
+        [sys.executable, "-c", SCRIPT, str(tmp_path / "llm")],
         capture_output=True,
         text=True,
         timeout=600,

@@ -9,25 +9,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import free_port
-
 REPO = Path(__file__).resolve().parents[1]
 
 SCRIPT = r"""
-import json, os, sys
+import json, sys
 import torch
-import deepspeed
-from omegaconf import OmegaConf
-from bench.common import CONFIGS, recipe, write_llm_dir
+from bench.common import init_single_process_group, recipe, with_canary_training_settings, write_llm_dir
 from bench.train_batches import build_tokenizer_model, make_batches
 from salm.train.engine import build_model, wrap_in_deepspeed
 
-os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
-deepspeed.init_distributed(dist_backend="gloo")
-cfg = recipe(write_llm_dir(sys.argv[1], tiny=True), tiny=True)
-canary = OmegaConf.load(CONFIGS / "salm_canary_qwen_2.5b.yaml")
-cfg.deepspeed.config = canary.deepspeed.config  # the recipe's DeepSpeed extras
-cfg.trainer.precision = "bf16"
+init_single_process_group()
+cfg = with_canary_training_settings(recipe(write_llm_dir(sys.argv[1], tiny=True), tiny=True))
 batches = make_batches(build_tokenizer_model(cfg), 12.0, 3, tiny=True)
 result = {}
 for stage in (1, 2):
@@ -54,7 +46,7 @@ print(json.dumps(result))
 
 def test_zero1_trains_like_zero2_without_a_hook_per_gradient_tensor(tmp_path: Path) -> None:
     done = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(tmp_path / "llm"), str(free_port())],
+        [sys.executable, "-c", SCRIPT, str(tmp_path / "llm")],
         capture_output=True, text=True, timeout=600, cwd=REPO,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
