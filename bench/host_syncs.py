@@ -18,7 +18,8 @@ such op with the line of Python that called it:
     python3 -m bench.host_syncs [--unpacked] [--json FILE]
 
 It does not see syncs that only the CUDA path makes, nor a blocking copy from pageable memory.
-One site it lists does not wait on a GPU: torch's AdamW reads its step counter, a CPU tensor there too.
+Reads of tensors that stay on the host in a GPU run too are left out: torch's AdamW keeps its step
+counters on the CPU and reads them at every step.
 """
 
 from __future__ import annotations
@@ -60,18 +61,22 @@ def _has_bool_index(args: tuple) -> bool:
 class SyncSites(TorchDispatchMode):
     """Counts ``(op, call site)`` of every op that would wait for a GPU, while active.
 
+    ``host_resident``: tensors that live on the host in a GPU run too (reading them waits for nothing).
     Also wraps ``Tensor.tolist/cpu/numpy`` for its lifetime (they do not pass through dispatch on
     the CPU), and restores them on exit.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, host_resident: list[torch.Tensor] = ()) -> None:
         super().__init__()
+        self.host_resident = {id(tensor) for tensor in host_resident}
         self.sites: Counter[tuple[str, str]] = Counter()
         self._originals: dict[str, object] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.__name__.split(".")[0]
-        if name in SYNCING_OPS:
+        if name == "_local_scalar_dense" and id(args[0]) in self.host_resident:
+            pass
+        elif name in SYNCING_OPS:
             self.sites[(name, call_site())] += 1
         elif name in INDEXING_OPS and _has_bool_index(args):
             self.sites[(f"{name} with a boolean mask", call_site())] += 1
@@ -108,9 +113,11 @@ def step_sync_sites(packed: bool, llm_dir: Path) -> dict[str, list[dict]]:
     loss = engine(batch)["loss"]
     engine.backward(loss)
     engine.step()
+    adamw = engine.optimizer.optimizer  # torch's, inside DeepSpeed's; its step counters stay on the CPU
+    step_counters = [state["step"] for state in adamw.state.values() if torch.is_tensor(state.get("step"))]
     phases = {}
     for phase in ("forward", "backward", "step"):
-        with SyncSites() as trace:
+        with SyncSites(host_resident=step_counters) as trace:
             if phase == "forward":
                 loss = engine(batch)["loss"]
             elif phase == "backward":

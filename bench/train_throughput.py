@@ -75,7 +75,7 @@ from salm.model.compile import (
     repeated_layers,
 )
 from salm.train.batch_device import prefetch_pinned, to_device
-from salm.train.grad_norm import use_deepspeed_grad_norm
+from salm.train.grad_norm import use_deepspeed_gradient_clipping
 from salm.train.worker_errors import sendable_errors
 
 
@@ -394,7 +394,7 @@ def time_ds_variant(cfg, device: torch.device, config: dict, ds_variant: str) ->
         cfg.deepspeed.config = DS_VARIANTS[ds_variant]
     model, engine = production_engine(cfg, device)
     if ds_variant == "deepspeed_grad_norm":
-        use_deepspeed_grad_norm(engine.optimizer)
+        use_deepspeed_gradient_clipping(engine.optimizer)
     batches = make_batches(model, config["budget_s"], config["seed"], config["tiny"])
     prefetched = (FreshLengths if config["fresh_lengths"] else PrefetchedBatches)(batches, device)
 

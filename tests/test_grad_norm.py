@@ -1,12 +1,18 @@
-"""The engine's gradient norm (``salm.train.grad_norm``) is DeepSpeed's, in fused kernels.
+"""The engine's gradient clipping (``salm.train.grad_norm``) is DeepSpeed's: the norm in fused kernels, the
+clip without reading the norm back.
 
 Run in a subprocess: DeepSpeed needs a process group, which must not leak into other tests.
 """
 
+import copy
 import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
 
 SCRIPT = r"""
 import json, sys
@@ -14,7 +20,7 @@ import torch
 from bench.common import init_single_process_group, recipe, write_llm_dir
 from bench.train_batches import build_tokenizer_model, make_batches
 from salm.train.engine import build_model, wrap_in_deepspeed
-from salm.train.grad_norm import use_deepspeed_grad_norm
+from salm.train.grad_norm import use_deepspeed_gradient_clipping
 
 init_single_process_group()
 cfg = recipe(write_llm_dir(sys.argv[1], tiny=True), tiny=True)
@@ -26,7 +32,7 @@ patched = "get_grad_norm_direct" in vars(optimizer)
 batch = make_batches(build_tokenizer_model(cfg), 12.0, 3, tiny=True)[0]
 engine.backward(engine(batch)["loss"])
 ours = float(optimizer.scaled_global_norm())
-use_deepspeed_grad_norm(optimizer)
+use_deepspeed_gradient_clipping(optimizer)
 theirs = float(optimizer.scaled_global_norm())
 print(json.dumps({"patched": patched, "ours": ours, "theirs": theirs, "type": type(optimizer).__name__}))
 """
@@ -45,3 +51,26 @@ def test_fused_gradient_norm_equals_deepspeeds_loop(tmp_path: Path) -> None:
     assert norms["type"] == "DeepSpeedZeroOptimizer" and norms["patched"]
     assert norms["theirs"] > 0
     assert abs(norms["ours"] - norms["theirs"]) <= 1e-5 * norms["theirs"]
+
+
+@pytest.mark.parametrize("norm", [3.0, 0.25, float("inf"), float("nan"), -1.0])  # clips; not; invalid x 3
+@pytest.mark.parametrize("clip_grad", [1.0, 0.0])
+def test_clipping_on_the_device_scales_gradients_as_deepspeed_does(norm: float, clip_grad: float) -> None:
+    """DeepSpeed reads an invalid norm back to clip by infinity; ours decides on the device, same numbers."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    from salm.train.grad_norm import _clip_on_device
+
+    optimizer = SimpleNamespace(clip_grad=clip_grad, loss_scale=1.0, device=torch.device("cpu"))
+    torch.manual_seed(0)
+    grads = [torch.randn(7), [torch.randn(3), torch.randn(5)]]  # a flat group, and one in parts
+    theirs, ours = copy.deepcopy(grads), copy.deepcopy(grads)
+    DeepSpeedZeroOptimizer.unscale_and_clip_grads(optimizer, theirs, torch.tensor(norm))
+    _clip_on_device(optimizer, ours, torch.tensor(norm))
+    flat = [t for g in grads for t in (g if isinstance(g, list) else [g])]
+    flat_theirs = [t for g in theirs for t in (g if isinstance(g, list) else [g])]
+    flat_ours = [t for g in ours for t in (g if isinstance(g, list) else [g])]
+    for before, expected, got in zip(flat, flat_theirs, flat_ours, strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        if clip_grad and norm == 3.0:
+            assert got.abs().sum() < before.abs().sum()  # the case that clips did clip

@@ -34,9 +34,8 @@ def test_the_packed_training_step_syncs_only_to_size_its_gathers_and_never_in_th
         ("nonzero", "replace_placeholders"),  # where the audio goes: sizes the gather
     ]
     assert all(site["count"] == 1 for site in phases["forward"])
-    step_sites = {site["site"].split(" ")[-1] for site in phases["step"]}
-    assert step_sites <= {"_optimizer_step", "is_invalid_grad_norm"}  # DeepSpeed's own
-    assert "one step: 6 place(s)" in done.stdout
+    assert phases["step"] == []  # DeepSpeed's clip decides on the device (salm.train.grad_norm)
+    assert "one step: 4 place(s)" in done.stdout
 
 
 def test_a_longer_positional_encoding_gives_the_encoder_the_same_outputs(tiny_salm) -> None:

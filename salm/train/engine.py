@@ -15,7 +15,7 @@ from torch import nn
 from salm.model.salm import SALM
 from salm.train.aux_ctc import EncoderCTC
 from salm.train.deepspeed_setup import build_optimizer, deepspeed_config, warmup_cosine
-from salm.train.grad_norm import use_foreach_grad_norm
+from salm.train.grad_norm import use_fused_gradient_clipping
 
 
 class LossModule(nn.Module):
@@ -68,6 +68,6 @@ def wrap_in_deepspeed(cfg: DictConfig, model: SALM, device: torch.device, start_
         model=loss_module, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg)
     )
     model.perception.preprocessor.float().load_state_dict(preprocessor_state)
-    use_foreach_grad_norm(engine.optimizer)  # ZeRO-1/2: one fused norm, not a kernel pair per tensor
+    use_fused_gradient_clipping(engine.optimizer)  # ZeRO-1/2: a fused norm, a clip without a sync
     model.train()
     return engine, scheduler
