@@ -15,7 +15,7 @@ such op with the line of Python that called it:
   ``nonzero`` inside the kernel, out of the dispatch mode's sight;
 - ``Tensor.tolist``, ``.cpu``, ``.numpy`` calls (on a CUDA tensor, a copy to the host).
 
-    python3 -m bench.host_syncs [--unpacked] [--json FILE]
+    python3 -m bench.host_syncs [--unpacked] [--device-layout] [--json FILE]
 
 It does not see syncs that only the CUDA path makes, nor a blocking copy from pageable memory.
 Reads of tensors that stay on the host in a GPU run too are left out: torch's AdamW keeps its step
@@ -100,16 +100,19 @@ class SyncSites(TorchDispatchMode):
         return super().__exit__(*exc)
 
 
-def step_sync_sites(packed: bool, llm_dir: Path) -> dict[str, list[dict]]:
+def step_sync_sites(packed: bool, llm_dir: Path, host_layout: bool = True) -> dict[str, list[dict]]:
     """Sync sites of one training step of the tiny recipe under the canary recipe's DeepSpeed
-    settings (ZeRO-2, bf16), by phase, after one untraced step."""
+    settings (ZeRO-2, bf16), by phase, after one untraced step. ``host_layout``: the batch carries
+    its host-side ``BatchLayout``, as the training loop's do."""
+    from salm.train.batch_device import with_layouts
     from salm.train.engine import build_model, wrap_in_deepspeed
 
     cfg = with_canary_training_settings(recipe(llm_dir, tiny=True))
     init_single_process_group()  # as in a Ray Train worker: NeMo's encoder acts on it
     engine, _ = wrap_in_deepspeed(cfg, build_model(cfg, torch.device("cpu")), torch.device("cpu"))
     engine.module.salm.pack_llm_sequences = packed
-    batch = make_batches(build_tokenizer_model(cfg), 12.0, 3, tiny=True)[0]
+    batches = make_batches(build_tokenizer_model(cfg), 12.0, 3, tiny=True)[:1]
+    batch = next(with_layouts(batches, engine.module.salm)) if host_layout else batches[0]
     loss = engine(batch)["loss"]
     engine.backward(loss)
     engine.step()
@@ -133,11 +136,18 @@ def step_sync_sites(packed: bool, llm_dir: Path) -> dict[str, list[dict]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--unpacked", action="store_true", help="padded LLM rows (the recipe packs them)")
+    parser.add_argument(
+        "--device-layout",
+        action="store_true",
+        help="no host-side batch layout: the forward finds its indices",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the sites here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         phases = step_sync_sites(
-            packed=not args.unpacked, llm_dir=write_llm_dir(Path(tmp) / "llm", tiny=True)
+            packed=not args.unpacked,
+            llm_dir=write_llm_dir(Path(tmp) / "llm", tiny=True),
+            host_layout=not args.device_layout,
         )
     total = 0
     for phase, sites in phases.items():

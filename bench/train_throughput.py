@@ -74,7 +74,7 @@ from salm.model.compile import (
     llm_layers,
     repeated_layers,
 )
-from salm.train.batch_device import prefetch_pinned, to_device
+from salm.train.batch_device import prefetch_pinned, to_device, with_layouts
 from salm.train.grad_norm import use_deepspeed_gradient_clipping
 from salm.train.worker_errors import sendable_errors
 
@@ -101,9 +101,11 @@ def run_epochs(step, batches: Iterable[dict], device: torch.device, warmup: int,
 # frame counts it has never met, as bucketed training brings them; against "compiled", what new shapes cost.
 # "compiled_fresh_lengths_conv_subsampling" is that with the subsampling's stem and pointwise convolutions
 # as NeMo's cuDNN Conv2d (the recipe before salm.model.subsampling_convs; eager, so nothing is traced again).
-# "compiled_fresh_lengths_bool_mask_gathers" is "compiled_fresh_lengths" with the loss's packed-row and
-# target gathers by boolean mask and NeMo's all-reduce of the frame count (the step before bench/host_syncs.py's
-# change: 5 more host syncs per step in the forward, 2 in the backward; eager code, nothing traced again).
+# "compiled_fresh_lengths_device_layout" is "compiled_fresh_lengths" with batches that carry no host-side
+# layout (salm.model.batch_layout): the forward finds its gather indices on the device, 4 host syncs per step.
+# "compiled_fresh_lengths_bool_mask_gathers" is that with the loss's packed-row and target gathers by
+# boolean mask and NeMo's all-reduce of the frame count (the step before bench/host_syncs.py's change:
+# 5 more host syncs per step in the forward, 2 in the backward; eager code, nothing traced again).
 # "compiled_fresh_lengths_expandable" is "compiled_fresh_lengths" after the allocator's cache is emptied and
 # switched to expandable segments (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True); it stays on after it.
 # "compiled_inductor_dropout" draws the compiled layers' dropout masks with Inductor's Triton RNG and
@@ -124,6 +126,7 @@ MODEL_VARIANTS = [
     "compiled_pageable",
     "compiled_fresh_lengths",
     "compiled_fresh_lengths_conv_subsampling",
+    "compiled_fresh_lengths_device_layout",
     "compiled_fresh_lengths_bool_mask_gathers",
     "compiled_fresh_lengths_expandable",
     "compiled_inductor_dropout",
@@ -131,6 +134,7 @@ MODEL_VARIANTS = [
     "compiled_checkpointed_llm",
     "compiled_checkpointed",
 ]
+DEVICE_LAYOUT_VARIANTS = ("compiled_fresh_lengths_device_layout", "compiled_fresh_lengths_bool_mask_gathers")
 RECIPE_VARIANTS = ("default", "compiled")  # the canary recipe's step, eager or compiled layers
 PACKED_VARIANTS = ("packed", "compiled_packed")
 # The parts each checkpointing variant checkpoints (salm.model.activation_checkpointing.PARTS).
@@ -142,13 +146,18 @@ CHECKPOINTED_PARTS = {
 
 
 class PrefetchedBatches:
-    """The batches as ``salm/train/loop.py`` feeds them: every pass through ``prefetch_pinned``'s thread."""
+    """The batches as ``salm/train/loop.py`` feeds them: every pass through ``prefetch_pinned``'s thread,
+    with their host-side layout planned there when ``layout_model`` is set (our path; None for the
+    baselines and the device-layout variants)."""
 
-    def __init__(self, batches: list[dict], device: torch.device) -> None:
-        self.batches, self.device = batches, device
+    def __init__(self, batches: list[dict], device: torch.device, layout_model=None) -> None:
+        self.batches, self.device, self.layout_model = batches, device, layout_model
+
+    def laid_out(self, batches: Iterable[dict]) -> Iterable[dict]:
+        return batches if self.layout_model is None else with_layouts(batches, self.layout_model)
 
     def __iter__(self) -> Iterator[dict]:
-        return prefetch_pinned(self.batches, self.device)
+        return prefetch_pinned(self.laid_out(self.batches), self.device)
 
 
 # Samples per encoder frame: 10 ms mel hop x 8x subsampling at 16 kHz.
@@ -161,15 +170,15 @@ class FreshLengths(PrefetchedBatches):
     nearly every step, while the repeated batches let every per-shape cost (cuDNN plans, recompiles)
     be paid once in the warm-up. Same clips and nearly the same FLOPs."""
 
-    def __init__(self, batches: list[dict], device: torch.device) -> None:
-        super().__init__(batches, device)
+    def __init__(self, batches: list[dict], device: torch.device, layout_model=None) -> None:
+        super().__init__(batches, device, layout_model)
         self.passes = 0
 
     def __iter__(self) -> Iterator[dict]:
         self.passes += 1
         cut = self.passes * SAMPLES_PER_ENCODER_FRAME
         # a generator: the prefetch thread cuts each batch, as a data loader's collate would
-        return prefetch_pinned((shortened(batch, cut) for batch in self.batches), self.device)
+        return prefetch_pinned(self.laid_out(shortened(batch, cut) for batch in self.batches), self.device)
 
 
 def shortened(batch: dict, cut: int) -> dict:
@@ -226,10 +235,10 @@ def set_bool_mask_gathers(model, enabled: bool) -> None:
 
 
 def pack_sequences_by_mask(
-    input_embeds: torch.Tensor, attention_mask: torch.Tensor, target_ids: torch.Tensor
+    input_embeds: torch.Tensor, attention_mask: torch.Tensor, target_ids: torch.Tensor, real_positions=None
 ):
     """``salm.model.packing.pack_sequences`` as it gathered before: three boolean masks (three syncs),
-    the embeddings' backward syncing again."""
+    the embeddings' backward syncing again. The variant feeds no layout (``real_positions`` unused)."""
     from salm.model.packing import PackedSequences
 
     real = attention_mask.bool()
@@ -243,8 +252,9 @@ def pack_sequences_by_mask(
     )
 
 
-def gather_target_positions_by_mask(hidden: torch.Tensor, targets: torch.Tensor):
-    """``salm.model.placeholders.gather_target_positions`` as the loss gathered before (two boolean masks)."""
+def gather_target_positions_by_mask(hidden: torch.Tensor, targets: torch.Tensor, positions=None):
+    """``salm.model.placeholders.gather_target_positions`` as the loss gathered before (two boolean masks;
+    ``positions`` unused)."""
     from salm.model.placeholders import IGNORE_INDEX
 
     is_target = targets != IGNORE_INDEX
@@ -396,7 +406,7 @@ def time_ds_variant(cfg, device: torch.device, config: dict, ds_variant: str) ->
     if ds_variant == "deepspeed_grad_norm":
         use_deepspeed_gradient_clipping(engine.optimizer)
     batches = make_batches(model, config["budget_s"], config["seed"], config["tiny"])
-    prefetched = (FreshLengths if config["fresh_lengths"] else PrefetchedBatches)(batches, device)
+    prefetched = (FreshLengths if config["fresh_lengths"] else PrefetchedBatches)(batches, device, model)
 
     def step(batch: dict) -> None:
         with record_function(PHASES[0]):
@@ -425,9 +435,10 @@ def time_ds_variant(cfg, device: torch.device, config: dict, ds_variant: str) ->
             elif variant in CHECKPOINTED_PARTS:
                 checkpoint_compiled_layers(model, cfg.trainer.compile_options, CHECKPOINTED_PARTS[variant])
             if variant == "compiled_pageable":
-                feed = batches
+                feed = list(with_layouts(batches, model))  # planned ahead, as the prefetching feeds do
             elif variant.startswith("compiled_fresh_lengths"):
                 feed = fresh = fresh or FreshLengths(batches, device)
+                feed.layout_model = None if variant in DEVICE_LAYOUT_VARIANTS else model
             else:
                 feed = prefetched
             compile_s = None

@@ -121,6 +121,24 @@ def test_fresh_lengths_bring_frame_counts_no_earlier_pass_had(tiny_model_and_bat
     assert batch["audios"].shape[1] == width  # the source batches are not changed
 
 
+def test_our_feeds_plan_each_cut_batchs_layout_and_the_device_layout_variants_do_not(
+    tiny_model_and_batch,
+) -> None:
+    """Our path's batches carry the layout of the batch as cut (the frame counts of the shortened
+    clips); the baselines' feeds and the device-layout variants carry none."""
+    from bench.train_throughput import FreshLengths
+
+    model, batch = tiny_model_and_batch
+    feed = FreshLengths([batch], torch.device("cpu"), layout_model=model)
+    for _ in range(2):
+        (seen,) = list(feed)
+        assert torch.equal(seen["layout"].audio_frames, model.perception.frame_counts(seen["audio_lens"]))
+    feed.layout_model = None
+    (seen,) = list(feed)
+    assert "layout" not in seen
+    assert "layout" not in next(iter(FreshLengths([batch], torch.device("cpu"))))
+
+
 def test_fresh_lengths_for_every_path_refuses_the_variant_that_would_cut_twice(monkeypatch, capsys) -> None:
     from bench import train_throughput
 

@@ -1,8 +1,10 @@
-"""The training step's host syncs (``bench/host_syncs.py``): none in the backward, four in the forward.
+"""The training step's host syncs (``bench/host_syncs.py``): none, in the forward, backward or step.
 
 Each is a place where the host waits for the GPU and loses its lead over it. The backward's two
 (boolean-mask gathers of the packed rows and of the target positions) sat between the LLM's
-gradients and the encoder's host-bound ones; NeMo's encoder all-reduced each batch's frame count.
+gradients and the encoder's host-bound ones; NeMo's encoder all-reduced each batch's frame count;
+the forward's four gathers are sized by a layout planned on the host (``salm.model.batch_layout``);
+DeepSpeed's clip read the gradient norm back (``salm.train.grad_norm``).
 """
 
 from __future__ import annotations
@@ -17,25 +19,35 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_the_packed_training_step_syncs_only_to_size_its_gathers_and_never_in_the_backward(tmp_path) -> None:
+def _sync_sites(tmp_path: Path, *flags: str) -> tuple[dict, str]:
     out = tmp_path / "sites.json"
     done = subprocess.run(
-        [sys.executable, "-m", "bench.host_syncs", "--json", str(out)],
+        [sys.executable, "-m", "bench.host_syncs", "--json", str(out), *flags],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    phases = json.loads(out.read_text())
-    assert phases["backward"] == []
+    return json.loads(out.read_text()), done.stdout
+
+
+def test_the_packed_training_step_never_waits_for_the_gpu(tmp_path) -> None:
+    """As the training loop runs it: the batch's layout planned on the host, the canary recipe's clip."""
+    phases, stdout = _sync_sites(tmp_path)
+    assert phases == {"forward": [], "backward": [], "step": []}
+    assert "one step: 0 place(s)" in stdout
+
+
+def test_without_a_host_layout_the_forward_syncs_once_per_gather_it_sizes(tmp_path) -> None:
+    """What the layout removes, so the test above cannot pass by not looking."""
+    phases, _ = _sync_sites(tmp_path, "--device-layout")
+    assert phases["backward"] == [] and phases["step"] == []
     forward = sorted((site["op"], site["site"].split(" ")[-1]) for site in phases["forward"])
     assert forward == [
-        ("_local_scalar_dense", "replace_placeholders"),  # the longest row: the padded width
+        ("_local_scalar_dense", "plan_splice"),  # the longest row: the padded width
+        ("nonzero", "find_placeholders"),  # where the audio goes: sizes the gather
         ("nonzero", "gather_target_positions"),  # the target positions: the LM head's rows
         ("nonzero", "pack_sequences"),  # the real positions: the packed row's length
-        ("nonzero", "replace_placeholders"),  # where the audio goes: sizes the gather
     ]
     assert all(site["count"] == 1 for site in phases["forward"])
-    assert phases["step"] == []  # DeepSpeed's clip decides on the device (salm.train.grad_norm)
-    assert "one step: 4 place(s)" in done.stdout
 
 
 def test_a_longer_positional_encoding_gives_the_encoder_the_same_outputs(tiny_salm) -> None:

@@ -18,8 +18,11 @@ class IdentityAdapter(nn.Module):
     def __init__(self, d_model: int | None = None, **_: object) -> None:
         super().__init__()
 
+    def output_lengths(self, length: torch.Tensor) -> torch.Tensor:
+        return length
+
     def forward(self, audio_signal: torch.Tensor, length: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return audio_signal, length
+        return audio_signal, self.output_lengths(length)
 
 
 class StackingMLPAdapter(nn.Module):
@@ -44,4 +47,8 @@ class StackingMLPAdapter(nn.Module):
         x = nn.functional.pad(audio_signal, (0, padded)).transpose(1, 2)  # (B, T, D)
         x = x.reshape(batch, (frames + padded) // stack, dim * stack)  # (B, T/stack, D*stack)
         x = self.mlp(x).transpose(1, 2)  # (B, D, T/stack)
-        return x, torch.div(length + stack - 1, stack, rounding_mode="floor")
+        return x, self.output_lengths(length)
+
+    def output_lengths(self, length: torch.Tensor) -> torch.Tensor:
+        """Frames after stacking: a partial last stack still makes a frame."""
+        return torch.div(length + self.subsampling_factor - 1, self.subsampling_factor, rounding_mode="floor")

@@ -61,7 +61,10 @@ class PackedSequences:
 
 
 def pack_sequences(
-    input_embeds: torch.Tensor, attention_mask: torch.Tensor, target_ids: torch.Tensor
+    input_embeds: torch.Tensor,
+    attention_mask: torch.Tensor,
+    target_ids: torch.Tensor,
+    real_positions: torch.Tensor | None = None,
 ) -> PackedSequences:
     """``(B, T, H)`` embeddings, ``(B, T)`` mask and targets of ``SALM.prepare_inputs`` -> one packed row.
 
@@ -70,13 +73,15 @@ def pack_sequences(
     in the padded batch's order (``predicted_ids`` and ``targets_per_example`` are unchanged). A
     masked slot inside a row (a pad id within the text, which ``replace_placeholders`` keeps but
     masks) is dropped here, so the positions after it are one lower than in the padded batch.
+    ``real_positions``: the flat indices of ``attention_mask``'s real positions when known in
+    advance (``BatchLayout.real_positions``); found here otherwise.
     """
     real = attention_mask.bool()
     lengths = real.sum(dim=1)
     cu_seq_lens = nn.functional.pad(lengths.cumsum(dim=0), (1, 0)).to(torch.int32)
     # The real positions as flat indices, found once (one wait for the GPU); gathering by integer
     # index, unlike a boolean mask, also keeps the backward (a scatter-add) from waiting again.
-    flat_real = real.flatten().nonzero().squeeze(1)  # (N,)
+    flat_real = real.flatten().nonzero().squeeze(1) if real_positions is None else real_positions  # (N,)
     positions = (real.cumsum(dim=1) - 1).flatten().index_select(0, flat_real)
     return PackedSequences(
         embeds=input_embeds.flatten(0, 1).index_select(0, flat_real).unsqueeze(0),

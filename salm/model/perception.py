@@ -142,6 +142,27 @@ class AudioPerception(nn.Module):
         adapter_factor = getattr(self.modality_adapter, "subsampling_factor", 1)
         return frame_shift * self.encoder.subsampling_factor * adapter_factor
 
+    def frame_counts(self, input_signal_length: torch.Tensor) -> torch.Tensor | None:
+        """The ``(N,)`` audio embedding lengths ``forward`` returns for waveforms of these lengths, in samples.
+
+        Computed by the mel front end's, the subsampling's and the adapter's own length arithmetic,
+        on the lengths' device: for a collated batch, the host, where the training loop plans the
+        LLM rows without waiting for the GPU (``salm.model.batch_layout``). None when a module's
+        frame count is not known here (an encoder with a mid-stack reduction, another adapter).
+        """
+        featurizer = self.preprocessor.featurizer
+        lengths = featurizer.get_seq_len(input_signal_length)
+        lengths = torch.where(input_signal_length == 0, 0, lengths)  # as FilterbankFeatures.forward
+        lengths = conformer_frame_counts(self.encoder, lengths)
+        adapter = self.modality_adapter
+        if lengths is None:
+            return None
+        if hasattr(adapter, "output_lengths"):  # ours
+            return adapter.output_lengths(lengths).to(torch.int64)
+        if hasattr(adapter, "pre_encode"):  # a NeMo Conformer as adapter
+            return conformer_frame_counts(adapter, lengths)
+        return None
+
     def forward(
         self, input_signal: torch.Tensor, input_signal_length: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,6 +185,28 @@ class AudioPerception(nn.Module):
             encoded, encoded_lens = self.encoder(audio_signal=features, length=feature_lens)  # (B, D, T)
             encoded, encoded_lens = self.modality_adapter(audio_signal=encoded, length=encoded_lens)
         return self.proj(encoded.transpose(1, 2)), encoded_lens  # (B, T, H)
+
+
+def conformer_frame_counts(encoder: nn.Module, feature_lens: torch.Tensor) -> torch.Tensor | None:
+    """A NeMo ``ConformerEncoder``'s output lengths for ``feature_lens`` mel frames, by its own
+    ``calc_length`` arithmetic (what its ``ConvSubsampling.forward`` computes); None where unknown."""
+    from nemo.collections.asr.parts.submodules.subsampling import ConvSubsampling, calc_length
+
+    if getattr(encoder, "reduction_subsampling", None) is not None:
+        return None
+    pre_encode = getattr(encoder, "pre_encode", None)
+    if isinstance(pre_encode, ConvSubsampling):
+        feature_lens = calc_length(
+            feature_lens,
+            all_paddings=pre_encode._left_padding + pre_encode._right_padding,
+            kernel_size=pre_encode._kernel_size,
+            stride=pre_encode._stride,
+            ceil_mode=pre_encode._ceil_mode,
+            repeat_num=pre_encode._sampling_num,
+        )
+    elif not isinstance(pre_encode, nn.Linear):  # a Linear keeps the frame count
+        return None
+    return feature_lens.to(torch.int64)
 
 
 def _match_buffer_dtypes(module: nn.Module, dtype: torch.dtype) -> None:

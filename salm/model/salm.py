@@ -26,6 +26,7 @@ from transformers import GenerationConfig
 
 from salm.audio import collate_audio, load_audio
 from salm.errors import PromptError, SALMConfigError
+from salm.model.batch_layout import BatchLayout, batch_layout
 from salm.model.config import asr_prompt, model_config, trainable_patterns
 from salm.model.decoding import (
     DecoderCache,
@@ -168,9 +169,30 @@ class SALM(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     # ----- training -----
-    def prepare_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Batch (``audios``, ``audio_lens``, ``input_ids``, ``loss_mask``) -> shifted LLM inputs and targets."""
+    def batch_layout(self, batch: dict) -> BatchLayout | None:
+        """The host-side ``BatchLayout`` of a collated batch (``salm.model.batch_layout`` says why), or
+        None when ``AudioPerception.frame_counts`` cannot predict this encoder's frame counts.
+
+        Reads module attributes only: the training loop calls it from its prefetch thread.
+        """
+        frames = self.perception.frame_counts(batch["audio_lens"])
+        if frames is None:
+            return None
+        return batch_layout(
+            batch["input_ids"], batch["loss_mask"], frames, self.audio_locator_tag_id, self.text_pad_id
+        )
+
+    def prepare_inputs(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Batch (``audios``, ``audio_lens``, ``input_ids``, ``loss_mask``, optionally ``layout``) ->
+        shifted LLM inputs and targets."""
         audio_embeds, audio_lens = self.perception(batch["audios"], batch["audio_lens"])  # (N, L, H)
+        layout: BatchLayout | None = batch.get("layout")
+        if layout is not None:  # checked on the device, without a wait (a GPU raises at its next sync)
+            torch._assert_async(
+                (audio_lens == layout.audio_frames).all(),
+                "the batch layout's audio frame counts differ from the encoder's: "
+                "AudioPerception.frame_counts does not model this encoder; please report it",
+            )
         input_ids = batch["input_ids"]  # (B, T)
         text_embeds = self.embed_tokens(input_ids.masked_fill(input_ids == self.audio_locator_tag_id, 0))
         embeds, targets, attention_mask = replace_placeholders(
@@ -181,6 +203,8 @@ class SALM(nn.Module):
             placeholder_id=self.audio_locator_tag_id,
             padding_id=self.text_pad_id,
             target_ids=input_ids.masked_fill(~batch["loss_mask"], IGNORE_INDEX),
+            placeholders=None if layout is None else (layout.placeholder_rows, layout.placeholder_cols),
+            length=None if layout is None else layout.spliced_length,
         )
         return {
             "input_embeds": embeds[:, :-1],
@@ -201,9 +225,15 @@ class SALM(nn.Module):
         """
         inputs = self.prepare_inputs(batch)
         audio_lens = inputs.pop("audio_lens")
+        layout: BatchLayout | None = batch.get("layout")
         causal_lm = base_causal_lm(self.llm)
         if self.pack_llm_sequences:
-            packed = pack_sequences(inputs["input_embeds"], inputs["attention_mask"], inputs["target_ids"])
+            packed = pack_sequences(
+                inputs["input_embeds"],
+                inputs["attention_mask"],
+                inputs["target_ids"],
+                real_positions=None if layout is None else layout.real_positions,
+            )
             with packed_attention_in(causal_lm.model.config):
                 hidden = causal_lm.model(
                     **packed.model_kwargs(), use_cache=False
@@ -216,7 +246,12 @@ class SALM(nn.Module):
             ).last_hidden_state  # (B, T', H)
             targets = inputs["target_ids"]
             computed_positions = inputs["attention_mask"].numel()
-        at_targets, target_ids = gather_target_positions(hidden, targets)
+        target_positions = None
+        if layout is not None:
+            target_positions = (
+                layout.packed_target_positions if self.pack_llm_sequences else layout.target_positions
+            )
+        at_targets, target_ids = gather_target_positions(hidden, targets, target_positions)
         logits = causal_lm.lm_head(at_targets)  # (num_targets, V)
         num_targets = (targets != IGNORE_INDEX).sum()
         loss = nn.functional.cross_entropy(logits.float(), target_ids, reduction="sum") / num_targets.clamp(

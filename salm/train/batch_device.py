@@ -16,17 +16,28 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
+from salm.model.batch_layout import BatchLayout
+from salm.model.salm import SALM
+
+MOVABLE = (torch.Tensor, BatchLayout)  # what goes to the device with a batch
+
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    """Tensors go to ``device`` (non-blocking from pinned memory); lists and metrics stay on the host."""
-    return {
-        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
-    }
+    """Tensors and the layout go to ``device`` (non-blocking from pinned memory); lists stay on the host."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, MOVABLE) else v for k, v in batch.items()}
 
 
 def pin_batch(batch: dict) -> dict:
     """The batch with every tensor in pinned host memory (needs CUDA); other values as they are."""
-    return {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return {k: v.pin_memory() if isinstance(v, MOVABLE) else v for k, v in batch.items()}
+
+
+def with_layouts(batches: Iterable[dict], model: SALM) -> Iterator[dict]:
+    """``batches``, each with its host-side ``layout`` (``salm.model.batch_layout``) when the model
+    can predict its frame counts. Run inside ``prefetch_pinned``, the work stays off the step's path."""
+    for batch in batches:
+        layout = model.batch_layout(batch)
+        yield batch if layout is None else {**batch, "layout": layout}
 
 
 def prefetch_pinned(batches: Iterable[dict], device: torch.device, depth: int = 2) -> Iterator[dict]:

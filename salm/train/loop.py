@@ -24,7 +24,7 @@ from salm.model.activation_checkpointing import use_activation_checkpointing
 from salm.model.compile import compile_repeated_layers
 from salm.model.salm import SALM
 from salm.train import checkpointing
-from salm.train.batch_device import prefetch_pinned, to_device
+from salm.train.batch_device import prefetch_pinned, to_device, with_layouts
 from salm.train.data_feed import train_batches, validation_batches
 from salm.train.engine import build_model, wrap_in_deepspeed
 from salm.train.prediction_log import SampleTokens, format_block
@@ -96,8 +96,10 @@ def train_loop_per_worker(config: dict) -> None:
     val_every = int(trainer_cfg.val_check_interval)
     ckpt_every = int(exp.checkpoint_every_n_steps or val_every)
     accumulate = int(trainer_cfg.accumulate_grad_batches)
-    batches = prefetch_pinned(  # collated ahead in a thread, pinned so the copy to the GPU is asynchronous
-        train_batches(cfg, model.text_pad_id, model.token_equivalent_duration, seed_offset=step),
+    batches = prefetch_pinned(  # collated and laid out ahead in a thread, pinned so the copy to the GPU is asynchronous
+        with_layouts(
+            train_batches(cfg, model.text_pad_id, model.token_equivalent_duration, seed_offset=step), model
+        ),
         device,
     )
     meter = StepMeter(run_name=str(exp.name), world_size=world_size)
