@@ -44,13 +44,14 @@ def recipe(llm_dir: Path, tiny: bool) -> DictConfig:
 
 def with_canary_training_settings(cfg: DictConfig) -> DictConfig:
     """``cfg`` (e.g. the tiny recipe) trained as the canary recipe trains: its DeepSpeed stage and
-    extras, bf16, gradient clipping and aligned attention keys; the model's sizes stay ``cfg``'s."""
+    extras, bf16, gradient clipping, aligned attention keys and SpecAugment; the model's sizes stay ``cfg``'s."""
     canary = OmegaConf.load(CONFIGS / "salm_canary_qwen_2.5b.yaml")
     cfg.deepspeed.config = canary.deepspeed.config
     cfg.deepspeed.zero_stage = canary.deepspeed.zero_stage
     cfg.trainer.precision = canary.trainer.precision
     cfg.trainer.gradient_clip_val = canary.trainer.gradient_clip_val
     cfg.model.perception.pad_attention_keys_to = canary.model.perception.pad_attention_keys_to
+    cfg.model.perception.spec_augment = canary.model.perception.spec_augment
     return cfg
 
 
