@@ -41,10 +41,8 @@ class BatchLayout:
     packed_target_positions: torch.Tensor  # (K',) the same counted along the packed row of real positions
 
     def _map_tensors(self, function) -> BatchLayout:
-        return replace(
-            self,
-            **{f.name: function(getattr(self, f.name)) for f in fields(self) if f.name != "spliced_length"},
-        )
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return replace(self, **{k: function(v) for k, v in values.items() if isinstance(v, torch.Tensor)})
 
     def to(self, device: torch.device, non_blocking: bool = False) -> BatchLayout:
         return self._map_tensors(lambda tensor: tensor.to(device, non_blocking=non_blocking))
