@@ -12,8 +12,10 @@ import torch
 from omegaconf import OmegaConf
 from test_model import _batch
 
+from salm.audio import collate_audio, load_audio
 from salm.errors import PromptError
 from salm.model.batch_layout import BatchLayout, batch_layout
+from salm.model.config import AUDIO_LOCATOR_TAG, asr_prompt
 from salm.model.perception import AudioPerception
 from salm.model.placeholders import IGNORE_INDEX
 from salm.train.batch_device import to_device, with_layouts
@@ -83,18 +85,39 @@ def _assert_frame_counts_match(perception: AudioPerception) -> None:
     assert len(set(predicted.tolist())) >= 6  # the lengths do span several frame counts
 
 
+def _two_audios_in_the_first_row(model, clips) -> dict:
+    """Rows of 2 and 1 audios (3 placeholders, 3 clips), left-padded, with answers to learn."""
+    contents = [f"Say whether {AUDIO_LOCATOR_TAG} and {AUDIO_LOCATOR_TAG} agree.", asr_prompt()]
+    encoded = [
+        model.prompt_format.encode_dialog(
+            [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
+        )
+        for content, answer in zip(contents, ["they do not", "hello"], strict=True)
+    ]
+    pad = model.text_pad_id
+    ids = torch.nn.utils.rnn.pad_sequence(
+        [e.input_ids for e in encoded], batch_first=True, padding_value=pad, padding_side="left"
+    )
+    mask = torch.nn.utils.rnn.pad_sequence(
+        [e.loss_mask for e in encoded], batch_first=True, padding_value=False, padding_side="left"
+    )
+    audios, audio_lens = collate_audio([load_audio(u.path, model.sampling_rate) for u in clips[:3]])
+    return {"audios": audios, "audio_lens": audio_lens, "input_ids": ids, "loss_mask": mask}
+
+
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
+@pytest.mark.parametrize("audios", ["one per row", "two in a row"])
 def test_a_host_layout_gives_the_loss_and_gradients_of_the_device_path(
-    tiny_salm, speech_clips, packed
+    tiny_salm, speech_clips, packed, audios
 ) -> None:
     model = copy.deepcopy(tiny_salm).eval()  # eval: no dropout, so both passes compute the same thing
     model.pack_llm_sequences = packed
-    batch = _batch(
-        model,
-        speech_clips[:4],
-        ["hello there", "yes", "a somewhat longer answer here", "no"],
-        extra_left_pad=2,
-    )
+    if audios == "one per row":
+        answers = ["hello there", "yes", "a somewhat longer answer here", "no"]
+        batch = _batch(model, speech_clips[:4], answers, extra_left_pad=2)
+    else:
+        batch = _two_audios_in_the_first_row(model, speech_clips)
+        assert int((batch["input_ids"][0] == model.audio_locator_tag_id).sum()) == 2
     layout = model.batch_layout(batch)
     assert isinstance(layout, BatchLayout)
 
