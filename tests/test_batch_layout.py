@@ -173,3 +173,24 @@ def test_training_batches_carry_their_layout_to_the_device(tiny_salm, speech_cli
     assert isinstance(moved["layout"], BatchLayout)
     assert torch.equal(moved["layout"].real_positions, tiny_salm.batch_layout(batch).real_positions)
     assert "layout" not in batch  # the source's batch is left as it was
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="pinned memory and FlashAttention's varlen kernel need a GPU"
+)
+def test_on_the_gpu_a_pinned_layout_gives_the_packed_loss_of_the_device_path(tiny_salm, speech_clips) -> None:
+    """As the training loop feeds a GPU: the layout planned on the host, pinned with the batch,
+    copied without blocking; bf16 autocast, packed rows through FlashAttention's varlen kernel."""
+    from salm.train.batch_device import pin_batch
+
+    model = copy.deepcopy(tiny_salm).eval().cuda()
+    model.pack_llm_sequences = True
+    batch = _batch(model, speech_clips[:3], ["hello there", "yes", "a somewhat longer answer here"])
+    (laid_out,) = list(with_layouts([batch], model))
+    on_gpu = to_device(pin_batch(laid_out), torch.device("cuda"))
+    assert on_gpu["layout"].real_positions.is_cuda
+    losses = []
+    for feed in (on_gpu, {k: v for k, v in on_gpu.items() if k != "layout"}):
+        with torch.autocast("cuda", dtype=torch.bfloat16), torch.no_grad():
+            losses.append(model.loss(feed)["loss"])
+    assert torch.equal(losses[0], losses[1])
