@@ -14,6 +14,7 @@ from test_model import _batch
 
 from salm.audio import collate_audio, load_audio
 from salm.errors import PromptError
+from salm.model import SALM
 from salm.model.batch_layout import BatchLayout, batch_layout
 from salm.model.config import AUDIO_LOCATOR_TAG, asr_prompt
 from salm.model.perception import AudioPerception
@@ -194,3 +195,18 @@ def test_on_the_gpu_a_pinned_layout_gives_the_packed_loss_of_the_device_path(tin
         with torch.autocast("cuda", dtype=torch.bfloat16), torch.no_grad():
             losses.append(model.loss(feed)["loss"])
     assert torch.equal(losses[0], losses[1])
+
+
+def test_an_encoder_with_a_mid_stack_reduction_gets_no_layout_and_trains_on_the_device_path(
+    tiny_model_cfg,
+) -> None:
+    """``frame_counts`` models the subsampling only; an encoder that shortens its frames again inside the
+    stack (NeMo's ``reduction``) is not guessed at: no layout, the forward finds the indices itself."""
+    tiny_model_cfg.perception.encoder.reduction = "pooling"
+    tiny_model_cfg.perception.encoder.reduction_factor = 2
+    tiny_model_cfg.perception.encoder.reduction_position = 0
+    model = SALM(tiny_model_cfg).eval()
+    assert model.perception.frame_counts(torch.tensor([16_000])) is None
+    batch = {"audio_lens": torch.tensor([16_000]), "input_ids": torch.zeros(1, 3, dtype=torch.long)}
+    assert model.batch_layout(batch) is None
+    assert list(with_layouts([batch], model)) == [batch]

@@ -79,6 +79,12 @@ def train_loop_per_worker(config: dict) -> None:
             f"activation checkpointing: {checkpointed} layers recompute their forward in the backward",
             flush=True,
         )
+    if is_chief and model.perception.frame_counts(torch.tensor([model.sampling_rate])) is None:
+        print(
+            "NOTE: this encoder's frame counts cannot be computed on the host (salm/model/batch_layout.py), "
+            "so each training step waits for the GPU 4 times to size the loss's gathers; same numbers",
+            flush=True,
+        )
     if cfg.trainer.compile_layers:  # after checkpointing: the compiled region is the checkpointed forward
         compiled = compile_repeated_layers(model, cfg.trainer.compile_options)
         if is_chief:
