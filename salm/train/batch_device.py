@@ -1,5 +1,7 @@
-"""Moving a collated batch (tensors plus id/text lists) to the training device.
+"""Moving a collated batch (tensors, its host-planned ``BatchLayout``, id/text lists) to the training device.
 
+``with_layouts`` plans each batch's LLM rows on the host (``salm.model.batch_layout``), so the step's
+forward never waits for the GPU to size a gather; the loop runs it inside ``prefetch_pinned``.
 ``prefetch_pinned`` runs the batch source (bucketing, collation) one or two batches ahead in a
 background thread and copies each batch's tensors to pinned (page-locked) host memory there, so
 ``to_device``'s copy is asynchronous: from pageable memory CUDA first waits for the stream to drain.
