@@ -13,7 +13,9 @@ such op with the line of Python that called it:
 - ``nonzero``, ``masked_select``, ``repeat_interleave`` without ``output_size``, ``unique``;
 - indexing or ``index_put`` with a boolean mask (``x[mask]``; its backward too), which calls
   ``nonzero`` inside the kernel, out of the dispatch mode's sight;
-- ``Tensor.tolist``, ``.cpu``, ``.numpy`` calls (on a CUDA tensor, a copy to the host).
+- ``Tensor.tolist``, ``.cpu``, ``.numpy`` calls (on a CUDA tensor, a copy to the host);
+- DeepSpeed's ``get_accelerator().synchronize()`` (a no-op on the CPU accelerator, a device-wide wait
+  on CUDA; ZeRO-1/2 calls it with ``overlap_comm``, off in the canary recipe).
 
     python3 -m bench.host_syncs [--unpacked] [--device-layout] [--json FILE]
 
@@ -62,8 +64,8 @@ class SyncSites(TorchDispatchMode):
     """Counts ``(op, call site)`` of every op that would wait for a GPU, while active.
 
     ``host_resident``: tensors that live on the host in a GPU run too (reading them waits for nothing).
-    Also wraps ``Tensor.tolist/cpu/numpy`` for its lifetime (they do not pass through dispatch on
-    the CPU), and restores them on exit.
+    Also wraps ``Tensor.tolist/cpu/numpy`` (they do not pass through dispatch on the CPU) and
+    DeepSpeed's accelerator's ``synchronize`` for its lifetime, and restores them on exit.
     """
 
     def __init__(self, host_resident: list[torch.Tensor] = ()) -> None:
@@ -83,6 +85,16 @@ class SyncSites(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
     def __enter__(self):
+        from deepspeed.accelerator import get_accelerator
+
+        accelerator = get_accelerator()
+        self._accelerator, self._accelerator_sync = accelerator, vars(accelerator).get("synchronize")
+
+        def counted_synchronize(*args, _original=accelerator.synchronize, **kwargs):
+            self.sites[("accelerator.synchronize", call_site())] += 1
+            return _original(*args, **kwargs)
+
+        accelerator.synchronize = counted_synchronize
         for method in HOST_COPIES:
             original = getattr(torch.Tensor, method)
             self._originals[method] = original
@@ -97,6 +109,10 @@ class SyncSites(TorchDispatchMode):
     def __exit__(self, *exc):
         for method, original in self._originals.items():
             setattr(torch.Tensor, method, original)
+        if self._accelerator_sync is None:
+            del self._accelerator.synchronize  # the class's method again
+        else:
+            self._accelerator.synchronize = self._accelerator_sync
         return super().__exit__(*exc)
 
 

@@ -64,3 +64,31 @@ def test_a_longer_positional_encoding_gives_the_encoder_the_same_outputs(tiny_sa
         after, after_lens = encoder(audio_signal=features, length=lengths)
     assert torch.equal(before_lens, after_lens)
     torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+def test_the_sync_detector_sees_each_kind_of_host_read_and_restores_what_it_wrapped() -> None:
+    """The zero above means something only if the detector sees these (a no-op on the CPU, a wait on CUDA)."""
+    from deepspeed.accelerator import get_accelerator
+
+    from bench.host_syncs import SyncSites
+
+    accelerator = get_accelerator()
+    tolist = torch.Tensor.tolist
+    x = torch.tensor([0.0, 2.0, 3.0])
+    counter = torch.tensor(5.0)  # like AdamW's step counter: lives on the host in a GPU run too
+    with SyncSites(host_resident=[counter]) as trace:
+        float(x.sum())  # _local_scalar_dense
+        x.nonzero()
+        x[x > 1]  # a boolean-mask index
+        x.tolist()
+        accelerator.synchronize()
+        counter.item()  # left out
+    ops = sorted(op for op, _ in trace.sites)
+    assert ops == [
+        "Tensor.tolist", "_local_scalar_dense", "accelerator.synchronize", "index with a boolean mask", "nonzero"
+    ]  # fmt: skip
+    assert "synchronize" not in vars(accelerator) and torch.Tensor.tolist is tolist
+    with SyncSites() as after:
+        pass
+    x.tolist()  # outside: not counted
+    assert not after.sites
