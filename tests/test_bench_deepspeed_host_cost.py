@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
+from own_process import run_python
 
 
 def test_each_stage_times_the_recipes_1310_tensors_and_only_zero2_hooks_them(tmp_path) -> None:
-    command = [
-        sys.executable, "-m", "bench.deepspeed_host_cost", "--stages", "1", "2", "--width", "32",
+    done = run_python(
+        "-m", "bench.deepspeed_host_cost", "--stages", "1", "2", "--width", "32",
         "--steps", "2", "--warmup", "1", "--smoke", "--out", str(tmp_path),
-    ]  # fmt: skip
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    )  # fmt: skip
     result = json.loads((tmp_path / "deepspeed_host_cost.json").read_text())
     assert result["trainable_tensors"] == 1310 and result["width"] == 32  # 32 + 28 layers, LoRA r 128
     rows = result["rows"]

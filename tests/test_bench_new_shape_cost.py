@@ -9,17 +9,16 @@ import sys
 from pathlib import Path
 
 import pytest
+from own_process import run_python
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_each_option_set_is_timed_first_and_again_on_its_own_new_frame_counts(tmp_path) -> None:
-    command = [
-        sys.executable, "-m", "bench.new_shape_cost", "--tiny", "--layers", "1", "--batch", "2",
+    run_python(
+        "-m", "bench.new_shape_cost", "--tiny", "--layers", "1", "--batch", "2",
         "--lengths", "3", "--first-frames", "200", "--train", "--out", str(tmp_path),
-    ]  # fmt: skip
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    )  # fmt: skip
     result = json.loads((tmp_path / "new_shape_cost_train_tiny.json").read_text())
     assert result["train"] is True and result["layers"] == 1
     sets = result["option_sets"]
@@ -43,13 +42,11 @@ def test_each_option_set_is_timed_first_and_again_on_its_own_new_frame_counts(tm
 
 
 def test_op_diff_profiles_a_frame_count_of_its_own_and_ranks_the_ops_that_grew(tmp_path) -> None:
-    command = [
-        sys.executable, "-m", "bench.new_shape_cost", "--tiny", "--layers", "1", "--batch", "2", "--lengths", "2",
+    run_python(
+        "-m", "bench.new_shape_cost", "--tiny", "--layers", "1", "--batch", "2", "--lengths", "2",
         "--first-frames", "200", "--sets", "neither", "padded_keys_matmul_subsampling", "--op-diff",
         "--out", str(tmp_path),
-    ]  # fmt: skip
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    )  # fmt: skip
     sets = json.loads((tmp_path / "new_shape_cost_tiny.json").read_text())["option_sets"]
     assert list(sets) == ["neither", "padded_keys_matmul_subsampling"]
     for timing in sets.values():

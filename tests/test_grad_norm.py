@@ -6,13 +6,12 @@ Run in a subprocess: DeepSpeed needs a process group, which must not leak into o
 
 import copy
 import json
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from own_process import run_python
 
 SCRIPT = r"""
 import json, sys
@@ -39,14 +38,7 @@ print(json.dumps({"patched": patched, "ours": ours, "theirs": theirs, "type": ty
 
 
 def test_fused_gradient_norm_equals_deepspeeds_loop(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(tmp_path / "llm")],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=Path(__file__).parent.parent,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_python("-c", SCRIPT, str(tmp_path / "llm"))
     norms = json.loads(result.stdout.strip().splitlines()[-1])
     assert norms["type"] == "DeepSpeedZeroOptimizer" and norms["patched"]
     assert norms["theirs"] > 0

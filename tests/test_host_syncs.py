@@ -10,22 +10,15 @@ DeepSpeed's clip read the gradient norm back (``salm.train.grad_norm``).
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
-
-REPO = Path(__file__).resolve().parents[1]
+from own_process import run_python
 
 
 def _sync_sites(tmp_path: Path, *flags: str) -> tuple[dict, str]:
     out = tmp_path / "sites.json"
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.host_syncs", "--json", str(out), *flags],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_python("-m", "bench.host_syncs", "--json", str(out), *flags)
     return json.loads(out.read_text()), done.stdout
 
 

@@ -5,11 +5,9 @@ Run in a subprocess: DeepSpeed needs a process group, which must not leak into o
 """
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from own_process import run_python
 
 SCRIPT = r"""
 import json, sys
@@ -45,11 +43,7 @@ print(json.dumps(result))
 
 
 def test_zero1_trains_like_zero2_without_a_hook_per_gradient_tensor(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(tmp_path / "llm")],
-        capture_output=True, text=True, timeout=600, cwd=REPO,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_python("-c", SCRIPT, str(tmp_path / "llm"))
     stages = json.loads(done.stdout.strip().splitlines()[-1])
     zero1, zero2 = stages["1"], stages["2"]
     assert zero1["type"] == zero2["type"] == "DeepSpeedZeroOptimizer"
