@@ -154,9 +154,9 @@ class AudioPerception(nn.Module):
         lengths = featurizer.get_seq_len(input_signal_length)
         lengths = torch.where(input_signal_length == 0, 0, lengths)  # as FilterbankFeatures.forward
         lengths = conformer_frame_counts(self.encoder, lengths)
-        adapter = self.modality_adapter
         if lengths is None:
             return None
+        adapter = self.modality_adapter
         if hasattr(adapter, "output_lengths"):  # ours
             return adapter.output_lengths(lengths).to(torch.int64)
         if hasattr(adapter, "pre_encode"):  # a NeMo Conformer as adapter

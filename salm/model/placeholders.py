@@ -34,7 +34,11 @@ class Splice:
     attention_mask: torch.Tensor  # (B, T') bool
     targets: torch.Tensor | None  # (B, T') with IGNORE_INDEX where no loss is wanted
     length: int  # T': the longest spliced row
-    row_stride: int  # T' + 1
+
+    @property
+    def row_stride(self) -> int:
+        """T' + 1: each row's columns and its discard slot."""
+        return self.length + 1
 
 
 def find_placeholders(
@@ -122,9 +126,7 @@ def plan_splice(
         )
         targets = torch.full((batch * row_stride,), IGNORE_INDEX, dtype=torch.long, device=device)
         targets = targets.index_put((dest,), all_targets).view(batch, row_stride)[:, :out_length]
-    return Splice(
-        dest=dest, attention_mask=attention_mask, targets=targets, length=out_length, row_stride=row_stride
-    )
+    return Splice(dest=dest, attention_mask=attention_mask, targets=targets, length=out_length)
 
 
 def replace_placeholders(
