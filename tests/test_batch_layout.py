@@ -12,6 +12,7 @@ import torch
 from omegaconf import OmegaConf
 from test_model import _batch
 
+from salm.assets.synthetic_speech import make_sentences, synthesize_corpus
 from salm.audio import collate_audio, load_audio
 from salm.errors import PromptError
 from salm.model import SALM
@@ -179,14 +180,16 @@ def test_training_batches_carry_their_layout_to_the_device(tiny_salm, speech_cli
 @pytest.mark.skipif(
     not torch.cuda.is_available(), reason="pinned memory and FlashAttention's varlen kernel need a GPU"
 )
-def test_on_the_gpu_a_pinned_layout_gives_the_packed_loss_of_the_device_path(tiny_salm, speech_clips) -> None:
+def test_on_the_gpu_a_pinned_layout_gives_the_packed_loss_of_the_device_path(tiny_salm, tmp_path) -> None:
     """As the training loop feeds a GPU: the layout planned on the host, pinned with the batch,
-    copied without blocking; bf16 autocast, packed rows through FlashAttention's varlen kernel."""
+    copied without blocking; bf16 autocast, packed rows through FlashAttention's varlen kernel.
+    (flite voices only: the GPU machine carries flite, not espeak-ng.)"""
     from salm.train.batch_device import pin_batch
 
     model = copy.deepcopy(tiny_salm).eval().cuda()
     model.pack_llm_sequences = True
-    batch = _batch(model, speech_clips[:3], ["hello there", "yes", "a somewhat longer answer here"])
+    clips = synthesize_corpus(tmp_path, make_sentences(3, seed=1), ["kal16", "slt", "rms"])
+    batch = _batch(model, clips, ["hello there", "yes", "a somewhat longer answer here"])
     (laid_out,) = list(with_layouts([batch], model))
     on_gpu = to_device(pin_batch(laid_out), torch.device("cuda"))
     assert on_gpu["layout"].real_positions.is_cuda
