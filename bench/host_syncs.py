@@ -15,11 +15,17 @@ such op with the line of Python that called it:
   ``nonzero`` inside the kernel, out of the dispatch mode's sight;
 - ``Tensor.tolist``, ``.cpu``, ``.numpy`` calls (on a CUDA tensor, a copy to the host);
 - DeepSpeed's ``get_accelerator().synchronize()`` (a no-op on the CPU accelerator, a device-wide wait
-  on CUDA; ZeRO-1/2 calls it with ``overlap_comm``, off in the canary recipe).
+  on CUDA; ZeRO-1/2 calls it with ``overlap_comm``, off in the canary recipe);
+- ``torch.tensor(data, device=...)``, ``torch.as_tensor(data, device=...)`` of host data and
+  ``Tensor.new_tensor(data)``: host data copied to the device. On CUDA that copy is blocking, from
+  pageable memory (a ``cudaStreamSynchronize`` in the profile). On the CPU every device is the CPU,
+  so a tensor built with an explicit ``device`` is taken to be built on the training device.
 
     python3 -m bench.host_syncs [--unpacked] [--device-layout] [--json FILE]
 
-It does not see syncs that only the CUDA path makes, nor a blocking copy from pageable memory.
+It does not see syncs that only the CUDA path makes, nor a ``.to(device)`` of a host tensor. For those,
+``device_sync_sites`` is its GPU side: ``bench/train_throughput.py --profile`` runs one pass of the
+real step under torch's CUDA sync debug mode and counts the syncs torch reports by call site.
 Reads of tensors that stay on the host in a GPU run too are left out: torch's AdamW keeps its step
 counters on the CPU and reads them at every step.
 """
@@ -27,10 +33,13 @@ counters on the CPU and reads them at every step.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import tempfile
 import traceback
+import warnings
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -45,14 +54,57 @@ SYNCING_OPS = frozenset(
 )  # fmt: skip
 INDEXING_OPS = frozenset({"index", "index_put", "index_put_", "_index_put_impl_"})
 HOST_COPIES = ("tolist", "cpu", "numpy")
+HOST_DATA_FACTORIES = ("tensor", "as_tensor")  # torch.<name>(data, device=...): host data to the device
+
+
+SYNC_WARNING = "called a synchronizing CUDA operation"  # torch's text under set_sync_debug_mode("warn")
+NOT_CALLERS = ("/torch/", "/host_syncs.py", "/warnings.py", "/_py_warnings.py")  # frames call_site skips
 
 
 def call_site() -> str:
-    """``file:line function`` of the innermost caller outside torch and this module."""
+    """``file:line function`` of the innermost caller outside torch, this module and ``warnings``."""
     for frame in reversed(traceback.extract_stack()[:-2]):
-        if "/torch/" not in frame.filename and not frame.filename.endswith("host_syncs.py"):
+        if not any(part in frame.filename for part in NOT_CALLERS):
             return f"{Path(frame.filename).name}:{frame.lineno} {frame.name}"
     return "?"
+
+
+@contextlib.contextmanager
+def recorded_sync_warnings() -> Iterator[Counter[str]]:
+    """Counts, by call site, every warning torch gives for a synchronizing CUDA operation while active;
+    other warnings are shown as before. Torch gives them under ``torch.cuda.set_sync_debug_mode("warn")``,
+    at the Python line that called the op (a sync in the backward: the line that ran the backward)."""
+    sites: Counter[str] = Counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        show = warnings.showwarning
+
+        def record(message, category, filename, lineno, file=None, line=None) -> None:
+            if SYNC_WARNING in str(message):
+                sites[call_site()] += 1
+            else:
+                show(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = record
+        yield sites
+
+
+def device_sync_sites(
+    step: Callable[[dict], None], batches: Iterable[dict], device: torch.device
+) -> dict[str, int]:
+    """One pass of ``step`` over ``batches`` on a CUDA ``device`` under torch's sync debug mode: the syncs
+    torch's CUDA code makes (``.item()``, blocking copies, ``nonzero``), counted by call site, most first.
+    A sync inside a library (cuDNN, NCCL) is not reported: the profiler's count minus these is theirs."""
+    torch.cuda.synchronize(device)
+    with recorded_sync_warnings() as sites:
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for batch in batches:
+                step(batch)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize(device)
+    return dict(sites.most_common())
 
 
 def _has_bool_index(args: tuple) -> bool:
@@ -64,8 +116,10 @@ class SyncSites(TorchDispatchMode):
     """Counts ``(op, call site)`` of every op that would wait for a GPU, while active.
 
     ``host_resident``: tensors that live on the host in a GPU run too (reading them waits for nothing).
-    Also wraps ``Tensor.tolist/cpu/numpy`` (they do not pass through dispatch on the CPU) and
-    DeepSpeed's accelerator's ``synchronize`` for its lifetime, and restores them on exit.
+    Also wraps ``Tensor.tolist/cpu/numpy`` (they do not pass through dispatch on the CPU), the
+    factories that copy host data to a device (``torch.tensor``/``torch.as_tensor`` with a ``device``,
+    ``Tensor.new_tensor``) and DeepSpeed's accelerator's ``synchronize`` for its lifetime, and restores
+    them on exit.
     """
 
     def __init__(self, host_resident: list[torch.Tensor] = ()) -> None:
@@ -73,6 +127,7 @@ class SyncSites(TorchDispatchMode):
         self.host_resident = {id(tensor) for tensor in host_resident}
         self.sites: Counter[tuple[str, str]] = Counter()
         self._originals: dict[str, object] = {}
+        self._factories: dict[str, object] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.__name__.split(".")[0]
@@ -104,11 +159,30 @@ class SyncSites(TorchDispatchMode):
                 return _original(tensor, *args, **kwargs)
 
             setattr(torch.Tensor, method, counted)
+        for name in HOST_DATA_FACTORIES:
+            self._factories[name] = original = getattr(torch, name)
+
+            def counted_factory(data, *args, _original=original, _name=name, **kwargs):
+                if kwargs.get("device") is not None and not torch.is_tensor(data):
+                    self.sites[(f"torch.{_name}(host data, device=...)", call_site())] += 1
+                return _original(data, *args, **kwargs)
+
+            setattr(torch, name, counted_factory)
+        self._originals["new_tensor"] = new_tensor = torch.Tensor.new_tensor
+
+        def counted_new_tensor(tensor, data, *args, **kwargs):
+            if id(tensor) not in self.host_resident and not torch.is_tensor(data):
+                self.sites[("Tensor.new_tensor(host data)", call_site())] += 1
+            return new_tensor(tensor, data, *args, **kwargs)
+
+        torch.Tensor.new_tensor = counted_new_tensor
         return super().__enter__()
 
     def __exit__(self, *exc):
         for method, original in self._originals.items():
             setattr(torch.Tensor, method, original)
+        for name, original in self._factories.items():
+            setattr(torch, name, original)
         if self._accelerator_sync is None:
             del self._accelerator.synchronize  # the class's method again
         else:

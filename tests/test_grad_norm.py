@@ -30,9 +30,19 @@ optimizer = engine.optimizer
 patched = "get_grad_norm_direct" in vars(optimizer)
 batch = make_batches(build_tokenizer_model(cfg), 12.0, 3, tiny=True)[0]
 engine.backward(engine(batch)["loss"])
-ours = float(optimizer.scaled_global_norm())
+grads, params = list(optimizer.averaged_gradients[0]), optimizer.params_in_partition[0]
+poisoned = {bad: [grads[0].clone().fill_(float(bad))] + grads[1:] for bad in ("nan", "inf")}
+
+
+def norms():
+    return [float(optimizer.scaled_global_norm())] + [
+        float(optimizer.get_grad_norm_direct(g, params)) for g in poisoned.values()
+    ]
+
+
+ours = norms()
 use_deepspeed_gradient_clipping(optimizer)
-theirs = float(optimizer.scaled_global_norm())
+theirs = norms()
 print(json.dumps({"patched": patched, "ours": ours, "theirs": theirs, "type": type(optimizer).__name__}))
 """
 
@@ -41,8 +51,10 @@ def test_fused_gradient_norm_equals_deepspeeds_loop(tmp_path: Path) -> None:
     result = run_python("-c", SCRIPT, str(tmp_path / "llm"))
     norms = json.loads(result.stdout.strip().splitlines()[-1])
     assert norms["type"] == "DeepSpeedZeroOptimizer" and norms["patched"]
-    assert norms["theirs"] > 0
-    assert abs(norms["ours"] - norms["theirs"]) <= 1e-5 * norms["theirs"]
+    (ours, *ours_invalid), (theirs, *theirs_invalid) = norms["ours"], norms["theirs"]
+    assert theirs > 0
+    assert abs(ours - theirs) <= 1e-5 * theirs
+    assert ours_invalid == theirs_invalid == [-1.0, -1.0]  # a NaN, then an inf gradient: DeepSpeed's sentinel
 
 
 @pytest.mark.parametrize("norm", [3.0, 0.25, float("inf"), float("nan"), -1.0])  # clips; not; invalid x 3

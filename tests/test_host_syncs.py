@@ -9,7 +9,9 @@ DeepSpeed's clip read the gradient norm back (``salm.train.grad_norm``).
 
 from __future__ import annotations
 
+import inspect
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -66,7 +68,7 @@ def test_the_sync_detector_sees_each_kind_of_host_read_and_restores_what_it_wrap
     from bench.host_syncs import SyncSites
 
     accelerator = get_accelerator()
-    tolist = torch.Tensor.tolist
+    tolist, tensor_factory, new_tensor = torch.Tensor.tolist, torch.tensor, torch.Tensor.new_tensor
     x = torch.tensor([0.0, 2.0, 3.0])
     counter = torch.tensor(5.0)  # like AdamW's step counter: lives on the host in a GPU run too
     with SyncSites(host_resident=[counter]) as trace:
@@ -76,12 +78,38 @@ def test_the_sync_detector_sees_each_kind_of_host_read_and_restores_what_it_wrap
         x.tolist()
         accelerator.synchronize()
         counter.item()  # left out
+        torch.tensor(-1.0, device=x.device)  # host data to the device: a blocking copy on CUDA
+        x.new_tensor([1.0])
+        torch.tensor(3.0)  # a host tensor, no device asked for: left out
+        torch.as_tensor(x, device=x.device)  # already a tensor: no host data copied
     ops = sorted(op for op, _ in trace.sites)
     assert ops == [
-        "Tensor.tolist", "_local_scalar_dense", "accelerator.synchronize", "index with a boolean mask", "nonzero"
+        "Tensor.new_tensor(host data)", "Tensor.tolist", "_local_scalar_dense", "accelerator.synchronize",
+        "index with a boolean mask", "nonzero", "torch.tensor(host data, device=...)",
     ]  # fmt: skip
     assert "synchronize" not in vars(accelerator) and torch.Tensor.tolist is tolist
+    assert torch.tensor is tensor_factory and torch.Tensor.new_tensor is new_tensor
     with SyncSites() as after:
         pass
     x.tolist()  # outside: not counted
     assert not after.sites
+
+
+def test_sync_warnings_are_counted_by_the_line_that_made_them_and_others_pass_through() -> None:
+    """On the GPU, torch warns at the Python line of each sync under its sync debug mode; the bench
+    counts those lines. Here the warning is given as torch gives it, from a function standing in for an op."""
+    from bench.host_syncs import SYNC_WARNING, recorded_sync_warnings
+
+    def syncing_op() -> None:
+        warnings.warn(SYNC_WARNING, UserWarning, stacklevel=1)
+
+    line = inspect.getsourcelines(syncing_op)[1] + 1
+    with warnings.catch_warnings(record=True) as others:
+        shown = warnings.showwarning
+        with recorded_sync_warnings() as sites:
+            syncing_op()
+            syncing_op()
+            warnings.warn("something else", DeprecationWarning, stacklevel=1)
+        assert warnings.showwarning is shown
+    assert sites == {f"test_host_syncs.py:{line} syncing_op": 2}
+    assert [str(warning.message) for warning in others] == ["something else"]

@@ -6,7 +6,7 @@ trainable tensors, so every optimizer step launches ~2,600 small kernels one at 
 on an H200 (``bench/train_throughput.py --profile``, BENCHMARKS.md), the GPU sat idle 0.41 s per
 pass of 5 steps waiting for those launches: 76% of its idle time in the optimizer phase.
 
-``use_foreach_grad_norm`` swaps that method, on one optimizer, for the same sum over the same
+``use_fused_gradient_clipping`` swaps that method, on one optimizer, for the same sum over the same
 tensors through ``torch._foreach_norm`` (fp32 per tensor, summed in fp64): a handful of launches
 per step. It keeps DeepSpeed's reductions across data- and model-parallel ranks and its
 NaN/inf -> -1 masking. Cases it does not cover (other norms, model- or pipeline-parallel
@@ -15,7 +15,9 @@ parameters) go to DeepSpeed's own loop.
 It also swaps ``unscale_and_clip_grads``, which turns a NaN/inf norm (DeepSpeed's -1 sentinel) into
 "clip by infinity" after reading it with ``bool()``: on a GPU the host waits there for the whole
 backward and the norm to finish, at every step. The same choice made with ``masked_fill`` on the
-device gives the same numbers and lets the host queue the optimizer's kernels at once
+device gives the same numbers and lets the host queue the optimizer's kernels at once. The norm's
+own NaN/inf -> -1 masking is done with a Python fill value, not DeepSpeed's helper, which builds its
+-1 with ``torch.tensor(..., device=...)``: a blocking host-to-device copy at every step
 (``bench/host_syncs.py`` counts the step's syncs; ``tests/test_host_syncs.py`` holds it at none).
 """
 
@@ -29,7 +31,6 @@ import torch
 def _foreach_grad_norm_direct(self, gradients: list, params: list, norm_type: float = 2) -> torch.Tensor:
     """``get_grad_norm_direct`` for the L2 norm of gradients owned by data-parallel ranks only."""
     from deepspeed import comm as dist
-    from deepspeed.runtime.utils import mask_nan_or_inf_with_val_inplace
 
     if float(norm_type) != 2.0 or self.model_parallel_rank != 0 or self.salm_has_replicated_params:
         return type(self).get_grad_norm_direct(self, gradients, params, norm_type)
@@ -40,12 +41,14 @@ def _foreach_grad_norm_direct(self, gradients: list, params: list, norm_type: fl
         norms = torch._foreach_norm(grads, 2.0, dtype=torch.float32)
         total = torch.stack(norms).double().pow(2).sum().float()
     else:
-        total = torch.tensor(0.0, dtype=torch.float32, device=self.device)
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
     dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.dp_process_group)
     self._model_parallel_all_reduce(tensor=total, op=dist.ReduceOp.SUM)
     total = total.pow(0.5)
-    mask_nan_or_inf_with_val_inplace(total, device=self.device)
-    return total
+    # DeepSpeed's NaN/inf -> -1 masking (``mask_nan_or_inf_with_val_inplace``) fills from
+    # ``torch.tensor(-1.0, device=...)``: on CUDA a blocking copy from pageable memory at every step.
+    # A Python fill value is a kernel argument instead.
+    return total.masked_fill_(~torch.isfinite(total), -1.0)
 
 
 def _clip_on_device(self, grad_groups_flat: list, total_norm) -> None:
