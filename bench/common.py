@@ -10,6 +10,7 @@ import json
 import os
 import socket
 import time
+from collections.abc import Iterable
 from datetime import date
 from pathlib import Path
 
@@ -80,6 +81,17 @@ def timed(fn, device: torch.device) -> float:
     fn()
     sync(device)
     return time.perf_counter() - start
+
+
+def run_epochs(step, batches: Iterable[dict], device: torch.device, warmup: int, repeats: int) -> float:
+    """Wall seconds per pass over ``batches`` (median of ``repeats``), after ``warmup`` passes."""
+    for _ in range(warmup):
+        for batch in batches:
+            step(batch)
+    times = []
+    for _ in range(repeats):
+        times.append(timed(lambda: [step(b) for b in batches], device))
+    return sorted(times)[len(times) // 2]
 
 
 def bf16_matmul_tflops(device: torch.device) -> float:

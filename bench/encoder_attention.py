@@ -13,6 +13,8 @@ seconds each), in variants timed in the same run:
   8-aligned. The profile of the compiled training step showed ~0.19 s per pass in SM75 ``align1``
   GEMM kernels (BENCHMARKS.md). Until 2026-12-03 this bench's ``aligned`` variant padded the mel
   frames instead (the removed ``perception.pad_frames_to``);
+- ``padded_keys_shifted_depthwise``: ``padded_keys`` with the Conformer's depthwise convolutions as
+  shifted sums (``salm.model.depthwise_conv``), which Inductor fuses with their neighbours;
 - ``padded_keys_cl``: ``padded_keys`` with the subsampling's convolutions channels-last
   (``salm.model.encoder_layout.use_channels_last_subsampling``). In bf16 and NCHW, PyTorch runs a
   depthwise convolution on its own native kernel (cuDNN only for fp16); channels-last sends it to
@@ -22,6 +24,9 @@ Prints milliseconds per pass over the buckets and each variant against the first
 ``nemo`` compiled (what the canary recipe ran before) and ``nemo`` eager::
 
     python3 -m bench.encoder_attention --layers 4
+
+``--compiled-only`` skips the eager runs: on an H200, NeMo's import, the eager runs of one variant
+and the first compile of one layer did not fit in 120 s (2026-12-05).
 """
 
 from __future__ import annotations
@@ -34,15 +39,17 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from bench.common import CONFIGS, card
+from bench.common import CONFIGS, card, run_epochs
 from bench.train_batches import BUCKETS
-from bench.train_throughput import run_epochs
 from salm.model.compile import compile_layers
+from salm.model.depthwise_conv import use_shifted_sum_depthwise_convs
 from salm.model.encoder_layout import use_channels_last_subsampling
 from salm.model.rel_shift import set_key_padding, use_strided_rel_shift
 
 FRAMES_PER_S = 100  # mel frames (10 ms hop)
-VARIANTS = ["nemo", "strided", "nemo_sdpa", "strided_sdpa", "padded_keys", "padded_keys_cl"]
+VARIANTS = [
+    "nemo", "strided", "nemo_sdpa", "strided_sdpa", "padded_keys", "padded_keys_cl", "padded_keys_shifted_depthwise"
+]  # fmt: skip
 
 
 def encoder(layers: int, device: torch.device):
@@ -76,6 +83,8 @@ def set_variant(model, variant: str) -> None:
         set_key_padding(model, 8)
     if variant == "padded_keys_cl":
         use_channels_last_subsampling(model)
+    if variant == "padded_keys_shifted_depthwise":
+        use_shifted_sum_depthwise_convs(model)
     for layer in model.layers:
         layer.self_attn.use_pytorch_sdpa = variant.endswith("_sdpa")
 
@@ -103,6 +112,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
     parser.add_argument("--device", default="cuda", help="cpu: a smoke test")
+    parser.add_argument(
+        "--compiled-only", action="store_true", help="skip the eager runs (each variant then compiles once)"
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -110,7 +122,7 @@ def main() -> None:
     batches = buckets(args.budget_s, device)
     rows = {}
     for variant in args.variants:
-        for compiled in (False, True):
+        for compiled in (True,) if args.compiled_only else (False, True):
             model = copy.deepcopy(base)
             set_variant(model, variant)
             if compiled:

@@ -60,6 +60,7 @@ from bench.common import (
     card,
     peak_gb,
     recipe,
+    run_epochs,
     set_pointwise_class,
     timed,
     write_llm_dir,
@@ -83,17 +84,6 @@ def audio_seconds(batches: list[dict]) -> float:
     return sum(float(b["audio_lens"].sum()) for b in batches) / SAMPLE_RATE
 
 
-def run_epochs(step, batches: Iterable[dict], device: torch.device, warmup: int, repeats: int) -> float:
-    """Wall seconds per pass over ``batches`` (median of ``repeats``), after ``warmup`` passes."""
-    for _ in range(warmup):
-        for batch in batches:
-            step(batch)
-    times = []
-    for _ in range(repeats):
-        times.append(timed(lambda: [step(b) for b in batches], device))
-    return sorted(times)[len(times) // 2]
-
-
 # ----- ours: Ray Train + DeepSpeed -----
 # Run in this order: compiling is in place. "compiled_pageable" feeds the compiled model pageable batches
 # (the training loop before salm.train.batch_device.prefetch_pinned). "compiled_fresh_lengths" feeds the
@@ -106,6 +96,8 @@ def run_epochs(step, batches: Iterable[dict], device: torch.device, warmup: int,
 # "compiled_fresh_lengths_bool_mask_gathers" is that with the loss's packed-row and target gathers by
 # boolean mask and NeMo's all-reduce of the frame count (the step before bench/host_syncs.py's change:
 # 5 more host syncs per step in the forward, 2 in the backward; eager code, nothing traced again).
+# "compiled_fresh_lengths_shifted_depthwise" is "compiled_fresh_lengths" with the Conformer's depthwise
+# convolutions as shifted sums (salm.model.depthwise_conv; not in the recipe): it traces every layer again.
 # "compiled_fresh_lengths_expandable" is "compiled_fresh_lengths" after the allocator's cache is emptied and
 # switched to expandable segments (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True); it stays on after it.
 # "compiled_inductor_dropout" draws the compiled layers' dropout masks with Inductor's Triton RNG and
@@ -128,6 +120,7 @@ MODEL_VARIANTS = [
     "compiled_fresh_lengths_conv_subsampling",
     "compiled_fresh_lengths_device_layout",
     "compiled_fresh_lengths_bool_mask_gathers",
+    "compiled_fresh_lengths_shifted_depthwise",
     "compiled_fresh_lengths_expandable",
     "compiled_inductor_dropout",
     "compiled_conv_pointwise",
@@ -201,9 +194,11 @@ def set_encoder_sdpa(model, enabled: bool) -> None:
 
 def set_compiled_levers(model, variant: str) -> bool:
     """The recipe's dropout kernel and matmul pointwise convolutions, or NeMo's/Inductor's for their
-    "before" variants; returns whether a module changed class (Dynamo must then trace the layers again)."""
+    "before" variants, and NeMo's depthwise convolutions unless the variant tries shifted sums; returns
+    whether a module changed class (Dynamo must then trace the layers again)."""
     from torch import nn
 
+    from salm.model.depthwise_conv import use_shifted_sum_depthwise_convs
     from salm.model.dropout import EagerKernelDropout
     from salm.model.pointwise_conv import PointwiseConvAsMatmul
     from salm.model.subsampling_convs import use_matmul_subsampling_convs
@@ -213,6 +208,8 @@ def set_compiled_levers(model, variant: str) -> bool:
     )
     pointwise = nn.Conv1d if variant == "compiled_conv_pointwise" else PointwiseConvAsMatmul
     changed = set_pointwise_class(model.perception.encoder, pointwise)
+    shifted = variant == "compiled_fresh_lengths_shifted_depthwise"
+    changed |= use_shifted_sum_depthwise_convs(model.perception.encoder, enabled=shifted) > 0
     dropout = nn.Dropout if variant == "compiled_inductor_dropout" else EagerKernelDropout
     for layer in repeated_layers(model):
         for module in layer.modules():
@@ -426,7 +423,9 @@ def time_ds_variant(cfg, device: torch.device, config: dict, ds_variant: str) ->
             set_encoder_sdpa(model, variant == "encoder_sdpa")
             set_bool_mask_gathers(model, variant == "compiled_fresh_lengths_bool_mask_gathers")
             model.pack_llm_sequences = variant in PACKED_VARIANTS or recipe_packs  # the recipe's, or packed
-            retraced = compiled and set_compiled_levers(model, variant)
+            # a lever variant run first gets its lever before the first compile, not only on a retrace
+            levers_changed = variant.startswith("compiled") and set_compiled_levers(model, variant)
+            retraced = compiled and levers_changed
             if retraced:
                 from torch._dynamo import reset  # here, not at the top: see the counters' import below
 
@@ -489,6 +488,16 @@ def time_ds_variant(cfg, device: torch.device, config: dict, ds_variant: str) ->
                 results[name]["profile"] = profiled
                 summary = {k: v for k, v in profiled.items() if k != "top_host_ops"}
                 print(f"ours[{name}] profiled: {json.dumps(summary)}", flush=True)
+                if (
+                    device.type == "cuda"
+                ):  # which lines the profile's syncs come from (cuDNN's, NCCL's: not named)
+                    from bench.host_syncs import device_sync_sites
+
+                    results[name]["device_sync_sites"] = sites = device_sync_sites(step, feed, device)
+                    print(
+                        f"ours[{name}] syncs torch reports, one pass: {json.dumps(sites, indent=1)}",
+                        flush=True,
+                    )
         except Exception:  # noqa: BLE001 - one variant's failure must not lose the others' timings
             # As text: Ray Train cannot send back an exception that holds a process group and then
             # reports only that serialisation error (seen with a compiled variant on the GPU).

@@ -184,3 +184,29 @@ def test_the_bool_mask_gathers_variant_trains_the_same_numbers_and_is_undone(tin
     assert torch.equal(before[0], after[0])
     assert len(before[1]) == len(after[1]) > 0
     assert all(torch.equal(a, b) for a, b in zip(before[1], after[1], strict=True))
+
+
+def test_the_shifted_depthwise_variant_swaps_the_convolutions_and_the_next_variant_gets_nemos_back(
+    tiny_model_and_batch,
+) -> None:
+    """``compiled_fresh_lengths_shifted_depthwise`` sets its lever whether or not layers were compiled
+    before it (it may run first), and reports the change so that compiled layers are traced again."""
+    from nemo.collections.asr.parts.submodules.causal_convs import CausalConv1D
+
+    from bench.train_throughput import set_compiled_levers
+    from salm.model.depthwise_conv import DepthwiseConvAsShiftedSums
+
+    model, _ = tiny_model_and_batch
+
+    def depthwise_classes() -> set[type]:
+        return {type(layer.conv.depthwise_conv) for layer in model.perception.encoder.layers}
+
+    try:
+        assert depthwise_classes() == {CausalConv1D}
+        assert set_compiled_levers(model, "compiled_fresh_lengths_shifted_depthwise") is True
+        assert depthwise_classes() == {DepthwiseConvAsShiftedSums}
+        assert set_compiled_levers(model, "compiled_fresh_lengths_shifted_depthwise") is False  # already set
+        assert set_compiled_levers(model, "compiled_fresh_lengths") is True
+    finally:
+        set_compiled_levers(model, "compiled")
+    assert depthwise_classes() == {CausalConv1D}
