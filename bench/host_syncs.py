@@ -126,8 +126,7 @@ class SyncSites(TorchDispatchMode):
         super().__init__()
         self.host_resident = {id(tensor) for tensor in host_resident}
         self.sites: Counter[tuple[str, str]] = Counter()
-        self._originals: dict[str, object] = {}
-        self._factories: dict[str, object] = {}
+        self._originals: dict[tuple[object, str], object] = {}  # (torch or torch.Tensor, name): what it was
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.__name__.split(".")[0]
@@ -151,8 +150,7 @@ class SyncSites(TorchDispatchMode):
 
         accelerator.synchronize = counted_synchronize
         for method in HOST_COPIES:
-            original = getattr(torch.Tensor, method)
-            self._originals[method] = original
+            self._originals[(torch.Tensor, method)] = original = getattr(torch.Tensor, method)
 
             def counted(tensor, *args, _original=original, _method=method, **kwargs):
                 self.sites[(f"Tensor.{_method}", call_site())] += 1
@@ -160,7 +158,7 @@ class SyncSites(TorchDispatchMode):
 
             setattr(torch.Tensor, method, counted)
         for name in HOST_DATA_FACTORIES:
-            self._factories[name] = original = getattr(torch, name)
+            self._originals[(torch, name)] = original = getattr(torch, name)
 
             def counted_factory(data, *args, _original=original, _name=name, **kwargs):
                 if kwargs.get("device") is not None and not torch.is_tensor(data):
@@ -168,7 +166,7 @@ class SyncSites(TorchDispatchMode):
                 return _original(data, *args, **kwargs)
 
             setattr(torch, name, counted_factory)
-        self._originals["new_tensor"] = new_tensor = torch.Tensor.new_tensor
+        self._originals[(torch.Tensor, "new_tensor")] = new_tensor = torch.Tensor.new_tensor
 
         def counted_new_tensor(tensor, data, *args, **kwargs):
             if id(tensor) not in self.host_resident and not torch.is_tensor(data):
@@ -179,10 +177,8 @@ class SyncSites(TorchDispatchMode):
         return super().__enter__()
 
     def __exit__(self, *exc):
-        for method, original in self._originals.items():
-            setattr(torch.Tensor, method, original)
-        for name, original in self._factories.items():
-            setattr(torch, name, original)
+        for (owner, name), original in self._originals.items():
+            setattr(owner, name, original)
         if self._accelerator_sync is None:
             del self._accelerator.synchronize  # the class's method again
         else:
