@@ -65,6 +65,30 @@ class EagerKernelDropout(nn.Dropout):
         return native_dropout(x, self.p, self.draw)[0]
 
 
+class AtenKernelDropout(nn.Dropout):
+    """``nn.Dropout`` that calls ATen's ``torch.native_dropout`` itself. Not in the recipe: a candidate
+    to replace ``EagerKernelDropout``.
+
+    Compiled with Inductor's ``fallback_random``, ``aten.native_dropout`` is not decomposed into
+    Triton RNG but called as ATen's kernel from the layer's wrapper (generated C++ with
+    ``cpp_wrapper``): the same kernel and masks as ``salm::native_dropout`` without the Python
+    custom op's dispatch, which the H200 profile put at ~81 us of host time per call, 1,400 calls
+    per pass (BENCHMARKS.md, "Dropout without the Python custom op"). Without ``fallback_random``
+    Inductor lowers it to its own RNG, as for a plain ``nn.Dropout``. It calls the op directly, not
+    ``F.dropout``, because on the CPU ``F.dropout`` takes another path (``bernoulli_``) and the tests
+    and ``bench/dropout_host_cost.py`` must compile what a GPU compiles. AOTAutograd's
+    common-subexpression elimination knows ATen's random ops, so two of them on one tensor keep two
+    masks without ``EagerKernelDropout.draw`` (tested).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if self.p == 1.0:
+            return torch.zeros_like(x)
+        return torch.native_dropout(x, self.p, True)[0]
+
+
 def use_eager_kernel_dropout(layers: list[nn.Module]) -> int:
     """Give every plain ``nn.Dropout`` inside ``layers`` the eager kernel; returns how many changed.
 
