@@ -219,15 +219,15 @@ def set_compiled_levers(model, variant: str) -> bool:
     aten_dropout = variant == "compiled_fresh_lengths_aten_dropout"
     changed |= inductor_config.fallback_random != aten_dropout
     inductor_config.fallback_random = aten_dropout
-    dropout = {
+    variant_dropouts = {
         "compiled_inductor_dropout": nn.Dropout,
         "compiled_fresh_lengths_aten_dropout": AtenKernelDropout,
     }
-    dropout = dropout.get(variant, EagerKernelDropout)
+    dropout = variant_dropouts.get(variant, EagerKernelDropout)
+    dropout_kinds = (nn.Dropout, EagerKernelDropout, AtenKernelDropout)
     for layer in repeated_layers(model):
         for module in layer.modules():
-            kinds = (nn.Dropout, EagerKernelDropout, AtenKernelDropout)
-            if type(module) in kinds and not module.inplace and type(module) is not dropout:
+            if type(module) in dropout_kinds and not module.inplace and type(module) is not dropout:
                 module.__class__, changed = dropout, True
     return changed
 
@@ -505,9 +505,8 @@ def time_ds_variant(cfg, device: torch.device, config: dict, ds_variant: str) ->
                 results[name]["profile"] = profiled
                 summary = {k: v for k, v in profiled.items() if k != "top_host_ops"}
                 print(f"ours[{name}] profiled: {json.dumps(summary)}", flush=True)
-                if (
-                    device.type == "cuda"
-                ):  # which lines the profile's syncs come from (cuDNN's, NCCL's: not named)
+                # which lines the profile's syncs come from (cuDNN's, NCCL's: not named)
+                if device.type == "cuda":
                     from bench.host_syncs import device_sync_sites
 
                     results[name]["device_sync_sites"] = sites = device_sync_sites(step, feed, device)
