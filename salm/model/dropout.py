@@ -62,12 +62,16 @@ class EagerKernelDropout(nn.Dropout):
             return x
         if self.p == 1.0:  # native_dropout's scale would be 1 / 0
             return torch.zeros_like(x)
+        return self.drop(x)
+
+    def drop(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` with a fresh mask applied, for ``0 < p < 1`` in training mode."""
         return native_dropout(x, self.p, self.draw)[0]
 
 
-class AtenKernelDropout(nn.Dropout):
-    """``nn.Dropout`` that calls ATen's ``torch.native_dropout`` itself. Not in the recipe: a candidate
-    to replace ``EagerKernelDropout``.
+class AtenKernelDropout(EagerKernelDropout):
+    """``EagerKernelDropout`` whose mask comes from ATen's ``torch.native_dropout`` called directly
+    (eval mode, ``p`` of 0 and 1 as there). Not in the recipe: a candidate to replace the custom op.
 
     Compiled with Inductor's ``fallback_random``, ``aten.native_dropout`` is not decomposed into
     Triton RNG but called as ATen's kernel from the layer's wrapper (generated C++ with
@@ -78,14 +82,10 @@ class AtenKernelDropout(nn.Dropout):
     ``F.dropout``, because on the CPU ``F.dropout`` takes another path (``bernoulli_``) and the tests
     and ``bench/dropout_host_cost.py`` must compile what a GPU compiles. AOTAutograd's
     common-subexpression elimination knows ATen's random ops, so two of them on one tensor keep two
-    masks without ``EagerKernelDropout.draw`` (tested).
+    masks without ``EagerKernelDropout.draw``, which this class leaves unused (tested).
     """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0:
-            return x
-        if self.p == 1.0:
-            return torch.zeros_like(x)
+    def drop(self, x: torch.Tensor) -> torch.Tensor:
         return torch.native_dropout(x, self.p, True)[0]
 
 
