@@ -30,14 +30,13 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from bench.common import card, sync, write_result
+from bench.common import card, timed, write_result
 from salm.model.compile import compile_layers
 from salm.model.dropout import AtenKernelDropout
 
@@ -102,12 +101,8 @@ def measure(args: argparse.Namespace, device: torch.device) -> dict:
         for name, stack in stacks.items():  # the implementations take turns: drifts hit both
             for _ in range(args.warmup):
                 training_step(stack, x)
-            sync(device)
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                training_step(stack, x)
-            sync(device)
-            times[name].append((time.perf_counter() - start) / args.steps * 1e6)
+            seconds = timed(lambda stack=stack: [training_step(stack, x) for _ in range(args.steps)], device)
+            times[name].append(seconds / args.steps * 1e6)
     step_us = {name: statistics.median(values) for name, values in times.items()}
     saved_us = (step_us["custom_op"] - step_us["aten_fallback"]) / args.pairs
     return {
