@@ -148,6 +148,29 @@ def test_checkpointing_the_salms_layers_saves_less_for_the_same_gradients(tiny_s
         torch.testing.assert_close(mine, reference)
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_packed_rows_recompute_with_the_packed_attention(tiny_salm, speech_clips, compiled: bool) -> None:
+    """The packed loss switches the LLM's attention on for its forward only; the checkpoint's recompute
+    runs in the backward, after the switch is undone, and must attend within each sequence again (with
+    the padded model's attention it attended across the row: "Recomputed values ... different metadata")."""
+    packed = copy.deepcopy(tiny_salm).eval()
+    packed.pack_llm_sequences = True
+    batch = _batch(packed, speech_clips[:3], ["hello there", "yes", "a somewhat longer answer here"])
+    checkpointed = copy.deepcopy(packed)
+    use_activation_checkpointing(checkpointed, "llm")
+    if compiled:
+        compile_layers(llm_layers(checkpointed))
+    attention = checkpointed.llm.config._attn_implementation
+
+    _, plain_in_layers, plain_grads = saved_bytes_and_grads(packed, batch)
+    _, checkpointed_in_layers, checkpointed_grads = saved_bytes_and_grads(checkpointed, batch)
+
+    assert checkpointed_in_layers < plain_in_layers  # the LLM layers kept only their inputs
+    assert checkpointed.llm.config._attn_implementation == attention  # the recompute's switch is undone
+    for mine, reference in zip(checkpointed_grads, plain_grads, strict=True):
+        torch.testing.assert_close(mine, reference)
+
+
 @pytest.mark.parametrize(
     ("value", "parts"),
     [

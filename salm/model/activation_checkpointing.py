@@ -21,10 +21,17 @@ partitioner failed at the first step for both layer kinds on the GPU ("Node add_
 is output", in train mode with dynamic shapes) and Inductor's C++ wrapper (the canary recipe's
 ``cpp_wrapper``) could not call the operator that replays the attention's random state (tested).
 Outside, the compiled forward simply runs again from the forward's RNG state (tested: same masks).
+
+The recompute also runs under the forward's LLM attention: the packed loss (``salm.model.packing``)
+switches the attention on around its forward only, and the backward runs after the switch is
+undone. Without this, a packed LLM layer recomputed with the padded model's attention, across the
+whole packed row (torch: "Recomputed values ... have different metadata").
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import types
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -33,6 +40,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from salm.errors import SALMConfigError
+from salm.model.llm import attention_implementation
 
 PARTS = ("encoder", "llm")
 
@@ -62,7 +70,19 @@ CHECKPOINTED_FUNCTION = "checkpointed_function"
 
 
 def _checkpointed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    return checkpoint(checkpointed_function(self), *args, use_reentrant=False, **kwargs)
+    contexts = functools.partial(_forward_and_recompute_contexts, self)
+    return checkpoint(checkpointed_function(self), *args, use_reentrant=False, context_fn=contexts, **kwargs)
+
+
+def _forward_and_recompute_contexts(
+    layer: nn.Module,
+) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """The checkpoint calls this at the forward: the recompute runs under the attention the LLM layer
+    (transformers' ``self_attn.config``) runs now. The Conformer layers have no such switch."""
+    config = getattr(getattr(layer, "self_attn", None), "config", None)
+    if config is None:
+        return contextlib.nullcontext(), contextlib.nullcontext()
+    return contextlib.nullcontext(), attention_implementation(config, config._attn_implementation)
 
 
 def checkpointed_function(layer: nn.Module) -> Callable[..., Any]:
