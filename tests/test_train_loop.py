@@ -1,8 +1,8 @@
 """Training on a real local Ray cluster: 2 DeepSpeed workers on generated speech in Lhotse Shar.
 
 One module-scoped corpus (train + held-out Shar) feeds several short runs: a first run that must
-learn, a resumed run, a run that loses a worker, a run on another world size, and a job
-submitted with `ray job submit`.
+learn, a resumed run, a run that loses a worker, a run on another world size, and a ZeRO-3 run of
+packed sequences through checkpointed layers.
 """
 
 from __future__ import annotations
@@ -158,49 +158,31 @@ def test_other_world_size_resumes_from_consolidated_weights_with_activation_chec
     assert result.metrics["step"] == 30
 
 
-def test_zero3_trains_with_every_layer_checkpointed(shar_corpus, tiny_llm_dir, tmp_path, capfd) -> None:
+def test_zero3_trains_packed_sequences_with_every_layer_checkpointed(
+    shar_corpus, tiny_llm_dir, tmp_path, capfd
+) -> None:
     """ZeRO-3 gathers each submodule's partitioned weights in its forward hooks, and the checkpoint's
-    recompute calls the layer's forward again in the backward: the two must work together."""
+    recompute calls the layer's forward again in the backward, under the packed loss's attention
+    (``trainer.pack_llm_sequences``: the LLM runs the batch's real positions only, so the step log's
+    padding share of the positions computed is 0). The three must work together."""
     capfd.readouterr()
     result = train_on_one_worker(
         shar_corpus,
         tiny_llm_dir,
         tmp_path,
-        "zero3_checkpointed",
+        "zero3_packed_checkpointed",
         "trainer.max_steps=8",
         "trainer.val_check_interval=8",
         "deepspeed.zero_stage=3",
         "trainer.activation_checkpointing=true",
-    )
-    text = capfd.readouterr().out
-    assert re.search(r"activation checkpointing: \d+ layers recompute", text)
-    losses = _losses(text)
-    assert len(losses) >= 2 and losses[-1] < losses[0], (
-        f"no learning under ZeRO-3 with checkpointing: {losses}"
-    )
-    assert result.metrics["step"] == 8
-
-
-def test_packed_llm_sequences_train_without_computing_padding(
-    shar_corpus, tiny_llm_dir, tmp_path, capfd
-) -> None:
-    """``trainer.pack_llm_sequences``: the loss runs the LLM on the batch's real positions only,
-    through the DeepSpeed engine; the step log's padding share (of the positions computed) is 0."""
-    capfd.readouterr()
-    result = train_on_one_worker(
-        shar_corpus,
-        tiny_llm_dir,
-        tmp_path,
-        "packed",
-        "trainer.max_steps=8",
-        "trainer.val_check_interval=8",
         "trainer.pack_llm_sequences=true",
     )
     text = capfd.readouterr().out
+    assert re.search(r"activation checkpointing: \d+ layers recompute", text)
     pads = re.findall(r"\| pad ([0-9.]+)% \|", text)
     assert pads and all(float(pad) == 0.0 for pad in pads), pads
     losses = _losses(text)
-    assert len(losses) >= 2 and losses[-1] < losses[0], f"no learning with packed sequences: {losses}"
+    assert len(losses) >= 2 and losses[-1] < losses[0], f"no learning: {losses}"
     assert result.metrics["step"] == 8
 
 
