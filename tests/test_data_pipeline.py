@@ -25,6 +25,20 @@ TAG = "<|audioplaceholder|>"
 PAD = 151643
 
 
+def test_the_data_pipeline_imports_neither_the_model_nor_its_libraries() -> None:
+    """Every Ray Data process (read, decode, tokenize tasks; the split coordinator) imports the
+    pipeline's modules before its first shard: the model's (NeMo, transformers, PEFT) cost it 2.5 s."""
+    from own_process import run_python
+
+    heavy = ("salm.model.salm", "nemo", "transformers", "peft", "deepspeed")
+    done = run_python(
+        "-c",
+        "import sys, salm.data.pipeline, salm.data.bucketing, salm.data.collate; "
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {heavy!r} or m in {heavy!r}))",
+    )
+    assert done.stdout.strip() == "[]", done.stdout
+
+
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """48 real utterances (one voice at 8 kHz) in two NeMo manifests, the first with 4 bad entries."""
