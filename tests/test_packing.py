@@ -7,6 +7,7 @@ import torch
 from test_model import _batch
 
 from salm.assets.synthetic_speech import make_sentences, synthesize_corpus
+from salm.model.activation_checkpointing import use_activation_checkpointing
 from salm.model.compile import compile_repeated_layers
 from salm.model.packing import pack_sequences, packed_attention
 from salm.model.placeholders import IGNORE_INDEX
@@ -168,13 +169,19 @@ def _on_the_gpu(batch: dict) -> dict:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlashAttention's varlen kernel needs a GPU")
-def test_packed_loss_on_the_gpu_through_compiled_layers_equals_the_padded_one(tiny_salm, tmp_path) -> None:
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_packed_loss_on_the_gpu_through_compiled_layers_equals_the_padded_one(
+    tiny_salm, tmp_path, checkpointed: bool
+) -> None:
     """The canary recipe's packed step on a GPU: bf16 autocast, layers compiled under Inductor's C++
     wrapper (``trainer.compile_options``), FlashAttention's varlen kernel; against the eager padded
-    loss. (torch 2.11's ``varlen_attn`` failed to compile here: its ``list[int]`` argument.)"""
+    loss. (torch 2.11's ``varlen_attn`` failed to compile here: its ``list[int]`` argument.) With
+    ``trainer.activation_checkpointing`` too: the backward recomputes the varlen attention."""
     padded = copy.deepcopy(tiny_salm).eval().cuda()
     packed = copy.deepcopy(padded)
     packed.pack_llm_sequences = True
+    if checkpointed:
+        use_activation_checkpointing(packed, True)
     compile_repeated_layers(packed, {"cpp_wrapper": True})
     clips = synthesize_corpus(tmp_path, make_sentences(3, seed=1), ["kal16", "slt", "rms"])  # flite only
     batch = _on_the_gpu(_batch(padded, clips, ["hello there", "yes", "a somewhat longer answer here"]))
