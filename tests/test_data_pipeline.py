@@ -27,7 +27,8 @@ PAD = 151643
 
 def test_the_data_pipeline_imports_neither_the_model_nor_its_libraries() -> None:
     """Every Ray Data process (read, decode, tokenize tasks; the split coordinator) imports the
-    pipeline's modules before its first shard: the model's (NeMo, transformers, PEFT) cost it 2.5 s."""
+    pipeline's modules before its first shard: the model's (NeMo, transformers, PEFT) tripled that
+    (``bench/startup_cost.py``)."""
     from own_process import run_python
 
     heavy = ("salm.model.salm", "nemo", "transformers", "peft", "deepspeed")

@@ -86,8 +86,8 @@ def pack_sequences(
     return PackedSequences(
         # Gathered along dim 1 of a (1, B*T, H) tensor, the row is a tensor of its own, not a view of
         # an (N, H) gather: as a view, the first Qwen3 layer (which takes it) got a compiled graph of
-        # its own, Dynamo guarding on the view's base (tiny SALM on the CPU, fresh Inductor cache:
-        # the first training step 60.4 s with that graph, 52.9 s sharing the other layers' graph).
+        # its own, Dynamo guarding on the view's base (the tiny SALM's first compiled step on the CPU:
+        # 61.1 s with that graph, 52.6 s without; ``bench/startup_cost.py --compile``).
         embeds=input_embeds.flatten(0, 1).unsqueeze(0).index_select(1, flat_real),
         targets=target_ids.flatten().index_select(0, flat_real).unsqueeze(0),
         position_ids=positions.unsqueeze(0),
