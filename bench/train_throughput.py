@@ -98,14 +98,10 @@ def audio_seconds(batches: list[dict]) -> float:
 # 5 more host syncs per step in the forward, 2 in the backward; eager code, nothing traced again).
 # "compiled_fresh_lengths_shifted_depthwise" is "compiled_fresh_lengths" with the Conformer's depthwise
 # convolutions as shifted sums (salm.model.depthwise_conv; not in the recipe): it traces every layer again.
-# "compiled_fresh_lengths_aten_dropout" is "compiled_fresh_lengths" with the compiled layers' dropouts calling
-# ATen's kernel from Inductor's wrapper (AtenKernelDropout under Inductor's fallback_random; not in the recipe)
-# instead of through the Python custom op (bench/dropout_host_cost.py prices the host side): it traces again.
 # "compiled_fresh_lengths_expandable" is "compiled_fresh_lengths" after the allocator's cache is emptied and
 # switched to expandable segments (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True); it stays on after it.
-# "compiled_inductor_dropout" draws the compiled layers' dropout masks with Inductor's Triton RNG and
 # "compiled_conv_pointwise" runs the Conformer's pointwise convolutions as NeMo's Conv1d (the recipe
-# before salm.model.dropout and salm.model.pointwise_conv): each traces every layer again.
+# before salm.model.pointwise_conv): it traces every layer again.
 # "checkpointed" is "default" with trainer.activation_checkpointing: true (every repeated layer, eager).
 # "compiled_checkpointed_llm" and "compiled_checkpointed" add trainer.activation_checkpointing: llm, then
 # true, to the compiled model (it stays on for the variants after them).
@@ -124,9 +120,7 @@ MODEL_VARIANTS = [
     "compiled_fresh_lengths_device_layout",
     "compiled_fresh_lengths_bool_mask_gathers",
     "compiled_fresh_lengths_shifted_depthwise",
-    "compiled_fresh_lengths_aten_dropout",
     "compiled_fresh_lengths_expandable",
-    "compiled_inductor_dropout",
     "compiled_conv_pointwise",
     "compiled_checkpointed_llm",
     "compiled_checkpointed",
@@ -197,15 +191,12 @@ def set_encoder_sdpa(model, enabled: bool) -> None:
 
 
 def set_compiled_levers(model, variant: str) -> bool:
-    """The recipe's dropout kernel and matmul pointwise convolutions, or NeMo's/Inductor's for their
-    "before" variants, NeMo's depthwise convolutions unless the variant tries shifted sums, and the
-    custom-op dropout unless it tries ATen's (with Inductor's ``fallback_random``, set for it alone);
-    returns whether a module or that option changed (Dynamo must then trace the layers again)."""
+    """The recipe's matmul pointwise convolutions, or NeMo's for their "before" variant, and NeMo's
+    depthwise convolutions unless the variant tries shifted sums; returns whether a module changed
+    (Dynamo must then trace the layers again)."""
     from torch import nn
-    from torch._inductor import config as inductor_config
 
     from salm.model.depthwise_conv import use_shifted_sum_depthwise_convs
-    from salm.model.dropout import AtenKernelDropout, EagerKernelDropout
     from salm.model.pointwise_conv import PointwiseConvAsMatmul
     from salm.model.subsampling_convs import use_matmul_subsampling_convs
 
@@ -216,19 +207,6 @@ def set_compiled_levers(model, variant: str) -> bool:
     changed = set_pointwise_class(model.perception.encoder, pointwise)
     shifted = variant == "compiled_fresh_lengths_shifted_depthwise"
     changed |= use_shifted_sum_depthwise_convs(model.perception.encoder, enabled=shifted) > 0
-    aten_dropout = variant == "compiled_fresh_lengths_aten_dropout"
-    changed |= inductor_config.fallback_random != aten_dropout
-    inductor_config.fallback_random = aten_dropout
-    variant_dropouts = {
-        "compiled_inductor_dropout": nn.Dropout,
-        "compiled_fresh_lengths_aten_dropout": AtenKernelDropout,
-    }
-    dropout = variant_dropouts.get(variant, EagerKernelDropout)
-    dropout_kinds = (nn.Dropout, EagerKernelDropout, AtenKernelDropout)
-    for layer in repeated_layers(model):
-        for module in layer.modules():
-            if type(module) in dropout_kinds and not module.inplace and type(module) is not dropout:
-                module.__class__, changed = dropout, True
     return changed
 
 
@@ -460,9 +438,6 @@ def time_ds_variant(cfg, device: torch.device, config: dict, ds_variant: str) ->
             # In place, hence last; its first pass compiles.
             if variant.startswith("compiled") and not compiled:
                 compile_repeated_layers(model, cfg.trainer.compile_options)  # the recipe's Inductor options
-                # compiling gives plain nn.Dropout the recipe's kernel: the variant's own levers again
-                # (layers trace at their first call, so nothing is traced yet)
-                set_compiled_levers(model, variant)
                 compiled = True
                 compile_s = timed(lambda feed=feed: [step(b) for b in feed], device)
                 print(f"ours[{name}]: first pass (compiling) {compile_s:.1f} s", flush=True)

@@ -210,36 +210,3 @@ def test_the_shifted_depthwise_variant_swaps_the_convolutions_and_the_next_varia
     finally:
         set_compiled_levers(model, "compiled")
     assert depthwise_classes() == {CausalConv1D}
-
-
-def test_the_aten_dropout_variant_swaps_the_dropouts_and_inductors_option_for_itself_alone(
-    tiny_model_and_batch,
-) -> None:
-    """``compiled_fresh_lengths_aten_dropout`` gives every dropout of the compiled layers ATen's kernel and
-    turns on Inductor's ``fallback_random`` (without it Inductor would lower that kernel to its own RNG);
-    the next variant gets the recipe's custom op and torch's default back, and each change is reported."""
-    from torch import nn
-    from torch._inductor import config as inductor_config
-
-    from bench.train_throughput import set_compiled_levers
-    from salm.model.compile import repeated_layers
-    from salm.model.dropout import AtenKernelDropout, EagerKernelDropout
-
-    model, _ = tiny_model_and_batch
-
-    def dropout_classes() -> set[type]:
-        kinds = (nn.Dropout, EagerKernelDropout, AtenKernelDropout)
-        return {type(m) for layer in repeated_layers(model) for m in layer.modules() if type(m) in kinds}
-
-    assert not inductor_config.fallback_random
-    try:
-        set_compiled_levers(model, "compiled")
-        assert dropout_classes() == {EagerKernelDropout}
-        assert set_compiled_levers(model, "compiled_fresh_lengths_aten_dropout") is True
-        assert dropout_classes() == {AtenKernelDropout} and inductor_config.fallback_random
-        assert set_compiled_levers(model, "compiled_fresh_lengths_aten_dropout") is False  # already set
-        assert set_compiled_levers(model, "compiled_fresh_lengths") is True
-        assert dropout_classes() == {EagerKernelDropout} and not inductor_config.fallback_random
-    finally:
-        set_compiled_levers(model, "compiled")
-        inductor_config.fallback_random = False

@@ -1,7 +1,4 @@
-"""Dropout in compiled layers drawn by PyTorch's kernel (``salm.model.dropout``): eager's masks, eager's gradients.
-
-``EagerKernelDropout`` (the recipe's, a Python custom op) and ``AtenKernelDropout`` (ATen's op under
-Inductor's ``fallback_random``, the candidate ``bench/dropout_host_cost.py`` prices) alike."""
+"""Dropout in compiled layers drawn by ATen's kernel (``salm.model.dropout``): eager's masks, eager's gradients."""
 
 from __future__ import annotations
 
@@ -12,7 +9,7 @@ import torch
 from torch import nn
 
 from salm.model.compile import compile_layers, repeated_layers
-from salm.model.dropout import AtenKernelDropout, EagerKernelDropout, use_eager_kernel_dropout
+from salm.model.dropout import EagerKernelDropout, use_eager_kernel_dropout
 
 
 class FeedForward(nn.Module):
@@ -33,37 +30,17 @@ DEVICES = [
 ]
 
 
-# how a layer's dropouts get PyTorch's kernel: (the class they are given, Inductor options it needs)
-KERNEL_DROPOUTS = {
-    "custom_op": (EagerKernelDropout, {}),
-    "aten": (AtenKernelDropout, {"fallback_random": True}),
-}
-
-
-def with_dropout_class(module: nn.Module, dropout_class: type[nn.Dropout]) -> nn.Module:
-    for child in module.modules():
-        if type(child) is nn.Dropout:
-            child.__class__ = dropout_class
-    return module
-
-
-@pytest.mark.parametrize("kernel", list(KERNEL_DROPOUTS))
 @pytest.mark.parametrize("device", DEVICES)
-def test_a_compiled_layer_draws_eagers_dropout_masks_and_gradients(device: str, kernel: str) -> None:
+def test_a_compiled_layer_draws_eagers_dropout_masks_and_gradients(device: str) -> None:
     """Inductor's own dropout draws other masks for the same seed; the recipe's compiled layers draw eager's.
 
-    On the GPU with the canary recipe's C++ wrapper, which calls the op from generated C++.
+    On the GPU with the canary recipe's C++ wrapper, which calls ATen's kernel from generated C++.
     """
-    dropout_class, options = KERNEL_DROPOUTS[kernel]
     torch.manual_seed(0)
     eager = FeedForward().train().to(device)
-    compiled = (
-        with_dropout_class(copy.deepcopy(eager), AtenKernelDropout)
-        if kernel == "aten"
-        else copy.deepcopy(eager)
-    )
-    assert compile_layers([compiled], {**options, **({"cpp_wrapper": True} if device == "cuda" else {})}) == 1
-    assert type(compiled.inner) is dropout_class and type(compiled.outer) is dropout_class
+    compiled = copy.deepcopy(eager)
+    assert compile_layers([compiled], {"cpp_wrapper": True} if device == "cuda" else {}) == 1
+    assert type(compiled.inner) is EagerKernelDropout and type(compiled.outer) is EagerKernelDropout
     for frames in (5, 9):  # a second shape: the dynamic graph, not a recompile, must hold it
         x = torch.randn(3, frames, 8, device=device, requires_grad=True)
         results = []
@@ -96,21 +73,13 @@ class TwoAdapters(nn.Module):
         return self.q(x), self.v(x)
 
 
-@pytest.mark.parametrize("kernel", list(KERNEL_DROPOUTS))
-def test_two_dropouts_of_one_tensor_draw_two_masks_when_compiled(kernel: str) -> None:
-    """AOTAutograd's common-subexpression elimination merged two identical custom-op calls into one mask
-    (hence ``EagerKernelDropout.draw``); ATen's random ops it knows, and leaves alone."""
-    dropout_class, options = KERNEL_DROPOUTS[kernel]
+def test_two_dropouts_of_one_tensor_draw_two_masks_when_compiled() -> None:
+    """AOTAutograd's common-subexpression elimination merges identical calls of an op it does not know
+    to be random (it did with the earlier custom op); ATen's random ops it knows, and leaves alone."""
     eager = TwoAdapters().train()
-    compiled = (
-        with_dropout_class(copy.deepcopy(eager), AtenKernelDropout)
-        if kernel == "aten"
-        else copy.deepcopy(eager)
-    )
-    compile_layers([compiled], options)
-    assert type(compiled.q) is dropout_class and type(compiled.v) is dropout_class
-    if kernel == "custom_op":
-        assert (compiled.q.draw, compiled.v.draw) == (0, 1)
+    compiled = copy.deepcopy(eager)
+    compile_layers([compiled])
+    assert type(compiled.q) is EagerKernelDropout and type(compiled.v) is EagerKernelDropout
     x = torch.randn(16, 64)
     torch.manual_seed(0)
     eager_q, eager_v = eager(x)
@@ -120,24 +89,22 @@ def test_two_dropouts_of_one_tensor_draw_two_masks_when_compiled(kernel: str) ->
     assert torch.equal(q, eager_q) and torch.equal(v, eager_v)
 
 
-@pytest.mark.parametrize("kernel", list(KERNEL_DROPOUTS))
-def test_the_compiled_code_calls_the_dropout_kernel_and_draws_no_random_numbers_of_its_own(
-    kernel: str,
+@pytest.mark.parametrize("fallback_random", [True, False])
+def test_the_compiled_code_calls_atens_dropout_kernel_and_draws_no_random_numbers_of_its_own(
+    fallback_random: bool,
 ) -> None:
-    """What the host pays per dropout (``bench/dropout_host_cost.py``): the recipe's layer calls the custom
-    op through the dispatcher, into Python; the ATen one calls ATen's kernel from the C++ wrapper itself.
-    Neither leaves Inductor an RNG to lower (``rand``), which would draw other masks than eager's."""
+    """The recipe's layer calls ATen's kernel from the C++ wrapper itself: no Python per call, and no
+    Inductor RNG (``rand``), which draws other masks than eager's. Without ``fallback_random`` (a user's
+    ``trainer.compile_options`` may turn it off) Inductor lowers the op to its own RNG."""
     from torch._inductor.utils import run_and_get_code
 
-    dropout_class, options = KERNEL_DROPOUTS[kernel]
-    layer = with_dropout_class(FeedForward().train(), dropout_class)
-    compile_layers([layer], {**options, "cpp_wrapper": True})
+    layer = FeedForward().train()
+    compile_layers([layer], {"fallback_random": fallback_random, "cpp_wrapper": True})
     _, (forward_code, *_) = run_and_get_code(layer, torch.randn(3, 5, 8))
-    calls_custom_op = 'aoti_torch_call_dispatcher("salm::native_dropout"' in forward_code
     calls_aten = "aoti_torch_cpu_native_dropout(" in forward_code
-    assert (calls_custom_op, calls_aten) == ((True, False) if kernel == "custom_op" else (False, True))
-    # Inductor's own RNG: seeds drawn by randint, then rand in its kernels (without fallback_random)
-    assert "randint" not in forward_code and "normalized_rand" not in forward_code
+    # Inductor's own RNG: seeds drawn by randint, then rand in its kernels
+    own_rng = "randint" in forward_code or "normalized_rand" in forward_code
+    assert (calls_aten, own_rng) == (fallback_random, not fallback_random)
 
 
 def test_eval_mode_zero_and_one_probabilities_and_in_place_dropouts() -> None:
@@ -146,9 +113,6 @@ def test_eval_mode_zero_and_one_probabilities_and_in_place_dropouts() -> None:
     assert torch.equal(dropout.eval()(x), x)
     assert torch.equal(EagerKernelDropout(0.0).train()(x), x)
     assert torch.equal(EagerKernelDropout(1.0).train()(x), torch.zeros_like(x))
-    for aten in (AtenKernelDropout(0.5).eval(), AtenKernelDropout(0.0).train()):
-        assert torch.equal(aten(x), x)
-    assert torch.equal(AtenKernelDropout(1.0).train()(x), torch.zeros_like(x))
     layer = nn.Sequential(nn.Dropout(0.1), nn.Dropout(0.1, inplace=True))
     assert use_eager_kernel_dropout([layer]) == 1
     assert type(layer[0]) is EagerKernelDropout and type(layer[1]) is nn.Dropout

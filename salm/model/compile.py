@@ -52,8 +52,9 @@ CACHE_KEY_TAG = "salm-ray:conv1d-backward-aten"
 # activations around convolutions) is always on for CPU graphs with convolutions in torch 2.13: in a
 # Conformer layer compiled as one graph it specialised the frame count (a recompile per length) and,
 # with padded attention keys, crashed Inductor ("Exponent must be non-negative"). On CUDA Inductor
-# leaves it off for dynamic shapes anyway, so this changes nothing on the GPU.
-DEFAULT_INDUCTOR_OPTIONS = {"layout_optimization": False}
+# leaves it off for dynamic shapes anyway, so this changes nothing on the GPU. ``fallback_random``: the
+# layers' dropouts call ATen's dropout kernel instead of Inductor's Triton RNG (``salm.model.dropout``).
+DEFAULT_INDUCTOR_OPTIONS = {"layout_optimization": False, "fallback_random": True}
 
 
 def encoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -87,7 +88,7 @@ def compile_layers(layers: list[nn.Module], inductor_options: Mapping[str, Any] 
     """Compile each of ``layers`` in place as the recipe does; returns how many.
 
     ``dynamic=True``, 1-D convolution backwards kept dynamic (``keep_conv1d_backward_dynamic``),
-    dropout masks drawn by PyTorch's kernel (``salm.model.dropout``) and ``inductor_options`` over
+    dropout masks drawn by ATen's kernel (``salm.model.dropout``) and ``inductor_options`` over
     ``DEFAULT_INDUCTOR_OPTIONS``. A layer with activation checkpointing gets its forward compiled
     inside the checkpoint, not the checkpoint (``salm.model.activation_checkpointing`` says why).
     The benchmarks that time a slice of the encoder call this too, so they compile what training

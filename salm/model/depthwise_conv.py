@@ -8,8 +8,10 @@ frame count costs cuDNN a new plan on the host (BENCHMARKS.md, "What a new frame
 Written as ``K`` shifted multiply-adds over the zero-padded frames, the same computation is plain
 pointwise arithmetic, which Inductor fuses with its neighbours and generates for any frame count.
 
-Not in the recipe: whether it is faster on a GPU is what ``bench/train_throughput.py --variants
-compiled_fresh_lengths compiled_fresh_lengths_shifted_depthwise`` measures. Same module, weights
+Not in the recipe yet: ``bench/train_throughput.py --variants compiled_fresh_lengths
+compiled_fresh_lengths_shifted_depthwise`` measured -2.9% per pass once on an H200 (2026-12-05), within
+the spread between calls, and Serve replicas, which compile the same layers, are not measured with it
+(BENCHMARKS.md, "Dropout through ATen's kernel"). Same module, weights
 and state-dict keys; the numbers are the convolution's up to summation order. Under autocast the
 sum runs in fp32 and comes out in the autocast dtype, as the convolution's does.
 """
