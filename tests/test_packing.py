@@ -80,12 +80,18 @@ def test_the_packed_loss_equals_the_padded_one_with_the_same_gradients(tiny_salm
         torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-6)
 
 
-def test_packed_loss_through_compiled_layers_compiles_once_for_every_batch(tiny_salm, speech_clips) -> None:
-    """The recipe compiles the layers (dynamic shapes): packed rows of new lengths reuse the graphs."""
+@pytest.mark.parametrize("packed", [True, False])
+def test_the_loss_through_compiled_layers_compiles_once_for_every_batch(
+    tiny_salm, speech_clips, packed
+) -> None:
+    """The recipe compiles the layers (dynamic shapes): rows of new lengths reuse the graphs, packed or
+    padded."""
+    from torch._dynamo import reset
     from torch._dynamo.utils import counters
 
+    reset()  # graphs of an earlier test would hide what these layers compile
     eager = copy.deepcopy(tiny_salm).eval()
-    eager.pack_llm_sequences = True
+    eager.pack_llm_sequences = packed
     compiled = copy.deepcopy(eager)
     compile_repeated_layers(compiled)
     batches = [
@@ -99,8 +105,8 @@ def test_packed_loss_through_compiled_layers_compiles_once_for_every_batch(tiny_
             torch.testing.assert_close(compiled.loss(batch)["loss"], eager.loss(batch)["loss"])
         graphs.append(counters["stats"]["unique_graphs"] - graphs[0])
     # The first batch compiles one graph per layer kind: a Conformer layer's and a Qwen3 layer's (the
-    # packed row is no view, so the first Qwen3 layer shares it); rows of new lengths and sequence
-    # counts compile nothing.
+    # LLM's input is no view, packed or padded, so the first Qwen3 layer shares it); rows of new
+    # lengths and sequence counts compile nothing.
     assert graphs[1:] == [2, 2, 2], graphs
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
 

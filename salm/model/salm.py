@@ -241,8 +241,12 @@ class SALM(nn.Module):
             targets = packed.targets
             computed_positions = packed.targets.numel()
         else:
+            # A copy, not prepare_inputs' slice: Dynamo guards on a view's base, so with compiled layers
+            # the first Qwen3 layer would compile a graph of its own (tests/test_packing.py).
             hidden = causal_lm.model(
-                inputs_embeds=inputs["input_embeds"], attention_mask=inputs["attention_mask"], use_cache=False
+                inputs_embeds=inputs["input_embeds"].clone(),
+                attention_mask=inputs["attention_mask"],
+                use_cache=False,
             ).last_hidden_state  # (B, T', H)
             targets = inputs["target_ids"]
             computed_positions = inputs["attention_mask"].numel()
