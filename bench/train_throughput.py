@@ -838,31 +838,43 @@ def main() -> None:
         print(f"{name}: did not fit (CUDA out of memory; {paths[name]['peak_mem_gb']:.1f} GB at the failure)")
     for name, error in failed.items():
         print(f"{name}: failed with {error.strip().splitlines()[-1]} (traceback above and in the JSON)")
+    name, best = result_name(rows, args.tiny)
+    if best is None:
+        print(f"no path ran the recipe's step ({', '.join(RECIPE_VARIANTS)}): the timings go to {name}.json")
+    write_result(
+        name,
+        {
+            "card": card(device),
+            "best_variant": best,
+            "mfu": rows[best]["mfu"] if best else None,
+            "tokens_per_s": rows[best]["tokens_per_s"] if best else None,
+            "audio_s_per_s": rows[best]["audio_s_per_s"] if best else None,
+            "ratio_vs_nemo": ratio(rows, best, "nemo") if best else None,
+            "ratio_vs_plain": ratio(rows, best, "plain") if best else None,
+            "peak_mem_gb": rows[best]["peak_mem_gb"] if best else None,
+            "out_of_memory": did_not_fit,
+            "failed": failed,
+            "bf16_matmul_tflops": peak_tflops,
+            "batches": [{**d, **c} for d, c in zip(describe_batches(batches), counts, strict=True)],
+            "flops_from": str(counts_from) if counts_from is not None else None,
+            "fresh_lengths": args.fresh_lengths,
+            "paths": rows,
+        },
+        args.out,
+        record=not args.tiny,
+    )
+
+
+def result_name(rows: dict, tiny: bool) -> tuple[str, str | None]:
+    """The JSON's name and the recipe's fastest path (None when no path ran the recipe's step).
+
+    A run of only lever variants (``compiled_fresh_lengths ...``) is no official result, so it must not
+    replace ``train_throughput.json``; it goes to ``train_throughput_variants.json`` instead of being lost.
+    """
     ours = [name for name in rows if model_variant(name) in RECIPE_VARIANTS]  # the recipe's paths
     best = max(ours, key=lambda n: rows[n]["audio_s_per_s"]) if ours else None
-    if best:
-        write_result(
-            "train_throughput" + ("_tiny" if args.tiny else ""),
-            {
-                "card": card(device),
-                "best_variant": best,
-                "mfu": rows[best]["mfu"],
-                "tokens_per_s": rows[best]["tokens_per_s"],
-                "audio_s_per_s": rows[best]["audio_s_per_s"],
-                "ratio_vs_nemo": ratio(rows, best, "nemo"),
-                "ratio_vs_plain": ratio(rows, best, "plain"),
-                "peak_mem_gb": rows[best]["peak_mem_gb"],
-                "out_of_memory": did_not_fit,
-                "failed": failed,
-                "bf16_matmul_tflops": peak_tflops,
-                "batches": [{**d, **c} for d, c in zip(describe_batches(batches), counts, strict=True)],
-                "flops_from": str(counts_from) if counts_from is not None else None,
-                "fresh_lengths": args.fresh_lengths,
-                "paths": rows,
-            },
-            args.out,
-            record=not args.tiny,
-        )
+    name = "train_throughput" if best else "train_throughput_variants"
+    return name + ("_tiny" if tiny else ""), best
 
 
 def model_variant(path: str) -> str | None:

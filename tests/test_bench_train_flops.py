@@ -210,3 +210,20 @@ def test_the_shifted_depthwise_variant_swaps_the_convolutions_and_the_next_varia
     finally:
         set_compiled_levers(model, "compiled")
     assert depthwise_classes() == {CausalConv1D}
+
+
+def test_a_run_without_the_recipes_step_keeps_its_timings_apart_from_the_official_json() -> None:
+    """A run of lever variants alone wrote no JSON at all (the 2026-12-05 H200 levers run came back
+    as a log only); it now goes to its own file, and the official name stays for the recipe's step."""
+    from bench.train_throughput import result_name
+
+    levers = {
+        "ours[compiled_fresh_lengths]": {"audio_s_per_s": 1404.0},
+        "ours[compiled_fresh_lengths_shifted_depthwise]": {"audio_s_per_s": 1446.0},
+    }
+    assert result_name(levers, tiny=False) == ("train_throughput_variants", None)
+    assert result_name({}, tiny=False) == ("train_throughput_variants", None)  # every path failed
+    official = {**levers, "ours[compiled]": {"audio_s_per_s": 1441.0}, "nemo": {"audio_s_per_s": 801.0}}
+    assert result_name(official, tiny=False) == ("train_throughput", "ours[compiled]")
+    both = {"ours[default]": {"audio_s_per_s": 900.0}, "ours[compiled]": {"audio_s_per_s": 1441.0}}
+    assert result_name(both, tiny=True) == ("train_throughput_tiny", "ours[compiled]")
