@@ -841,17 +841,18 @@ def main() -> None:
     name, best = result_name(rows, args.tiny)
     if best is None:
         print(f"no path ran the recipe's step ({', '.join(RECIPE_VARIANTS)}): the timings go to {name}.json")
+    top = rows[best] if best else {}
     write_result(
         name,
         {
             "card": card(device),
             "best_variant": best,
-            "mfu": rows[best]["mfu"] if best else None,
-            "tokens_per_s": rows[best]["tokens_per_s"] if best else None,
-            "audio_s_per_s": rows[best]["audio_s_per_s"] if best else None,
-            "ratio_vs_nemo": ratio(rows, best, "nemo") if best else None,
-            "ratio_vs_plain": ratio(rows, best, "plain") if best else None,
-            "peak_mem_gb": rows[best]["peak_mem_gb"] if best else None,
+            "mfu": top.get("mfu"),
+            "tokens_per_s": top.get("tokens_per_s"),
+            "audio_s_per_s": top.get("audio_s_per_s"),
+            "ratio_vs_nemo": ratio(rows, best, "nemo"),
+            "ratio_vs_plain": ratio(rows, best, "plain"),
+            "peak_mem_gb": top.get("peak_mem_gb"),
             "out_of_memory": did_not_fit,
             "failed": failed,
             "bf16_matmul_tflops": peak_tflops,
@@ -915,8 +916,9 @@ def reused_counts(path: Path, batches: list[dict]) -> list[dict]:
     return counts
 
 
-def ratio(rows: dict, ours: str, baseline: str) -> float | None:
-    if baseline not in rows:
+def ratio(rows: dict, ours: str | None, baseline: str) -> float | None:
+    """``ours`` audio-s/s over ``baseline``'s; None when either did not run."""
+    if ours not in rows or baseline not in rows:
         return None
     return rows[ours]["audio_s_per_s"] / rows[baseline]["audio_s_per_s"]
 
