@@ -13,12 +13,14 @@ seconds each), in variants timed in the same run:
   8-aligned. The profile of the compiled training step showed ~0.19 s per pass in SM75 ``align1``
   GEMM kernels (BENCHMARKS.md). Until 2026-12-03 this bench's ``aligned`` variant padded the mel
   frames instead (the removed ``perception.pad_frames_to``);
-- ``padded_keys_shifted_depthwise``: ``padded_keys`` with the Conformer's depthwise convolutions as
-  shifted sums (``salm.model.depthwise_conv``), which Inductor fuses with their neighbours;
 - ``padded_keys_cl``: ``padded_keys`` with the subsampling's convolutions channels-last
   (``salm.model.encoder_layout.use_channels_last_subsampling``). In bf16 and NCHW, PyTorch runs a
   depthwise convolution on its own native kernel (cuDNN only for fp16); channels-last sends it to
   cuDNN. The profile showed ~90 ms per pass in that kernel's backward.
+
+Compiled variants run the Conformer's depthwise convolutions as shifted sums, as ``compile_layers``
+does since 2026-12-05 (``salm.model.depthwise_conv``); eager ones run NeMo's. (The removed
+``padded_keys_shifted_depthwise`` variant compared the two, at ``d24a258``.)
 
 Prints milliseconds per pass over the buckets and each variant against the first variant compiled,
 ``nemo`` compiled (what the canary recipe ran before) and ``nemo`` eager::
@@ -42,14 +44,11 @@ from omegaconf import OmegaConf
 from bench.common import CONFIGS, card, run_epochs
 from bench.train_batches import BUCKETS
 from salm.model.compile import compile_layers
-from salm.model.depthwise_conv import use_shifted_sum_depthwise_convs
 from salm.model.encoder_layout import use_channels_last_subsampling
 from salm.model.rel_shift import set_key_padding, use_strided_rel_shift
 
 FRAMES_PER_S = 100  # mel frames (10 ms hop)
-VARIANTS = [
-    "nemo", "strided", "nemo_sdpa", "strided_sdpa", "padded_keys", "padded_keys_cl", "padded_keys_shifted_depthwise"
-]  # fmt: skip
+VARIANTS = ["nemo", "strided", "nemo_sdpa", "strided_sdpa", "padded_keys", "padded_keys_cl"]
 
 
 def encoder(layers: int, device: torch.device):
@@ -83,8 +82,6 @@ def set_variant(model, variant: str) -> None:
         set_key_padding(model, 8)
     if variant == "padded_keys_cl":
         use_channels_last_subsampling(model)
-    if variant == "padded_keys_shifted_depthwise":
-        use_shifted_sum_depthwise_convs(model)
     for layer in model.layers:
         layer.self_attn.use_pytorch_sdpa = variant.endswith("_sdpa")
 

@@ -96,8 +96,8 @@ def audio_seconds(batches: list[dict]) -> float:
 # "compiled_fresh_lengths_bool_mask_gathers" is that with the loss's packed-row and target gathers by
 # boolean mask and NeMo's all-reduce of the frame count (the step before bench/host_syncs.py's change:
 # 5 more host syncs per step in the forward, 2 in the backward; eager code, nothing traced again).
-# "compiled_fresh_lengths_shifted_depthwise" is "compiled_fresh_lengths" with the Conformer's depthwise
-# convolutions as shifted sums (salm.model.depthwise_conv; not in the recipe): it traces every layer again.
+# "compiled_fresh_lengths_conv_depthwise" is "compiled_fresh_lengths" with the Conformer's depthwise
+# convolutions as NeMo's cuDNN Conv1d (the recipe before salm.model.depthwise_conv): it traces every layer again.
 # "compiled_fresh_lengths_expandable" is "compiled_fresh_lengths" after the allocator's cache is emptied and
 # switched to expandable segments (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True); it stays on after it.
 # "compiled_conv_pointwise" runs the Conformer's pointwise convolutions as NeMo's Conv1d (the recipe
@@ -119,7 +119,7 @@ MODEL_VARIANTS = [
     "compiled_fresh_lengths_conv_subsampling",
     "compiled_fresh_lengths_device_layout",
     "compiled_fresh_lengths_bool_mask_gathers",
-    "compiled_fresh_lengths_shifted_depthwise",
+    "compiled_fresh_lengths_conv_depthwise",
     "compiled_fresh_lengths_expandable",
     "compiled_conv_pointwise",
     "compiled_checkpointed_llm",
@@ -191,8 +191,8 @@ def set_encoder_sdpa(model, enabled: bool) -> None:
 
 
 def set_compiled_levers(model, variant: str) -> bool:
-    """The recipe's matmul pointwise convolutions, or NeMo's for their "before" variant, and NeMo's
-    depthwise convolutions unless the variant tries shifted sums; returns whether a module changed
+    """The recipe's matmul pointwise convolutions and shifted-sum depthwise convolutions (what
+    ``compile_layers`` sets), or NeMo's for their "before" variants; returns whether a module changed
     (Dynamo must then trace the layers again)."""
     from torch import nn
 
@@ -205,7 +205,7 @@ def set_compiled_levers(model, variant: str) -> bool:
     )
     pointwise = nn.Conv1d if variant == "compiled_conv_pointwise" else PointwiseConvAsMatmul
     changed = set_pointwise_class(model.perception.encoder, pointwise)
-    shifted = variant == "compiled_fresh_lengths_shifted_depthwise"
+    shifted = variant != "compiled_fresh_lengths_conv_depthwise"
     changed |= use_shifted_sum_depthwise_convs(model.perception.encoder, enabled=shifted) > 0
     return changed
 
@@ -438,6 +438,7 @@ def time_ds_variant(cfg, device: torch.device, config: dict, ds_variant: str) ->
             # In place, hence last; its first pass compiles.
             if variant.startswith("compiled") and not compiled:
                 compile_repeated_layers(model, cfg.trainer.compile_options)  # the recipe's Inductor options
+                set_compiled_levers(model, variant)  # a "before" variant first: compiling set the recipe's
                 compiled = True
                 compile_s = timed(lambda feed=feed: [step(b) for b in feed], device)
                 print(f"ours[{name}]: first pass (compiling) {compile_s:.1f} s", flush=True)

@@ -186,29 +186,34 @@ def test_the_bool_mask_gathers_variant_trains_the_same_numbers_and_is_undone(tin
     assert all(torch.equal(a, b) for a, b in zip(before[1], after[1], strict=True))
 
 
-def test_the_shifted_depthwise_variant_swaps_the_convolutions_and_the_next_variant_gets_nemos_back(
+def test_the_compiled_variants_take_the_recipes_depthwise_convolutions_and_the_before_variant_nemos(
     tiny_model_and_batch,
 ) -> None:
-    """``compiled_fresh_lengths_shifted_depthwise`` sets its lever whether or not layers were compiled
-    before it (it may run first), and reports the change so that compiled layers are traced again."""
+    """Compiled variants run the depthwise convolutions as ``compile_layers`` sets them (shifted sums);
+    ``compiled_fresh_lengths_conv_depthwise`` puts NeMo's back whether it runs first or later, and
+    reports the change so that compiled layers are traced again."""
     from nemo.collections.asr.parts.submodules.causal_convs import CausalConv1D
 
     from bench.train_throughput import set_compiled_levers
-    from salm.model.depthwise_conv import DepthwiseConvAsShiftedSums
+    from salm.model.depthwise_conv import DepthwiseConvAsShiftedSums, use_shifted_sum_depthwise_convs
 
     model, _ = tiny_model_and_batch
+    encoder = model.perception.encoder
 
     def depthwise_classes() -> set[type]:
-        return {type(layer.conv.depthwise_conv) for layer in model.perception.encoder.layers}
+        return {type(layer.conv.depthwise_conv) for layer in encoder.layers}
 
     try:
-        assert depthwise_classes() == {CausalConv1D}
-        assert set_compiled_levers(model, "compiled_fresh_lengths_shifted_depthwise") is True
-        assert depthwise_classes() == {DepthwiseConvAsShiftedSums}
-        assert set_compiled_levers(model, "compiled_fresh_lengths_shifted_depthwise") is False  # already set
+        assert depthwise_classes() == {CausalConv1D}  # the eager model: NeMo's
         assert set_compiled_levers(model, "compiled_fresh_lengths") is True
+        assert depthwise_classes() == {DepthwiseConvAsShiftedSums}
+        assert set_compiled_levers(model, "compiled_fresh_lengths_conv_depthwise") is True
+        assert depthwise_classes() == {CausalConv1D}
+        assert set_compiled_levers(model, "compiled_fresh_lengths_conv_depthwise") is False  # already set
+        assert set_compiled_levers(model, "compiled") is True
+        assert depthwise_classes() == {DepthwiseConvAsShiftedSums}
     finally:
-        set_compiled_levers(model, "compiled")
+        use_shifted_sum_depthwise_convs(encoder, enabled=False)  # the shared fixture stays eager
     assert depthwise_classes() == {CausalConv1D}
 
 
@@ -219,7 +224,7 @@ def test_a_run_without_the_recipes_step_keeps_its_timings_apart_from_the_officia
 
     levers = {
         "ours[compiled_fresh_lengths]": {"audio_s_per_s": 1404.0},
-        "ours[compiled_fresh_lengths_shifted_depthwise]": {"audio_s_per_s": 1446.0},
+        "ours[compiled_fresh_lengths_conv_depthwise]": {"audio_s_per_s": 1446.0},
     }
     assert result_name(levers, tiny=False) == ("train_throughput_variants", None)
     assert result_name({}, tiny=False) == ("train_throughput_variants", None)  # every path failed

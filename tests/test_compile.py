@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import torch
+from nemo.collections.asr.parts.submodules.causal_convs import CausalConv1D
 from nemo.collections.asr.parts.submodules.conformer_modules import ConformerConvolution
 from torch._dynamo.utils import counters
 
@@ -15,7 +16,9 @@ from salm.model.compile import (
     compile_repeated_layers,
     keep_conv1d_backward_dynamic,
     repeated_layers,
+    uncompile_layers,
 )
+from salm.model.depthwise_conv import DepthwiseConvAsShiftedSums
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "Transcribe the following: <|audioplaceholder|>"
@@ -38,6 +41,11 @@ def test_compiled_layers_keep_the_state_dict_and_the_transcripts(tiny_salm, spee
     again = model.generate(prompts, max_new_tokens=8)  # encoder compiled, LLM eager (force_eager)
     assert counters["stats"]["unique_graphs"] > graphs_before  # the compiled encoder layers ran
     assert again.token_ids == eager.token_ids
+    # compiled, the depthwise convolutions are shifted sums Inductor can fuse; eager, NeMo's again
+    depthwise = [layer.conv.depthwise_conv for layer in model.perception.encoder.layers]
+    assert {type(conv) for conv in depthwise} == {DepthwiseConvAsShiftedSums}
+    uncompile_layers(repeated_layers(model))
+    assert {type(conv) for conv in depthwise} == {CausalConv1D}
 
 
 def test_the_recipes_inductor_options_reach_every_compiled_layer(tiny_salm) -> None:

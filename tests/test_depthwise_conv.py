@@ -51,6 +51,16 @@ def test_under_autocast_the_output_has_the_convolutions_dtype_and_values() -> No
     torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
 
 
+def test_in_float64_the_sum_stays_float64() -> None:
+    """Only half-precision inputs are summed in fp32; a float64 model (the rel-shift tests) keeps its precision."""
+    conv = _depthwise(16, 9, 4).double()
+    shifted = _as_shifted_sums(conv)
+    x = torch.randn(2, 16, 50, dtype=torch.float64)
+    expected, got = conv(x), shifted(x)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, expected)  # float64's default tolerance: 1e-7
+
+
 def test_a_streaming_call_with_a_cache_runs_nemos_convolution() -> None:
     conv = _depthwise(8, 9, [8, 0])
     conv.cache_drop_size = 0

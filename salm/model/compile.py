@@ -14,8 +14,9 @@ size and length every step: one graph should serve them all instead of a recompi
 Torch 2.13 breaks that for the Conformer layers in training (``bench/compile_recompiles.py``): its
 Inductor lowering of ``aten.convolution_backward`` turns the gradient's strides into integer guards,
 which pins the frame count of every 1-D convolution (the Conformer's pointwise and depthwise
-convolutions). Every new frame count then compiled the layer again, and after Dynamo's
-``recompile_limit`` (8) new ones ran eagerly. ``keep_conv1d_backward_dynamic`` sends 1-D
+convolutions before they became matmuls and shifted sums; a user's encoder may still have some).
+Every new frame count then compiled the layer again, and after Dynamo's ``recompile_limit`` (8) new
+ones ran eagerly. ``keep_conv1d_backward_dynamic`` sends 1-D
 convolution backwards to ATen's kernel, which is what Inductor runs for them anyway (its Triton
 templates are 2-D only), so the graph stays dynamic.
 
@@ -88,14 +89,19 @@ def compile_layers(layers: list[nn.Module], inductor_options: Mapping[str, Any] 
     """Compile each of ``layers`` in place as the recipe does; returns how many.
 
     ``dynamic=True``, 1-D convolution backwards kept dynamic (``keep_conv1d_backward_dynamic``),
-    dropout masks drawn by ATen's kernel (``salm.model.dropout``) and ``inductor_options`` over
-    ``DEFAULT_INDUCTOR_OPTIONS``. A layer with activation checkpointing gets its forward compiled
+    dropout masks drawn by ATen's kernel (``salm.model.dropout``), the Conformer's depthwise
+    convolutions as shifted sums that Inductor fuses (``salm.model.depthwise_conv``) and
+    ``inductor_options`` over ``DEFAULT_INDUCTOR_OPTIONS``. A layer with activation checkpointing gets its forward compiled
     inside the checkpoint, not the checkpoint (``salm.model.activation_checkpointing`` says why).
     The benchmarks that time a slice of the encoder call this too, so they compile what training
     compiles.
     """
+    from salm.model.depthwise_conv import use_shifted_sum_depthwise_convs  # imports NeMo
+
     keep_conv1d_backward_dynamic()
     use_eager_kernel_dropout(layers)
+    for layer in layers:
+        use_shifted_sum_depthwise_convs(layer)  # fusable arithmetic; uncompile_layers puts NeMo's back
     options = {**DEFAULT_INDUCTOR_OPTIONS, **(inductor_options or {})}
     for layer in layers:
         if is_checkpointed(layer):
@@ -115,10 +121,14 @@ def uncompile_layers(layers: list[nn.Module]) -> None:
     """Run ``layers`` eagerly again after ``compile_layers`` (e.g. when compiling failed).
 
     ``nn.Module.compile`` keeps the compiled callable in ``_compiled_call_impl`` and calls it when
-    set; torch has no public call to undo it. Checkpointed layers are not handled (inference only).
+    set; torch has no public call to undo it. The depthwise convolutions go back to NeMo's (cuDNN's
+    kernel is the faster one eagerly). Checkpointed layers are not handled (inference only).
     """
+    from salm.model.depthwise_conv import use_shifted_sum_depthwise_convs
+
     for layer in layers:
         layer._compiled_call_impl = None
+        use_shifted_sum_depthwise_convs(layer, enabled=False)
 
 
 def inductor_options_error(options: Mapping[str, Any]) -> str | None:

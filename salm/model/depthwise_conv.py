@@ -8,10 +8,11 @@ frame count costs cuDNN a new plan on the host (BENCHMARKS.md, "What a new frame
 Written as ``K`` shifted multiply-adds over the zero-padded frames, the same computation is plain
 pointwise arithmetic, which Inductor fuses with its neighbours and generates for any frame count.
 
-Not in the recipe yet: ``bench/train_throughput.py --variants compiled_fresh_lengths
-compiled_fresh_lengths_shifted_depthwise`` measured -2.9% per pass once on an H200 (2026-12-05), within
-the spread between calls, and Serve replicas, which compile the same layers, are not measured with it
-(BENCHMARKS.md, "Dropout through ATen's kernel"). Same module, weights
+``salm.model.compile.compile_layers`` turns them on for every layer it compiles (training's
+``trainer.compile_layers`` and a Serve replica's compiled encoder) and ``uncompile_layers`` back off:
+run eagerly they would be ``K`` kernels over the whole tensor instead of cuDNN's one. Measured on the training
+step with a new frame count at every step: -2.9% per pass on an H200, -1.2% and -1.5% on an H100,
+0.8 GB less memory (BENCHMARKS.md, "One H100, 2026-12-05"). Same module, weights
 and state-dict keys; the numbers are the convolution's up to summation order. Under autocast the
 sum runs in fp32 and comes out in the autocast dtype, as the convolution's does.
 """
@@ -35,15 +36,16 @@ class DepthwiseConvAsShiftedSums(CausalConv1D):
         out_dtype = (
             torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         )
-        padded = nn.functional.pad(x, (self._left_padding, self._right_padding)).float()
-        weight = self.weight.float()[:, 0, :].unsqueeze(-1)  # [C, K, 1]
+        exact = torch.promote_types(x.dtype, torch.float32)  # bf16/fp16 sum in fp32; fp64 stays fp64
+        padded = nn.functional.pad(x, (self._left_padding, self._right_padding)).to(exact)
+        weight = self.weight.to(exact)[:, 0, :].unsqueeze(-1)  # [C, K, 1]
         kernel = self.kernel_size[0]
         frames = padded.shape[-1] - kernel + 1
         out = padded[..., :frames] * weight[:, 0]
         for k in range(1, kernel):
             out = out + padded[..., k : k + frames] * weight[:, k]
         if self.bias is not None:
-            out = out + self.bias.float().unsqueeze(-1)
+            out = out + self.bias.to(exact).unsqueeze(-1)
         return out.to(out_dtype)
 
 
@@ -58,16 +60,17 @@ def is_depthwise(conv: nn.Module) -> bool:
     )
 
 
-def use_shifted_sum_depthwise_convs(encoder: nn.Module, enabled: bool = True) -> int:
-    """Turn the depthwise convolution of every Conformer convolution module into shifted sums (or back
-    to NeMo's ``CausalConv1D`` with ``enabled=False``); returns how many modules changed class."""
+def use_shifted_sum_depthwise_convs(module: nn.Module, enabled: bool = True) -> int:
+    """Turn the depthwise convolution of every Conformer convolution module in ``module`` (an encoder or
+    one of its layers) into shifted sums, or back to NeMo's ``CausalConv1D`` with ``enabled=False``;
+    returns how many modules changed class."""
     from nemo.collections.asr.parts.submodules.conformer_modules import ConformerConvolution
 
     wanted = DepthwiseConvAsShiftedSums if enabled else CausalConv1D
     changed = 0
-    for module in encoder.modules():
-        if isinstance(module, ConformerConvolution):
-            conv = module.depthwise_conv
+    for child in module.modules():
+        if isinstance(child, ConformerConvolution):
+            conv = child.depthwise_conv
             ours_or_nemos = type(conv) in (CausalConv1D, DepthwiseConvAsShiftedSums)
             if ours_or_nemos and is_depthwise(conv) and type(conv) is not wanted:
                 conv.__class__ = wanted
