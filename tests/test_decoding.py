@@ -183,6 +183,48 @@ def test_compiled_step_compiles_once_for_every_batch_size_and_cache_length(tiny_
     assert new_graphs == [1, 0, 0, 0]
 
 
+def test_compiled_prefill_gives_the_eager_tokens_for_one_prompt_and_several(tiny_salm, speech_clips) -> None:
+    """The prefill through ``compiled_prefill`` must not change a token, also for a single prompt,
+    which runs as two rows (a copy) in a decoder that has them."""
+    prompts = [[{"role": "user", "content": PROMPT, "audio": u.path}] for u in speech_clips[:3]]
+    embeds, mask = tiny_salm.prepare_generation_inputs(prompts)
+    causal_lm = base_causal_lm(tiny_salm.llm)
+    parts = (causal_lm.model, causal_lm.lm_head, tiny_salm.embed_tokens)
+    with torch.no_grad():
+        for batch, rows in ((1, 2), (3, 4)):
+            tokens = []
+            for compiled in (False, True):
+                decoder = GreedyDecoder(*parts, rows, 128, 10, False)
+                decoder.cache.keys[0].normal_()  # stale contents of an earlier batch must not leak in
+                eos, pad = tiny_salm.text_eos_id, tiny_salm.text_pad_id
+                decoder.prefill(embeds[:batch], mask[:batch], eos, pad, compiled=compiled)
+                tokens.append(decoder.decode())
+            assert torch.equal(tokens[0], tokens[1])
+            assert (tokens[1][batch:] == tiny_salm.text_pad_id).all()  # the copy and the padding rows
+
+
+def test_compiled_prefill_compiles_once_for_every_batch_size_prompt_and_cache_length(tiny_salm) -> None:
+    """A recompile in a server costs a request minutes: a single prompt, any batch, any prompt
+    length and any cache length (also one equal to another size) must share the first graph."""
+    from torch._dynamo.utils import counters
+
+    causal_lm = base_causal_lm(tiny_salm.llm)
+    parts = (causal_lm.model, causal_lm.lm_head, tiny_salm.embed_tokens)
+    head_dim = causal_lm.model.config.head_dim
+    hidden = tiny_salm.embed_tokens.weight.shape[1]
+    torch._dynamo.reset()
+    new_graphs = []
+    with torch.no_grad():
+        for batch, length, max_len in ((1, 6, head_dim), (2, 9, head_dim), (3, 3, 2 * head_dim), (5, 5, 48)):
+            decoder = GreedyDecoder(*parts, padded_batch_size(batch, compile_step=True), max_len, 4, False)
+            before = counters["stats"]["unique_graphs"]
+            mask = torch.ones(batch, length, dtype=torch.long)
+            mask[0, :2] = 0  # a left-padded prompt
+            decoder.prefill(torch.randn(batch, length, hidden), mask, 0, 0, compiled=True)
+            new_graphs.append(counters["stats"]["unique_graphs"] - before)
+    assert new_graphs == [1, 0, 0, 0]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled, captured decoding step is GPU-only")
 def test_a_failing_step_compile_turns_compiling_off_and_keeps_the_tokens(
     tiny_model_cfg, tmp_path, monkeypatch

@@ -204,21 +204,35 @@ class GreedyDecoder:
         self.token.copy_(next_token)
         self.step_index += 1
 
-    def prefill(self, embeds: torch.Tensor, attention_mask: torch.Tensor, eos_id: int, pad_id: int) -> None:
+    def prefill(
+        self,
+        embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        eos_id: int,
+        pad_id: int,
+        compiled: bool = False,
+    ) -> None:
         """Run the prompts ``(B, T, H)`` (left-padded, ``attention_mask`` (B, T)) and emit the first token.
 
         ``B`` may be smaller than the decoder's batch (a server's batch padded up to a captured
         size): the prefill runs on the ``B`` real rows only, since it costs in proportion to its
         rows, and the padding rows start finished, so they emit ``pad_id`` and never hold up the
-        early stop.
+        early stop. ``compiled`` runs the LLM through ``compiled_prefill``; a single prompt then
+        runs as two rows (a copy of it) when the decoder has them, so that it shares the compiled
+        graph of every other batch size.
         """
         batch, length, _ = embeds.shape
         if batch > self.batch:
             raise ValueError(f"{batch} prompts do not fit a decoder for {self.batch}")
+        real = batch
+        if compiled and batch == 1 and self.batch > 1:
+            embeds, attention_mask, batch = embeds.repeat(2, 1, 1), attention_mask.repeat(2, 1), 2
+        if compiled:  # Dynamo guards on strides: a view of other strides would compile again
+            embeds = embeds.contiguous()
         self.eos_id.fill_(eos_id)
         self.pad_id.fill_(pad_id)
         self.finished.zero_()
-        self.finished[batch:] = True
+        self.finished[real:] = True
         self.step_index.zero_()
         self.cache.position.zero_()
         valid = attention_mask.bool()
@@ -230,7 +244,12 @@ class GreedyDecoder:
         )
         prompt_mask[..., :length].masked_fill_(causal & valid[:, None, None, :], 0.0)
         positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, T): left padding shifts positions
-        hidden = self._forward(embeds, prompt_mask, positions, self.cache.first_rows(batch))
+        cache = self.cache.first_rows(batch)
+        if compiled:
+            with torch.compiler.set_stance("default"), fx_config.patch(use_duck_shape=False):
+                hidden = compiled_prefill()(self, embeds, prompt_mask, positions, cache)
+        else:
+            hidden = self._forward(embeds, prompt_mask, positions, cache)
         self.cache.position.fill_(length)
         self.positions.zero_()
         self.positions[:batch].copy_(positions[:, -1:])
@@ -317,6 +336,20 @@ def compiled_step():
     the eager one.
     """
     return torch.compile(GreedyDecoder._eager_step, dynamic=True)
+
+
+@functools.cache
+def compiled_prefill():
+    """``GreedyDecoder._forward`` over the prompts under ``torch.compile``, made once per process.
+
+    Why: generation runs the LLM eagerly, and an eager Qwen3 layer over a whole batch of prompts
+    makes many passes over memory outside its matmuls (RMSNorm in fp32 as six kernels, RoPE with
+    ``cat``, SiLU and the gate product, casts, residual adds). Compiled, they fuse. As in
+    ``compiled_step`` the layer loop is unrolled in one trace, so the layer index is a constant;
+    ``dynamic=True`` with duck sizing off lets every batch size of 2 or more and every prompt length
+    share one graph.
+    """
+    return torch.compile(GreedyDecoder._forward, dynamic=True)
 
 
 class DecoderCache:
