@@ -27,6 +27,8 @@ What each optimisation of ours buys is measured in the same run with ``--ours-va
   and ``salm export --merge-lora``);
 - ``compiled_decode``: ours with the greedy decoding step compiled (``SALM.compile_decoding``, what
   the Serve replica's ``compile_decoding`` option turns on), then captured as before;
+- ``compiled_prefill``: ours with the greedy decoder's prefill compiled too (``SALM.compile_prefill``,
+  ``decoding.compiled_prefill``; a candidate: no Serve option turns it on yet);
 - ``compiled_encoder``: ours with every Conformer layer compiled (``salm.model.compile``), what the
   Serve replica's ``compile_encoder`` option does.
 
@@ -171,6 +173,7 @@ OURS_VARIANTS = (
     "transformers_sdpa",
     "merged_lora",
     "compiled_decode",
+    "compiled_prefill",
     "compiled_encoder",
 )
 
@@ -373,6 +376,8 @@ def main() -> None:
                 merge_lora_into_llm(ours)  # new parameters: the decoder cache recaptures
             if name == "ours_compiled_decode":
                 ours.compile_decoding = True
+            if name == "ours_compiled_prefill":
+                ours.compile_prefill = True
             if name == "ours_compiled_encoder":  # as a replica with user_config.compile_encoder does
                 from salm.inference_compile import compile_encoder_now
 

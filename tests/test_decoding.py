@@ -225,6 +225,28 @@ def test_compiled_prefill_compiles_once_for_every_batch_size_prompt_and_cache_le
     assert new_graphs == [1, 0, 0, 0]
 
 
+def test_generate_with_compile_prefill_gives_the_eager_transcripts_and_falls_back_once_on_failure(
+    tiny_salm, speech_clips, monkeypatch
+) -> None:
+    import copy
+
+    from salm.model import decoding
+
+    model = copy.deepcopy(tiny_salm)  # the test turns its switch on and off
+    prompts = [[{"role": "user", "content": PROMPT, "audio": u.path}] for u in speech_clips[:2]]
+    expected = model.generate(prompts, max_new_tokens=8).token_ids
+    model.compile_prefill = True
+    assert model.generate(prompts, max_new_tokens=8).token_ids == expected
+
+    def no_compiler():
+        raise RuntimeError("no C compiler")
+
+    monkeypatch.setattr(decoding, "compiled_prefill", no_compiler)
+    with pytest.warns(UserWarning, match="compiling the prefill failed .*no C compiler.*prefilling eagerly"):
+        assert model.generate(prompts, max_new_tokens=8).token_ids == expected
+    assert model.compile_prefill is False  # given up once, not retried per call
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled, captured decoding step is GPU-only")
 def test_a_failing_step_compile_turns_compiling_off_and_keeps_the_tokens(
     tiny_model_cfg, tmp_path, monkeypatch

@@ -106,6 +106,10 @@ class SALM(nn.Module):
         # token at every batch size measured (1-256, BENCHMARKS.md), but the first calls compile for
         # a minute or two. Set by servers, off by default.
         self.compile_decoding = False
+        # The greedy decoder's prefill through one compiled trace of the LLM (decoding.compiled_prefill):
+        # a candidate, off by default and set by nothing but bench/serve_throughput.py's
+        # compiled_prefill variant until it is measured on a GPU (bench/prefill_compile.py).
+        self.compile_prefill = False
         # The loss runs the LLM on one packed row of the batch's real positions (salm.model.packing):
         # no compute on padding. Set by the training loop (trainer.pack_llm_sequences), off by default.
         self.pack_llm_sequences = False
@@ -438,7 +442,7 @@ class SALM(nn.Module):
 
         def decode_eagerly() -> torch.Tensor:  # exact shapes, no padding, no graph
             decoder = GreedyDecoder(*parts, batch, max_len, max_new_tokens, False)
-            decoder.prefill(embeds, attention_mask, self.text_eos_id, self.text_pad_id)
+            self._prefill(decoder, embeds, attention_mask)
             return decoder.decode()
 
         if embeds.device.type != "cuda" or self.training:  # nothing to capture
@@ -452,7 +456,7 @@ class SALM(nn.Module):
             weight_pointers(self.llm, self.embed_tokens),
             compile_step=self.compile_decoding,
         )
-        decoder.prefill(embeds, attention_mask, self.text_eos_id, self.text_pad_id)  # real rows only
+        self._prefill(decoder, embeds, attention_mask)  # real rows only
         try:
             return decoder.decode()[:batch]
         except RuntimeError as error:  # capture refused (an op that syncs), or compiling the step failed
@@ -472,6 +476,23 @@ class SALM(nn.Module):
                 stacklevel=2,
             )
             return decode_eagerly()
+
+    def _prefill(self, decoder: GreedyDecoder, embeds: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        """``decoder.prefill``, compiled when ``compile_prefill`` is on. A compile that fails (e.g. no
+        C compiler for Triton) turns it off with a warning, once, and the eager prefill runs instead:
+        the same tokens, slower."""
+        if self.compile_prefill:
+            try:
+                decoder.prefill(embeds, attention_mask, self.text_eos_id, self.text_pad_id, compiled=True)
+                return
+            except RuntimeError as error:
+                self.compile_prefill = False
+                warnings.warn(
+                    f"compiling the prefill failed ({type(error).__name__}: {error}); "
+                    "prefilling eagerly from now on",
+                    stacklevel=3,
+                )
+        decoder.prefill(embeds, attention_mask, self.text_eos_id, self.text_pad_id)
 
     def decoder_cache_stats(self) -> dict[str, float]:
         """Reuses and new captures of the greedy decoder (GPU), the KV cache bytes they hold, and
