@@ -16,9 +16,9 @@ Inductor lowering of ``aten.convolution_backward`` turns the gradient's strides 
 which pins the frame count of every 1-D convolution (the Conformer's pointwise and depthwise
 convolutions before they became matmuls and shifted sums; a user's encoder may still have some).
 Every new frame count then compiled the layer again, and after Dynamo's ``recompile_limit`` (8) new
-ones ran eagerly. ``keep_conv1d_backward_dynamic`` sends 1-D
-convolution backwards to ATen's kernel, which is what Inductor runs for them anyway (its Triton
-templates are 2-D only), so the graph stays dynamic.
+ones ran eagerly. ``keep_conv1d_backward_dynamic`` sends 1-D convolution backwards to ATen's kernel,
+which is what Inductor runs for them anyway (its Triton templates are 2-D only), so the graph stays
+dynamic.
 
 Generation runs the LLM eagerly (``SALM.generate`` sets the ``force_eager`` stance): the decoding
 step is already one replayed CUDA graph, and with a KV cache the layer index becomes part of the
@@ -91,8 +91,9 @@ def compile_layers(layers: list[nn.Module], inductor_options: Mapping[str, Any] 
     ``dynamic=True``, 1-D convolution backwards kept dynamic (``keep_conv1d_backward_dynamic``),
     dropout masks drawn by ATen's kernel (``salm.model.dropout``), the Conformer's depthwise
     convolutions as shifted sums that Inductor fuses (``salm.model.depthwise_conv``) and
-    ``inductor_options`` over ``DEFAULT_INDUCTOR_OPTIONS``. A layer with activation checkpointing gets its forward compiled
-    inside the checkpoint, not the checkpoint (``salm.model.activation_checkpointing`` says why).
+    ``inductor_options`` over ``DEFAULT_INDUCTOR_OPTIONS``. A layer with activation checkpointing
+    gets its forward compiled inside the checkpoint, not the checkpoint
+    (``salm.model.activation_checkpointing`` says why).
     The benchmarks that time a slice of the encoder call this too, so they compile what training
     compiles.
     """

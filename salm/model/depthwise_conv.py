@@ -9,12 +9,13 @@ Written as ``K`` shifted multiply-adds over the zero-padded frames, the same com
 pointwise arithmetic, which Inductor fuses with its neighbours and generates for any frame count.
 
 ``salm.model.compile.compile_layers`` turns them on for every layer it compiles (training's
-``trainer.compile_layers`` and a Serve replica's compiled encoder) and ``uncompile_layers`` back off:
-run eagerly they would be ``K`` kernels over the whole tensor instead of cuDNN's one. Measured on the training
-step with a new frame count at every step: -2.9% per pass on an H200, -1.2% and -1.5% on an H100,
-0.8 GB less memory (BENCHMARKS.md, "One H100, 2026-12-05"). Same module, weights
-and state-dict keys; the numbers are the convolution's up to summation order. Under autocast the
-sum runs in fp32 and comes out in the autocast dtype, as the convolution's does.
+``trainer.compile_layers`` and a Serve replica's compiled encoder) and ``uncompile_layers`` back
+off: run eagerly they would be ``K`` kernels over the whole tensor instead of cuDNN's one. Measured
+on the training step with a new frame count at every step: -2.9% per pass on an H200, -1.2% and
+-1.5% on an H100, 0.8 GB less memory (BENCHMARKS.md, "One H100, 2026-12-05"); the serving encoder
+not yet. Same module, weights and state-dict keys; the numbers are the convolution's up to
+summation order. Under autocast the sum runs in fp32 and comes out in the autocast dtype, as the
+convolution's does; a float64 model sums in float64.
 """
 
 from __future__ import annotations
