@@ -30,7 +30,10 @@ What each optimisation of ours buys is measured in the same run with ``--ours-va
 - ``compiled_prefill``: ours with the greedy decoder's prefill compiled too (``SALM.compile_prefill``,
   ``decoding.compiled_prefill``; a candidate: no Serve option turns it on yet);
 - ``compiled_encoder``: ours with every Conformer layer compiled (``salm.model.compile``), what the
-  Serve replica's ``compile_encoder`` option does.
+  Serve replica's ``compile_encoder`` option does;
+- ``compiled_encoder_conv_depthwise``: that with the compiled layers' depthwise convolutions as
+  NeMo's cuDNN ``Conv1d`` again, not ``compile_layers``' shifted sums (``salm.model.depthwise_conv``):
+  the "before" of that change (its first call traces the layers again).
 
 Variants change the model in place and run in this order after the other paths, so each one
 includes the ones before it (``compiled_encoder`` is on the merged model with the compiled step);
@@ -175,6 +178,7 @@ OURS_VARIANTS = (
     "compiled_decode",
     "compiled_prefill",
     "compiled_encoder",
+    "compiled_encoder_conv_depthwise",
 )
 
 
@@ -332,6 +336,13 @@ def main() -> None:
         return
     if args.served_from is not None and args.serve_load:
         parser.error("--served-from replaces --serve-load: give one of them")
+    if (
+        "compiled_encoder_conv_depthwise" in args.ours_variants
+        and "compiled_encoder" not in args.ours_variants
+    ):
+        parser.error(
+            "--ours-variants compiled_encoder_conv_depthwise is the 'before' of compiled_encoder: give both"
+        )
     served = None
     if args.served_from is not None:
         if not args.served_from.is_file():
@@ -347,7 +358,7 @@ def main() -> None:
     named = paths(ours, nemo, args.new_tokens)
     if args.skip_generate:
         del named["generate"]
-    # "compiled_encoder" last: it compiles in place, so the paths after it would run it too
+    # "compiled_encoder" (and its "before") last: it compiles in place, so the paths after it would run it too
     for variant in sorted(args.ours_variants, key=OURS_VARIANTS.index):
         named[f"ours_{variant}"] = named["ours"]
     print(f"card: {card(device)}", flush=True)
@@ -384,6 +395,10 @@ def main() -> None:
                 failure = compile_encoder_now(ours, ours.default_prompt)
                 if failure is not None:  # the layers are eager again: this variant would time nothing new
                     raise RuntimeError(f"compiling the encoder failed: {failure}")
+            if name == "ours_compiled_encoder_conv_depthwise":
+                from salm.model.depthwise_conv import use_shifted_sum_depthwise_convs
+
+                use_shifted_sum_depthwise_convs(ours.perception.encoder, enabled=False)
             outputs[name] = {}
             for batch, (audios, lens) in inputs.items():
                 sync(device)
@@ -429,6 +444,16 @@ def main() -> None:
                 for x, y in zip(outputs["ours"][batch], outputs["generate"][batch], strict=True)
                 for a, b in zip(x, y, strict=True)
             ) / (batch * args.new_tokens)
+        for (
+            name,
+            out,
+        ) in outputs.items():  # what each variant of ours changes in the tokens (nothing, ideally)
+            if name.startswith("ours_") and name in rows[batch] and batch in outputs.get("ours", {}):
+                rows[batch][name]["same_tokens_as_ours"] = sum(
+                    a == b
+                    for x, y in zip(out[batch], outputs["ours"][batch], strict=True)
+                    for a, b in zip(x, y, strict=True)
+                ) / (batch * args.new_tokens)
 
     print(
         f"\n{args.clip_s:.0f} s clips, {args.new_tokens} new tokens, card {card(device)}, peak {peak_gb(device):.1f} GB"

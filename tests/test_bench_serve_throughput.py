@@ -1,0 +1,32 @@
+"""bench/serve_throughput.py's variants of ours on the tiny recipe (CPU): each is timed, and none
+changes a token; the depthwise convolutions' "before" is refused without the variant it undoes."""
+
+import json
+
+from own_process import refused_usage, run_python
+
+
+def test_the_compiled_variants_are_timed_and_keep_ours_tokens(tmp_path) -> None:
+    variants = ["compiled_prefill", "compiled_encoder", "compiled_encoder_conv_depthwise"]
+    run_python(
+        "-m", "bench.serve_throughput", "--tiny", "--skip-nemo", "--skip-generate", "--batch-sizes", "2",
+        "--repeats", "1", "--ours-variants", *variants, "--out", str(tmp_path),
+    )  # fmt: skip
+    result = json.loads((tmp_path / "serve_throughput_tiny.json").read_text())
+    assert result["errors"] == {}
+    row = result["by_batch_size"]["2"]
+    for variant in variants:
+        assert row[f"ours_{variant}"]["rtfx"] > 0
+        assert row[f"ours_{variant}"]["same_tokens_as_ours"] == 1.0
+
+
+def test_the_depthwise_before_variant_alone_is_refused() -> None:
+    said = refused_usage(
+        "-m",
+        "bench.serve_throughput",
+        "--tiny",
+        "--skip-nemo",
+        "--ours-variants",
+        "compiled_encoder_conv_depthwise",
+    )
+    assert "the 'before' of compiled_encoder: give both" in said
