@@ -10,6 +10,27 @@ from salm.model.llm import base_causal_lm, embedding_inside
 PROMPT = "Transcribe the following: <|audioplaceholder|>"
 
 
+def graphs_compiled_by_each(calls: list) -> list[int]:
+    """How many new graphs Dynamo compiled in each of ``calls``, from an empty cache: any number
+    after the first is a recompile."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counts = []
+    with torch.no_grad():
+        for call in calls:
+            before = counters["stats"]["unique_graphs"]
+            call()
+            counts.append(counters["stats"]["unique_graphs"] - before)
+    return counts
+
+
+def decoder_parts(model) -> tuple:
+    """What ``GreedyDecoder`` takes of a SALM: the LLM body, its head and the input embedding."""
+    causal_lm = base_causal_lm(model.llm)
+    return causal_lm.model, causal_lm.lm_head, model.embed_tokens
+
+
 def test_greedy_decoder_equals_transformers_generate(tiny_salm, speech_clips) -> None:
     prompts = [[{"role": "user", "content": PROMPT, "audio": u.path}] for u in speech_clips[:3]]
     prompts.append([{"role": "user", "content": "Say something long about nothing at all, please"}])
@@ -60,8 +81,7 @@ def test_padding_rows_leaves_the_real_rows_tokens_unchanged(tiny_salm, speech_cl
     """A decoder for 4 rows given 3 prompts: the same tokens as a decoder for 3, padding rows emit only padding."""
     prompts = [[{"role": "user", "content": PROMPT, "audio": u.path}] for u in speech_clips[:3]]
     embeds, mask = tiny_salm.prepare_generation_inputs(prompts)
-    causal_lm = base_causal_lm(tiny_salm.llm)
-    parts = (causal_lm.model, causal_lm.lm_head, tiny_salm.embed_tokens)
+    parts = decoder_parts(tiny_salm)
     results = []
     with torch.no_grad():
         for rows in (3, padded_batch_size(3)):
@@ -77,8 +97,7 @@ def test_padding_rows_leaves_the_real_rows_tokens_unchanged(tiny_salm, speech_cl
 
 
 def test_decoder_cache_keeps_recent_shapes_and_forgets_moved_weights(tiny_salm) -> None:
-    causal_lm = base_causal_lm(tiny_salm.llm)
-    parts = (causal_lm.model, causal_lm.lm_head, tiny_salm.embed_tokens)
+    parts = decoder_parts(tiny_salm)
     cache = DecoderCache(max_entries=2)
     first = cache.get(*parts, 4, 64, 8, weight_ptrs=(1,), use_graph=False)
     assert cache.get(*parts, 4, 64, 8, weight_ptrs=(1,), use_graph=False) is first
@@ -97,9 +116,8 @@ def test_decoder_cache_keeps_recent_shapes_and_forgets_moved_weights(tiny_salm) 
 
 
 def test_decoder_cache_stays_within_its_byte_budget(tiny_salm) -> None:
-    causal_lm = base_causal_lm(tiny_salm.llm)
-    parts = (causal_lm.model, causal_lm.lm_head, tiny_salm.embed_tokens)
-    one = cache_bytes(causal_lm.model.config, 4, 64, tiny_salm.embed_tokens.weight.dtype)
+    parts = decoder_parts(tiny_salm)
+    one = cache_bytes(parts[0].config, 4, 64, tiny_salm.embed_tokens.weight.dtype)
     cache = DecoderCache(max_entries=16, max_bytes=int(2.5 * one))
     first = cache.get(*parts, 4, 64, 8, weight_ptrs=(1,), use_graph=False)
     assert first.cache.nbytes() == one
@@ -116,8 +134,7 @@ def test_compiled_decoding_step_gives_the_eager_tokens_at_several_batch_sizes(
     """``compile_step`` (torch.compile of the whole step) must not change a single token."""
     prompts = [[{"role": "user", "content": PROMPT, "audio": u.path}] for u in speech_clips[:3]]
     embeds, mask = tiny_salm.prepare_generation_inputs(prompts)
-    causal_lm = base_causal_lm(tiny_salm.llm)
-    parts = (causal_lm.model, causal_lm.lm_head, tiny_salm.embed_tokens)
+    parts = decoder_parts(tiny_salm)
     with torch.no_grad():
         for rows in (2, 3):  # the second shape takes the dynamic-shape code path
             tokens = []
@@ -163,22 +180,17 @@ def test_compiled_step_compiles_once_for_every_batch_size_and_cache_length(tiny_
     a Serve replica warmed up on 1 s clips has cache length 128 = Qwen3's head_dim) was baked in,
     which cost a replica 119 s of recompiling on its first batches of real clips.
     """
-    from torch._dynamo.utils import counters
-
-    causal_lm = base_causal_lm(tiny_salm.llm)
-    parts = (causal_lm.model, causal_lm.lm_head, tiny_salm.embed_tokens)
-    head_dim = causal_lm.model.config.head_dim
+    parts = decoder_parts(tiny_salm)
+    head_dim = parts[0].config.head_dim
     hidden = tiny_salm.embed_tokens.weight.shape[1]
-    torch._dynamo.reset()
-    new_graphs = []
-    with torch.no_grad():
-        for batch, max_len in ((1, head_dim), (2, head_dim), (3, 2 * head_dim), (5, 3 * head_dim)):
-            rows = padded_batch_size(batch, compile_step=True)
-            decoder = GreedyDecoder(*parts, rows, max_len, 4, False, compile_step=True)
-            before = counters["stats"]["unique_graphs"]
-            decoder.prefill(torch.randn(batch, 6, hidden), torch.ones(batch, 6, dtype=torch.long), 0, 0)
-            decoder.decode()
-            new_graphs.append(counters["stats"]["unique_graphs"] - before)
+
+    def prefill_and_decode(batch: int, max_len: int) -> None:
+        decoder = GreedyDecoder(*parts, padded_batch_size(batch, compile_step=True), max_len, 4, False, True)
+        decoder.prefill(torch.randn(batch, 6, hidden), torch.ones(batch, 6, dtype=torch.long), 0, 0)
+        decoder.decode()
+
+    shapes = ((1, head_dim), (2, head_dim), (3, 2 * head_dim), (5, 3 * head_dim))
+    new_graphs = graphs_compiled_by_each([lambda b=b, m=m: prefill_and_decode(b, m) for b, m in shapes])
     assert padded_batch_size(1, compile_step=True) == 2
     assert new_graphs == [1, 0, 0, 0]
 
@@ -188,8 +200,7 @@ def test_compiled_prefill_gives_the_eager_tokens_for_one_prompt_and_several(tiny
     which runs as two rows (a copy) in a decoder that has them."""
     prompts = [[{"role": "user", "content": PROMPT, "audio": u.path}] for u in speech_clips[:3]]
     embeds, mask = tiny_salm.prepare_generation_inputs(prompts)
-    causal_lm = base_causal_lm(tiny_salm.llm)
-    parts = (causal_lm.model, causal_lm.lm_head, tiny_salm.embed_tokens)
+    parts = decoder_parts(tiny_salm)
     with torch.no_grad():
         for batch, rows in ((1, 2), (3, 4)):
             tokens = []
@@ -206,22 +217,18 @@ def test_compiled_prefill_gives_the_eager_tokens_for_one_prompt_and_several(tiny
 def test_compiled_prefill_compiles_once_for_every_batch_size_prompt_and_cache_length(tiny_salm) -> None:
     """A recompile in a server costs a request minutes: a single prompt, any batch, any prompt
     length and any cache length (also one equal to another size) must share the first graph."""
-    from torch._dynamo.utils import counters
-
-    causal_lm = base_causal_lm(tiny_salm.llm)
-    parts = (causal_lm.model, causal_lm.lm_head, tiny_salm.embed_tokens)
-    head_dim = causal_lm.model.config.head_dim
+    parts = decoder_parts(tiny_salm)
+    head_dim = parts[0].config.head_dim
     hidden = tiny_salm.embed_tokens.weight.shape[1]
-    torch._dynamo.reset()
-    new_graphs = []
-    with torch.no_grad():
-        for batch, length, max_len in ((1, 6, head_dim), (2, 9, head_dim), (3, 3, 2 * head_dim), (5, 5, 48)):
-            decoder = GreedyDecoder(*parts, padded_batch_size(batch, compile_step=True), max_len, 4, False)
-            before = counters["stats"]["unique_graphs"]
-            mask = torch.ones(batch, length, dtype=torch.long)
-            mask[0, :2] = 0  # a left-padded prompt
-            decoder.prefill(torch.randn(batch, length, hidden), mask, 0, 0, compiled=True)
-            new_graphs.append(counters["stats"]["unique_graphs"] - before)
+
+    def prefill(batch: int, length: int, max_len: int) -> None:
+        decoder = GreedyDecoder(*parts, padded_batch_size(batch, compile_step=True), max_len, 4, False)
+        mask = torch.ones(batch, length, dtype=torch.long)
+        mask[0, :2] = 0  # a left-padded prompt
+        decoder.prefill(torch.randn(batch, length, hidden), mask, 0, 0, compiled=True)
+
+    shapes = ((1, 6, head_dim), (2, 9, head_dim), (3, 3, 2 * head_dim), (5, 5, 48))
+    new_graphs = graphs_compiled_by_each([lambda s=shape: prefill(*s) for shape in shapes])
     assert new_graphs == [1, 0, 0, 0]
 
 
