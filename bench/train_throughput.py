@@ -788,6 +788,10 @@ def main() -> None:
     peak_tflops = bf16_matmul_tflops(device)
     print(f"card: {card(device)}; bf16 matmul: {peak_tflops:.0f} TFLOP/s", flush=True)
 
+    batches = make_batches(build_tokenizer_model(cfg), args.budget_s, args.seed, args.tiny)
+    counts_from = args.flops_from if {"plain", "nemo"} <= set(args.skip) else None
+    # checked before anything trains: a run on other batches would otherwise lose its timings at the end
+    counts = reused_counts(counts_from, batches) if counts_from is not None else None
     paths: dict[str, dict] = {}
     if "ours" not in args.skip:
         started = time.perf_counter()
@@ -799,13 +803,10 @@ def main() -> None:
                     timing
                 )
         print(f"ours took {time.perf_counter() - started:.0f} s end to end", flush=True)
-    batches = make_batches(build_tokenizer_model(cfg), args.budget_s, args.seed, args.tiny)
     # One feed for both baselines: their passes take turns along one sequence of cuts, so NeMo does
     # not meet the frame counts the plain loop already showed cuDNN in this process.
     feed = FreshLengths(batches, device) if args.fresh_lengths else batches
-    counts_from = args.flops_from if {"plain", "nemo"} <= set(args.skip) else None
-    if counts_from is not None:
-        counts = reused_counts(counts_from, batches)
+    if counts is not None:
         print(f"model FLOPs per batch reused from {args.flops_from} (same batches)", flush=True)
     else:
         plain, counts, state = run_plain(cfg, batches, feed, device, args, time_it="plain" not in args.skip)

@@ -2,6 +2,7 @@
 GPU): the slices must add up to the whole batch's count, FLOPs and LLM positions alike."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -68,6 +69,26 @@ def test_flop_counts_are_reused_only_for_the_same_batches(tmp_path) -> None:
         reused_counts(recorded, [{"audios": torch.zeros(3, 16000)}, {"audios": torch.zeros(2, 24001)}])
     with pytest.raises(SystemExit, match="no per-batch counts to reuse"):
         reused_counts(tmp_path / "missing.json", batches)
+
+
+def test_counts_of_other_batches_are_refused_before_anything_trains(tmp_path) -> None:
+    """A ``--flops-from`` JSON of other batches (another --budget-s) used to be found out only after
+    every variant had trained, and that run's timings were lost; the bench now stops at once."""
+    import subprocess
+    import sys
+
+    recorded = tmp_path / "train_throughput.json"
+    recorded.write_text(
+        json.dumps({"batches": [{"clips": 1, "max_audio_s": 1.0, "flops": 1, "positions": 1}]})
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.train_throughput", "--tiny", "--skip", "nemo", "plain",
+         "--variants", "packed", "--flops-from", str(recorded)],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "it counted other batches" in done.stderr and "Traceback" not in done.stderr
+    assert "ours took" not in done.stdout  # nothing trained
 
 
 def test_padding_report_recovers_the_clips_share_of_the_counted_flops(tiny_model_and_batch) -> None:
