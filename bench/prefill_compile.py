@@ -24,10 +24,8 @@ from pathlib import Path
 import torch
 
 from bench.common import card, timed, write_llm_dir, write_result
-from salm.model.decoding import GreedyDecoder, attention_on_kv_heads, padded_batch_size
+from salm.model.decoding import GreedyDecoder, attention_on_kv_heads, cache_length, padded_batch_size
 from salm.model.llm import load_llm
-
-CACHE_LENGTH_QUANTUM = 64  # salm.model.salm's: the cache length is the prompt + new tokens, rounded up
 
 
 def prefill_seconds(decoder: GreedyDecoder, embeds, mask, compiled: bool, device, repeats: int) -> float:
@@ -68,7 +66,7 @@ def main() -> None:
     with torch.no_grad(), attention_on_kv_heads(config):
         for batch in args.batch_sizes:
             for length in (args.prompt_len, args.prompt_len - 7):  # the second: no recompile wanted
-                max_len = -(-(length + args.new_tokens) // CACHE_LENGTH_QUANTUM) * CACHE_LENGTH_QUANTUM
+                max_len = cache_length(length, args.new_tokens)  # as SALM.generate sizes it
                 embeds = torch.randn(batch, length, config.hidden_size, generator=generator) * 0.02
                 embeds = embeds.to(device, dtype)
                 mask = torch.ones(batch, length, dtype=torch.long, device=device)

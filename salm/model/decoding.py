@@ -35,6 +35,7 @@ from transformers import AttentionInterface
 from salm.model.llm import attention_implementation
 
 EOS_CHECK_EVERY = 8  # decoding steps between host checks for "every row has finished"
+CACHE_LENGTH_QUANTUM = 64  # decoder cache lengths are rounded up to this (graph reuse)
 MAX_CACHED_DECODERS = 64  # captured decoders kept (each holds a KV cache for its batch and length)
 # Their KV caches together, as a share of the GPU's memory (the newest is kept whatever its size). A
 # server at 256 clients meets ~14 batch sizes x 2-3 cache lengths: a fixed 8 GiB held one 256-row
@@ -94,6 +95,12 @@ def padded_batch_size(batch: int, compile_step: bool = False) -> int:
     power = 1 << (batch - 1).bit_length()
     rows = power * 3 // 4 if batch > 8 and batch <= power * 3 // 4 else power
     return max(rows, 2) if compile_step else rows
+
+
+def cache_length(prompt_len: int, max_new_tokens: int) -> int:
+    """The KV cache length a decoder is built for: the prompt plus the new tokens, rounded up to a
+    multiple of ``CACHE_LENGTH_QUANTUM``, so that calls of similar lengths share a captured decoder."""
+    return -(-(prompt_len + max_new_tokens) // CACHE_LENGTH_QUANTUM) * CACHE_LENGTH_QUANTUM
 
 
 def kv_shape(config, batch: int, max_len: int) -> tuple[int, int, int, int]:

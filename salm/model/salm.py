@@ -32,6 +32,7 @@ from salm.model.decoding import (
     DecoderCache,
     GreedyDecoder,
     attention_on_kv_heads,
+    cache_length,
     padded_batch_size,
     weight_pointers,
 )
@@ -44,7 +45,6 @@ from salm.text.prompt_formats import get_prompt_format
 from salm.text.tokenizer import load_tokenizer, padding_id
 
 AudioInput = str | Path | np.ndarray | torch.Tensor
-CACHE_LENGTH_QUANTUM = 64  # decoder cache lengths are rounded up to this (graph reuse)
 PROMPT_CACHE_SIZE = 1024  # distinct prompt texts remembered by ``_encoded_prompt``
 
 
@@ -418,12 +418,12 @@ class SALM(nn.Module):
     ) -> torch.Tensor:
         """``(B, new)`` greedy token ids.
 
-        On a GPU the batch is padded to ``padded_batch_size`` and the cache length rounded up to a
-        multiple of ``CACHE_LENGTH_QUANTUM``, so that calls of similar shapes replay one of a few
-        captured decoders (``DecoderCache``) instead of capturing a new one.
+        On a GPU the batch is padded to ``padded_batch_size`` and the cache length rounded up
+        (``cache_length``), so that calls of similar shapes replay one of a few captured decoders
+        (``DecoderCache``) instead of capturing a new one.
         """
         batch, length, _ = embeds.shape
-        max_len = -(-(length + max_new_tokens) // CACHE_LENGTH_QUANTUM) * CACHE_LENGTH_QUANTUM
+        max_len = cache_length(length, max_new_tokens)
         causal_lm = base_causal_lm(self.llm)
         parts = (causal_lm.model, causal_lm.lm_head, self.embed_tokens)
 
