@@ -182,6 +182,12 @@ OURS_VARIANTS = (
 )
 
 
+def token_agreement(tokens: list[list[int]], reference: list[list[int]]) -> float:
+    """The share of positions where two paths' token rows (same batch, same length) agree."""
+    same = sum(a == b for x, y in zip(tokens, reference, strict=True) for a, b in zip(x, y, strict=True))
+    return same / sum(len(row) for row in reference)
+
+
 def transformers_sdpa_in_decoding(enabled: bool) -> None:
     """Make the greedy decoder run transformers' ``sdpa`` attention (what it ran before
     ``sdpa_on_kv_heads``): the ``transformers_sdpa`` variant's before/after."""
@@ -439,21 +445,13 @@ def main() -> None:
         assert all(n == args.new_tokens for n in lengths.values()), f"tokens made per path: {lengths}"
         if all(batch in outputs.get(n, {}) for n in ("ours", "generate")):
             # bf16 kernels differ between paths (mask layout, cache shapes): near-ties in the argmax can flip.
-            rows[batch]["same_tokens_as_generate"] = sum(
-                a == b
-                for x, y in zip(outputs["ours"][batch], outputs["generate"][batch], strict=True)
-                for a, b in zip(x, y, strict=True)
-            ) / (batch * args.new_tokens)
-        for (
-            name,
-            out,
-        ) in outputs.items():  # what each variant of ours changes in the tokens (nothing, ideally)
+            rows[batch]["same_tokens_as_generate"] = token_agreement(
+                outputs["ours"][batch], outputs["generate"][batch]
+            )
+        # what each variant of ours changes in the tokens (nothing, ideally)
+        for name, out in outputs.items():
             if name.startswith("ours_") and name in rows[batch] and batch in outputs.get("ours", {}):
-                rows[batch][name]["same_tokens_as_ours"] = sum(
-                    a == b
-                    for x, y in zip(out[batch], outputs["ours"][batch], strict=True)
-                    for a, b in zip(x, y, strict=True)
-                ) / (batch * args.new_tokens)
+                rows[batch][name]["same_tokens_as_ours"] = token_agreement(out[batch], outputs["ours"][batch])
 
     print(
         f"\n{args.clip_s:.0f} s clips, {args.new_tokens} new tokens, card {card(device)}, peak {peak_gb(device):.1f} GB"
