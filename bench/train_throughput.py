@@ -415,9 +415,8 @@ def time_ds_variant(cfg, device: torch.device, config: dict, ds_variant: str) ->
             set_encoder_sdpa(model, variant == "encoder_sdpa")
             set_bool_mask_gathers(model, variant == "compiled_fresh_lengths_bool_mask_gathers")
             model.pack_llm_sequences = variant in PACKED_VARIANTS or recipe_packs  # the recipe's, or packed
-            # a lever variant run first gets its lever before the first compile, not only on a retrace
-            levers_changed = variant.startswith("compiled") and set_compiled_levers(model, variant)
-            retraced = compiled and levers_changed
+            # levers changed on compiled layers are traced again; the first compile sets them below
+            retraced = compiled and variant.startswith("compiled") and set_compiled_levers(model, variant)
             if retraced:
                 from torch._dynamo import reset  # here, not at the top: see the counters' import below
 
@@ -438,7 +437,7 @@ def time_ds_variant(cfg, device: torch.device, config: dict, ds_variant: str) ->
             # In place, hence last; its first pass compiles.
             if variant.startswith("compiled") and not compiled:
                 compile_repeated_layers(model, cfg.trainer.compile_options)  # the recipe's Inductor options
-                set_compiled_levers(model, variant)  # a "before" variant first: compiling set the recipe's
+                set_compiled_levers(model, variant)  # after compiling, which sets the recipe's; traced lazily
                 compiled = True
                 compile_s = timed(lambda feed=feed: [step(b) for b in feed], device)
                 print(f"ours[{name}]: first pass (compiling) {compile_s:.1f} s", flush=True)
