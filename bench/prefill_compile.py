@@ -51,6 +51,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.prompt_len < 9:
         parser.error("--prompt-len must be at least 9 (a second length 7 shorter is timed too)")
+    if min(args.batch_sizes) < 1 or args.new_tokens < 1 or args.repeats < 1:
+        parser.error("--batch-sizes, --new-tokens and --repeats must be at least 1")
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     llm = load_llm(write_llm_dir(Path(tempfile.mkdtemp()) / "llm", tiny=args.tiny), False, dtype)

@@ -18,6 +18,8 @@ def test_the_prefill_bench_times_both_paths_over_one_graph(tmp_path) -> None:
     assert result["first_tokens_agree"] is True
 
 
-def test_a_prompt_too_short_for_the_second_length_is_refused() -> None:
+def test_a_prompt_too_short_for_the_second_length_or_an_empty_batch_is_refused() -> None:
     said = refused_usage("-m", "bench.prefill_compile", "--tiny", "--device", "cpu", "--prompt-len", "5")
     assert "--prompt-len must be at least 9" in said
+    said = refused_usage("-m", "bench.prefill_compile", "--tiny", "--device", "cpu", "--batch-sizes", "0")
+    assert "--batch-sizes, --new-tokens and --repeats must be at least 1" in said
