@@ -178,22 +178,24 @@ def transcriber_user_config(overrides: Sequence[str] = ()) -> dict:
 def set_up_like_the_transcriber(model, user_config: dict):
     """``model`` (as ``load_like_a_replica`` returns it) set up as a Transcriber replica with this
     ``user_config`` sets it up before serving: the encoder layout, and on a GPU the compiled encoder
-    layers (warmed up as the replica does) and decoding step, through the replica's own functions
-    (``salm.inference_compile``), falling back to eager as it does. So ``--offline`` times the model
+    layers (warmed up as the replica does), decoding step and prefill, through the replica's own
+    functions (``salm.inference_compile``), falling back to eager as it does. So ``--offline`` times the model
     the server ran, not another setup."""
-    from salm.inference_compile import compile_decoding_now, compile_encoder_now
+    from salm.inference_compile import compile_decoding_now, compile_encoder_now, compile_prefill_now
     from serve.transcriber import BatchingConfig, serve_encoder_layout
 
     config = BatchingConfig(**user_config)
     serve_encoder_layout(model, config.keep_encoder_layout)
-    if model.device.type != "cuda":  # as the replica: CPUs run both eagerly
+    if model.device.type != "cuda":  # as the replica: CPUs run everything eagerly
         return model
-    model.compile_decoding = False
+    model.compile_decoding = model.compile_prefill = False
     failures = {}
     if config.compile_encoder:
         failures["compile_encoder"] = compile_encoder_now(model, model.default_prompt)
     if config.compile_decoding:
         failures["compile_decoding"] = compile_decoding_now(model, config.max_new_tokens)
+    if config.compile_prefill:
+        failures["compile_prefill"] = compile_prefill_now(model, config.max_new_tokens)
     for option, failure in failures.items():
         if failure is not None:
             print(f"{option}: compiling failed ({failure}); timing that part eagerly, as the replica would")

@@ -28,7 +28,7 @@ What each optimisation of ours buys is measured in the same run with ``--ours-va
 - ``compiled_decode``: ours with the greedy decoding step compiled (``SALM.compile_decoding``, what
   the Serve replica's ``compile_decoding`` option turns on), then captured as before;
 - ``compiled_prefill``: ours with the greedy decoder's prefill compiled too (``SALM.compile_prefill``,
-  ``decoding.compiled_prefill``; a candidate: no Serve option turns it on yet);
+  ``decoding.compiled_prefill``, what the Serve replica's ``compile_prefill`` option turns on);
 - ``compiled_encoder``: ours with every Conformer layer compiled (``salm.model.compile``), what the
   Serve replica's ``compile_encoder`` option does;
 - ``compiled_encoder_conv_depthwise``: that with the compiled layers' depthwise convolutions as
@@ -42,9 +42,10 @@ includes the ones before it (``compiled_encoder`` is on the merged model with th
 ``--serve-load`` then frees the GPU and runs ``bench/serve_load.py`` on the same model shape (random
 weights saved and served by Ray Serve, flite clips of ~9 s, 1/16/64/256 concurrent clients):
 throughput and p50/p99 latency over HTTP, ``p99_s_at_64`` in the JSON. The server runs
-``serve/config.yaml``'s settings, so on a GPU its replica compiles the decoding step and the
-encoder's layers at start (1-3 min); ``--serve-set Transcriber.user_config.compile_decoding=false
-Transcriber.user_config.compile_encoder=false`` serves eagerly.
+``serve/config.yaml``'s settings, so on a GPU its replica compiles the encoder's layers, the
+decoding step and the prefill at start (~5 min on an H100); ``--serve-set
+Transcriber.user_config.compile_decoding=false Transcriber.user_config.compile_encoder=false
+Transcriber.user_config.compile_prefill=false`` serves eagerly.
 When one device call is too short for both parts, run ``--serve-load-only`` (writes
 ``serve_throughput_served.json``), then the offline part with ``--served-from`` that file.
 

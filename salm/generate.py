@@ -200,13 +200,13 @@ def load_model_for_inference(args: argparse.Namespace):
 
 
 def compile_for_inference(model, options: GenerationOptions) -> None:
-    """``--compile``: the encoder's Conformer layers, and on a GPU the greedy decoding step, compiled
-    before the first batch with the Serve replica's own functions (``salm.inference_compile``), so a
+    """``--compile``: the encoder's Conformer layers, and on a GPU the greedy decoding step and prefill,
+    compiled before the first batch with the Serve replica's own functions (``salm.inference_compile``), so a
     GPU evaluation runs the server's setup. What was compiled, and any failure (that part then runs
     eagerly: same transcripts, slower), is said on stderr."""
     import time
 
-    from salm.inference_compile import compile_decoding_now, compile_encoder_now
+    from salm.inference_compile import compile_decoding_now, compile_encoder_now, compile_prefill_now
 
     started = time.perf_counter()
     compiled = []
@@ -222,13 +222,18 @@ def compile_for_inference(model, options: GenerationOptions) -> None:
         print(f"--compile: {uncompiled}", file=sys.stderr)
     elif model.device.type != "cuda":
         print(
-            "--compile: the decoding step is compiled on a GPU only; on the CPU it runs eagerly",
+            "--compile: the decoding step and the prefill compile on a GPU only; on the CPU they run eagerly",
             file=sys.stderr,
         )
-    elif (failure := compile_decoding_now(model, options.max_new_tokens)) is None:
-        compiled.append("the greedy decoding step")
     else:
-        print(f"--compile: compiling the decoding step failed ({failure}); it runs eagerly", file=sys.stderr)
+        for part, compile_now in (
+            ("the greedy decoding step", compile_decoding_now),
+            ("the prefill", compile_prefill_now),
+        ):
+            if (failure := compile_now(model, options.max_new_tokens)) is None:
+                compiled.append(part)
+            else:
+                print(f"--compile: compiling {part} failed ({failure}); it runs eagerly", file=sys.stderr)
     done = " and ".join(compiled) or "nothing"
     print(f"--compile: {done} compiled in {time.perf_counter() - started:.0f} s", file=sys.stderr)
 

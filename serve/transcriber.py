@@ -66,6 +66,10 @@ class BatchingConfig:
     # for a batch of 256 x 10 s fell 0.243 -> 0.175 s on an H200, 64 x 10 s 0.070 -> 0.053 s
     # (BENCHMARKS.md). serve/config.yaml turns it on; off, the encoder runs eagerly.
     compile_encoder: bool = False
+    # torch.compile the greedy decoder's prefill, the LLM over the prompts (GPU only; ~3 min once per
+    # replica start on an H100): +11% RTFx at batch 128-256, +5-10% at 1-64 (BENCHMARKS.md).
+    # serve/config.yaml turns it on; off, the prefill runs eagerly.
+    compile_prefill: bool = False
     # GPU: clip lengths (s) whose decoders a replica captures at start, for every batch size that
     # batches of such clips can take, so that no request waits for a capture. Empty: capture on demand.
     warm_up_clip_s: tuple[float, ...] = ()
@@ -84,7 +88,7 @@ class BatchingConfig:
             )
         if self.max_new_tokens < 1:
             raise ValueError(f"`user_config.max_new_tokens` must be >= 1, got {self.max_new_tokens}")
-        for switch in ("compile_decoding", "compile_encoder", "keep_encoder_layout"):
+        for switch in ("compile_decoding", "compile_encoder", "compile_prefill", "keep_encoder_layout"):
             value = getattr(self, switch)
             if not isinstance(value, bool):
                 raise ValueError(f"`user_config.{switch}` must be true or false, got {value!r}")
@@ -184,13 +188,17 @@ class Transcriber:
     def reconfigure(self, user_config: dict) -> None:
         self.config = BatchingConfig(**user_config)
         self._apply_encoder_layout()  # before the warm-up, which runs the encoder as requests will
+        on_gpu = self.model.device.type == "cuda"  # CPUs decode eagerly: nothing to compile or capture
         newly_compiled = self.config.compile_decoding and not self.model.compile_decoding
         self.model.compile_decoding = self.config.compile_decoding
-        on_gpu = self.model.device.type == "cuda"  # CPUs decode eagerly: nothing to compile or capture
+        newly_compiled_prefill = on_gpu and self.config.compile_prefill and not self.model.compile_prefill
+        self.model.compile_prefill = on_gpu and self.config.compile_prefill
         if on_gpu:  # the compiled layers guard on the layout: compile after choosing it
             self._compile_encoder(self.config.compile_encoder)
         if newly_compiled and on_gpu:
             self._compile_decoding_now()
+        if newly_compiled_prefill:
+            self._compile_prefill_now()
         if self.config.warm_up_clip_s and on_gpu:
             self._warm_up_decoders(_max_ongoing_requests())
         self.transcribe_batch.set_max_batch_size(self.config.max_batch_audio_s)
@@ -230,24 +238,37 @@ class Transcriber:
 
     def _compile_decoding_now(self) -> None:
         """Compile the decoding step before the first request instead of during it
-        (``salm.inference_compile.compile_decoding_now``; 134 s on an H200, once per replica).
-
-        If compiling fails (e.g. an image without the C compiler Triton needs), the replica says why
-        and serves with the uncompiled step rather than failing every request.
-        """
+        (``salm.inference_compile.compile_decoding_now``; 134 s on an H200, once per replica)."""
         from salm.inference_compile import compile_decoding_now
 
-        logger.info("compiling the greedy decoding step (compile_decoding: true), once per replica")
+        self._compile_before_requests(
+            "compile_decoding", "the greedy decoding step", compile_decoding_now, "slower per token"
+        )
+
+    def _compile_prefill_now(self) -> None:
+        """Compile the prefill before the first request instead of during it
+        (``salm.inference_compile.compile_prefill_now``; 172 s on an H100, once per replica)."""
+        from salm.inference_compile import compile_prefill_now
+
+        self._compile_before_requests(
+            "compile_prefill", "the prefill", compile_prefill_now, "slower at large batches"
+        )
+
+    def _compile_before_requests(self, switch: str, part: str, compile_now, eager_cost: str) -> None:
+        """Run ``compile_now`` (one of ``salm.inference_compile``'s) and log how long it took. If
+        compiling fails (e.g. an image without the C compiler Triton needs), the replica says why
+        and runs that part eagerly rather than failing every request."""
+        logger.info(f"compiling {part} ({switch}: true), once per replica")
         started = time.perf_counter()
-        failure = compile_decoding_now(self.model, self.config.max_new_tokens)
+        failure = compile_now(self.model, self.config.max_new_tokens)
         if failure is not None:
             logger.warning(
-                f"compiling the decoding step failed ({failure}); this replica decodes with the "
-                "uncompiled step (slower per token, same transcripts). Fix the cause, or set "
-                "`Transcriber.user_config.compile_decoding: false` to skip the attempt"
+                f"compiling {part} failed ({failure}); this replica runs it uncompiled ({eager_cost}, "
+                f"same transcripts). Fix the cause, or set `Transcriber.user_config.{switch}: false` "
+                "to skip the attempt"
             )
             return
-        logger.info(f"decoding step compiled in {time.perf_counter() - started:.0f} s")
+        logger.info(f"{part} compiled in {time.perf_counter() - started:.0f} s")
 
     def _warm_up_decoders(self, max_requests: int) -> None:
         """Capture the decoders of ``warm_up_clip_s`` batches before the first request needs them.
@@ -316,6 +337,7 @@ class Transcriber:
             "model_wait_s": list(self._recent_model_wait_s),
             "decoder_cache": self.model.decoder_cache_stats(),
             "compile_decoding": self.model.compile_decoding,
+            "compile_prefill": self.model.compile_prefill,
             "compile_encoder": bool(layers) and all(is_compiled(layer) for layer in layers),
         }
 

@@ -162,28 +162,37 @@ def test_offline_times_the_model_set_up_as_the_servers_replica(tiny_model_cfg, c
             sampling_rate=16000,
             default_prompt=model.default_prompt,
             compile_decoding=False,
+            compile_prefill=False,
             calls=calls,
             prepare_generation_inputs=lambda prompts: call("encoder warm-up", len(prompts)),
-            transcribe=lambda audios, max_new_tokens: call("decoding compile", len(audios)),
+            transcribe=lambda audios, max_new_tokens: call(
+                "prefill compile" if stand_in.compile_prefill else "decoding compile", len(audios)
+            ),
             perception=SimpleNamespace(
                 set_encoder_layout=lambda **_: None, encoder=SimpleNamespace(layers=layers)
             ),
         )
         return set_up_like_the_transcriber(stand_in, transcriber_user_config(overrides))
 
-    served = on_a_gpu([])  # serve/config.yaml compiles both, with the replica's warm-up calls
-    assert served.compile_decoding is True and all(is_compiled(layer) for layer in encoder_layers(served))
-    assert served.calls == [("encoder warm-up", 1), ("encoder warm-up", 2), ("decoding compile", 1)]
+    served = on_a_gpu([])  # serve/config.yaml compiles all three, with the replica's warm-up calls
+    assert served.compile_decoding is True and served.compile_prefill is True
+    assert all(is_compiled(layer) for layer in encoder_layers(served))
+    assert served.calls == [
+        ("encoder warm-up", 1),
+        ("encoder warm-up", 2),
+        ("decoding compile", 1),
+        ("prefill compile", 1),
+    ]
     eager = on_a_gpu(
-        ["Transcriber.user_config.compile_encoder=false", "Transcriber.user_config.compile_decoding=false"]
+        [f"Transcriber.user_config.compile_{part}=false" for part in ("encoder", "decoding", "prefill")]
     )
-    assert eager.compile_decoding is False and not any(is_compiled(layer) for layer in encoder_layers(eager))
+    assert eager.compile_decoding is False and eager.compile_prefill is False
+    assert not any(is_compiled(layer) for layer in encoder_layers(eager))
     assert eager.calls == []
     failed = on_a_gpu([], fails=True)  # as the replica: eager again, and said
-    assert failed.compile_decoding is False and not any(
-        is_compiled(layer) for layer in encoder_layers(failed)
-    )
-    assert capsys.readouterr().out.count("compiling failed (RuntimeError: Failed to find C compiler)") == 2
+    assert failed.compile_decoding is False and failed.compile_prefill is False
+    assert not any(is_compiled(layer) for layer in encoder_layers(failed))
+    assert capsys.readouterr().out.count("compiling failed (RuntimeError: Failed to find C compiler)") == 3
 
 
 def test_model_overrides_without_a_model_to_build_are_refused(monkeypatch, capsys) -> None:

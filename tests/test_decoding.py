@@ -253,6 +253,13 @@ def test_generate_with_compile_prefill_gives_the_eager_transcripts_and_falls_bac
         assert model.generate(prompts, max_new_tokens=8).token_ids == expected
     assert model.compile_prefill is False  # given up once, not retried per call
 
+    # the replica's start (salm.inference_compile) sees the same fall-back and reports it
+    from salm.inference_compile import compile_prefill_now
+
+    with pytest.warns(UserWarning, match="compiling the prefill failed"):
+        assert compile_prefill_now(model, max_new_tokens=4) == "the model's warning above says why"
+    assert model.compile_prefill is False
+
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled, captured decoding step is GPU-only")
 def test_a_failing_step_compile_turns_compiling_off_and_keeps_the_tokens(

@@ -193,7 +193,7 @@ def test_eval_with_compile_compiles_the_encoder_and_scores_the_same_transcripts(
         said = capsys.readouterr().err
     assert predictions["compiled"] == predictions["eager"]
     assert "--compile: the encoder's layers compiled in" in said
-    assert "on the CPU it runs eagerly" in said
+    assert "on the CPU they run eagerly" in said
 
 
 def test_compile_for_inference_says_what_failed_and_leaves_the_model_eager(capsys) -> None:
@@ -219,6 +219,41 @@ def test_compile_for_inference_says_what_failed_and_leaves_the_model_eager(capsy
     assert "compiling the encoder failed (RuntimeError: Failed to find C compiler); it runs eagerly" in said
     assert "--decoding beam runs uncompiled" in said
     assert "--compile: nothing compiled" in said
+
+
+def test_compile_for_inference_on_a_gpu_compiles_the_step_then_the_prefill_and_says_which_failed(
+    capsys,
+) -> None:
+    """On a GPU ``--compile`` also compiles the decoding step and the prefill (the replica's
+    ``compile_decoding`` and ``compile_prefill``); a prefill that fails to compile is said, and the
+    step stays compiled."""
+    from types import SimpleNamespace
+
+    from salm.generate import GenerationOptions, compile_for_inference
+
+    warm_ups = []
+
+    def transcribe(audios, max_new_tokens):
+        warm_ups.append((model.compile_decoding, model.compile_prefill))
+        if model.compile_prefill:
+            raise RuntimeError("Failed to find C compiler")
+        return [""]
+
+    model = SimpleNamespace(
+        sampling_rate=16000,
+        audio_locator_tag="<|audio|>",
+        device=torch.device("cuda"),
+        perception=SimpleNamespace(encoder=SimpleNamespace(layers=torch.nn.ModuleList())),
+        compile_decoding=False,
+        compile_prefill=False,
+        transcribe=transcribe,
+    )
+    compile_for_inference(model, GenerationOptions(max_new_tokens=8))
+    said = capsys.readouterr().err
+    assert warm_ups == [(True, False), (True, True)]
+    assert model.compile_decoding is True and model.compile_prefill is False
+    assert "compiling the prefill failed (RuntimeError: Failed to find C compiler); it runs eagerly" in said
+    assert "--compile: the encoder's layers and the greedy decoding step compiled in" in said
 
 
 def test_eval_without_references_says_to_use_generate(exported, tmp_path, speech_clips, capsys) -> None:

@@ -186,7 +186,10 @@ def test_sixteen_concurrent_requests_are_served_in_batches(server: Server, speec
 
 
 def test_user_config_reaches_the_model(server: Server) -> None:
-    assert transcriber_call("stats")["compile_decoding"] is True  # set by the fixture's overrides
+    stats = transcriber_call("stats")
+    assert stats["compile_decoding"] is True  # set by the fixture's overrides
+    # serve/config.yaml turns compile_prefill on; a CPU replica must not compile the LLM for minutes
+    assert stats["compile_prefill"] is False
 
 
 def test_long_audio_is_split_at_quiet_points_and_joined(server: Server, speech_clips) -> None:

@@ -190,6 +190,7 @@ def test_salm_serve_names_a_missing_model(capsys) -> None:
         ({"max_new_tokens": 0}, "`user_config.max_new_tokens` must be >= 1"),
         ({"compile_decoding": "yes"}, "`user_config.compile_decoding` must be true or false"),
         ({"compile_encoder": 1}, "`user_config.compile_encoder` must be true or false"),
+        ({"compile_prefill": "on"}, "`user_config.compile_prefill` must be true or false"),
         ({"warm_up_clip_s": 10}, "`user_config.warm_up_clip_s` must be a list"),
         ({"warm_up_clip_s": [10, 0]}, "each > 0"),
         ({"warm_up_clip_s": [700]}, r"<= max_batch_audio_s \(640\)"),
@@ -202,23 +203,31 @@ def test_bad_transcriber_user_config_is_refused_with_the_field(user_config: dict
         BatchingConfig(**user_config)
     assert BatchingConfig().compile_decoding is False  # off unless asked: it compiles for minutes
     assert BatchingConfig().compile_encoder is False
+    assert BatchingConfig().compile_prefill is False
 
 
-def test_a_replica_whose_decoding_compile_fails_serves_eagerly_and_says_why() -> None:
-    """``compile_decoding`` is on in serve/config.yaml; an image without Triton's C compiler must
-    not turn that into a replica that fails every request."""
+@pytest.mark.parametrize("switch", ["compile_decoding", "compile_prefill"])
+def test_a_replica_whose_decoding_compile_fails_serves_eagerly_and_says_why(switch: str) -> None:
+    """``compile_decoding`` and ``compile_prefill`` are on in serve/config.yaml; an image without
+    Triton's C compiler must not turn that into a replica that fails every request."""
     from serve.transcriber import BatchingConfig
 
+    switched_on = []
+
     def transcribe(audios, max_new_tokens):
+        switched_on.append(getattr(model, switch))
         raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
 
-    model = SimpleNamespace(sampling_rate=16000, compile_decoding=True, transcribe=transcribe)
-    replica = bare_replica(BatchingConfig(compile_decoding=True), model)
-    warnings = warnings_logged(replica._compile_decoding_now)
-    assert replica.model.compile_decoding is False
+    model = SimpleNamespace(
+        sampling_rate=16000, compile_decoding=False, compile_prefill=False, transcribe=transcribe
+    )
+    replica = bare_replica(BatchingConfig(**{switch: True}), model)
+    warnings = warnings_logged(getattr(replica, f"_{switch}_now"))
+    assert switched_on == [True]  # the warm-up call ran with the part turned on
+    assert getattr(replica.model, switch) is False
     assert len(warnings) == 1
     assert "Failed to find C compiler" in warnings[0]
-    assert "compile_decoding: false" in warnings[0]
+    assert f"`Transcriber.user_config.{switch}: false`" in warnings[0]
 
 
 def test_a_replica_compiles_its_encoder_before_requests_and_no_request_recompiles(
@@ -288,7 +297,9 @@ def test_config_files_user_config_is_a_valid_batching_config() -> None:
     user_config = deployments(yaml.safe_load(DEFAULT_CONFIG.read_text()))["Transcriber"]["user_config"]
     config = BatchingConfig(**user_config)
     assert config.warm_up_clip_s == (10.0, 20.0)
-    assert config.compile_encoder is True and config.compile_decoding is True
+    assert (
+        config.compile_encoder is True and config.compile_decoding is True and config.compile_prefill is True
+    )
 
 
 def test_warm_up_covers_every_padded_batch_size_a_batch_can_take() -> None:

@@ -107,8 +107,8 @@ class SALM(nn.Module):
         # a minute or two. Set by servers, off by default.
         self.compile_decoding = False
         # The greedy decoder's prefill through one compiled trace of the LLM (decoding.compiled_prefill):
-        # a candidate, off by default and set by nothing but bench/serve_throughput.py's
-        # compiled_prefill variant until it is measured on a GPU (bench/prefill_compile.py).
+        # 1.5x on the LLM alone, +11% RTFx at batch 128-256 on an H100, but minutes of compiling at
+        # the first call (BENCHMARKS.md). Set by servers (salm.inference_compile), off by default.
         self.compile_prefill = False
         # The loss runs the LLM on one packed row of the batch's real positions (salm.model.packing):
         # no compute on padding. Set by the training loop (trainer.pack_llm_sequences), off by default.
