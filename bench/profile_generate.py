@@ -65,7 +65,7 @@ def main() -> None:
 
     @torch.no_grad()
     def mel():
-        model.perception.preprocessor(input_signal=audios, length=lens)
+        model.perception.mel_features(audios, lens)
 
     print(f"generate   {median_seconds(generate, device):.3f} s", flush=True)
     print(f"perception {median_seconds(perception, device):.3f} s", flush=True)

@@ -20,6 +20,7 @@ from torch import nn
 from salm.errors import SALMConfigError
 from salm.model.adapters import IdentityAdapter, StackingMLPAdapter
 from salm.model.encoder_layout import use_channels_last_subsampling
+from salm.model.feature_normalization import normalize_per_feature, take_over_per_feature_normalization
 
 
 def _nemo_preprocessor(**kwargs):
@@ -89,6 +90,10 @@ class AudioPerception(nn.Module):
                 raise SALMConfigError(f"`model.perception.{section}` is missing")
         self.preprocessor = build_from_target("preprocessor", cfg.preprocessor)
         _unpin_featurizer_forward(self.preprocessor)
+        # NeMo's per-feature normalisation waits for the GPU on every batch; ours computes the same
+        # numbers without the wait (salm.model.feature_normalization). Runtime only: the config keeps
+        # `normalize: per_feature`, so a saved model means the same to NeMo.
+        self.normalizes_per_feature = take_over_per_feature_normalization(self.preprocessor)
         self.encoder = build_from_target("encoder", cfg.encoder)
         if "sync_max_audio_length" not in cfg.encoder:
             # NeMo's default all-reduces every batch's frame count over the ranks and reads it back
@@ -163,6 +168,26 @@ class AudioPerception(nn.Module):
             return conformer_frame_counts(adapter, lengths)
         return None
 
+    def mel_features(
+        self, input_signal: torch.Tensor, input_signal_length: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The encoder's input: normalised log-mel features ``(B, n_mels, T)`` in fp32, and their lengths.
+
+        fp32 even when the model runs in bf16 (as NeMo does): log-mel of a bf16 waveform loses most of
+        its resolution.
+        """
+        from nemo.core.classes.common import typecheck
+
+        # NeMo's neural-type checks cost host time on every call; shapes are checked by our tests.
+        with typecheck.disable_checks(), torch.autocast(input_signal.device.type, enabled=False):
+            features, feature_lens = self.preprocessor(
+                input_signal=input_signal.float(), length=input_signal_length
+            )
+            if self.normalizes_per_feature:
+                pad_value = self.preprocessor.featurizer.pad_value
+                features = normalize_per_feature(features, feature_lens, pad_value)
+        return features, feature_lens
+
     def forward(
         self, input_signal: torch.Tensor, input_signal_length: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,12 +196,7 @@ class AudioPerception(nn.Module):
         # NeMo's neural-type checks reject a Conformer used as adapter (it expects a spectrogram)
         # and cost host time on every call; shapes are checked by our own tests instead.
         encoder_dtype = next(self.encoder.parameters()).dtype
-        # Mel features are computed in fp32 even when the model runs in bf16 (as NeMo does): log-mel
-        # of a bf16 waveform loses most of its resolution.
-        with typecheck.disable_checks(), torch.autocast(input_signal.device.type, enabled=False):
-            features, feature_lens = self.preprocessor(
-                input_signal=input_signal.float(), length=input_signal_length
-            )
+        features, feature_lens = self.mel_features(input_signal, input_signal_length)
         features = features.to(encoder_dtype)
         _match_buffer_dtypes(self.encoder, encoder_dtype)
         with typecheck.disable_checks():
