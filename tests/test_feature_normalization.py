@@ -10,10 +10,14 @@ from salm.model.feature_normalization import normalize_per_feature
 
 def nemo_normalized(features: torch.Tensor, lengths: torch.Tensor, pad_value: float) -> torch.Tensor:
     """NeMo's ``normalize_batch`` then its featurizer's padding mask, as ``FilterbankFeatures.forward``
-    runs them (on the CPU, where NeMo skips its ``.item()`` check)."""
+    runs them on a machine without CUDA. Where CUDA is available NeMo refuses a one-frame clip (its
+    ``.item()`` check); without, it computes the numbers this reference needs."""
+    from unittest import mock
+
     from nemo.collections.asr.parts.preprocessing.features import normalize_batch
 
-    normalized, _, _ = normalize_batch(features, lengths, normalize_type="per_feature")
+    with mock.patch.object(torch.cuda, "is_available", return_value=False):
+        normalized, _, _ = normalize_batch(features, lengths, normalize_type="per_feature")
     past_end = torch.arange(features.shape[2]).unsqueeze(0) >= lengths.unsqueeze(1)
     return normalized.masked_fill(past_end.unsqueeze(1), pad_value)
 
@@ -61,3 +65,26 @@ def test_perception_normalizes_itself_and_never_calls_nemos_normalize_batch(tiny
     torch.testing.assert_close(features, expected, rtol=0, atol=1e-6)
     embeddings, _ = perception(audio, lengths)  # the encoder's path goes through the same features
     assert torch.isfinite(embeddings).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="NeMo's check waits only where CUDA is available")
+def test_mel_features_on_the_gpu_never_wait_for_it(tiny_salm) -> None:
+    """With NeMo's ``normalize_batch`` the front end made one blocking ``.item()`` per batch on a GPU;
+    torch's sync debug mode turns any such wait into an error."""
+    import copy
+
+    perception = copy.deepcopy(tiny_salm.perception).cuda()
+    audio = torch.randn(3, 16000, device="cuda")
+    lengths = torch.tensor([16000, 9000, 4000]).cuda()
+    perception.mel_features(audio, lengths)  # first call: cuFFT plans and the like
+    torch.cuda.synchronize()
+    from nemo.collections.asr.parts.preprocessing.features import normalize_batch
+
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with pytest.raises(RuntimeError, match="synchroniz"):  # the wait this test would catch
+            normalize_batch(torch.randn(3, 8, 20, device="cuda"), lengths // 800, "per_feature")
+        features, _ = perception.mel_features(audio, lengths)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(features).all()
