@@ -191,8 +191,11 @@ class Transcriber:
         on_gpu = self.model.device.type == "cuda"  # CPUs decode eagerly: nothing to compile or capture
         newly_compiled = self.config.compile_decoding and not self.model.compile_decoding
         self.model.compile_decoding = self.config.compile_decoding
-        newly_compiled_prefill = on_gpu and self.config.compile_prefill and not self.model.compile_prefill
-        self.model.compile_prefill = on_gpu and self.config.compile_prefill
+        # The prefill's switch is turned on by its own compile below, not here: the decoding step's
+        # warm-up call would otherwise compile it too, inside the step's compile and its timing.
+        wants_compiled_prefill = on_gpu and self.config.compile_prefill  # GPU only, as decoding
+        newly_compiled_prefill = wants_compiled_prefill and not self.model.compile_prefill
+        self.model.compile_prefill = self.model.compile_prefill and wants_compiled_prefill
         if on_gpu:  # the compiled layers guard on the layout: compile after choosing it
             self._compile_encoder(self.config.compile_encoder)
         if newly_compiled and on_gpu:

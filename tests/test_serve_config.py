@@ -230,6 +230,43 @@ def test_a_replica_whose_decoding_compile_fails_serves_eagerly_and_says_why(swit
     assert f"`Transcriber.user_config.{switch}: false`" in warnings[0]
 
 
+def test_a_gpu_replica_compiles_the_step_then_the_prefill_each_in_its_own_warm_up() -> None:
+    """``reconfigure`` on a GPU: the decoding step's warm-up runs with the prefill still eager (else
+    its compile and its timing would include the prefill's), then the prefill compiles; turning
+    ``compile_prefill`` off runs it eagerly again, and a CPU replica never turns it on."""
+    from serve.transcriber import BatchingConfig
+
+    warm_ups = []
+
+    def transcribe(audios, max_new_tokens):
+        warm_ups.append((model.compile_decoding, model.compile_prefill))
+        return [""] * len(audios)
+
+    model = SimpleNamespace(
+        device=torch.device("cuda"),
+        sampling_rate=16000,
+        compile_decoding=False,
+        compile_prefill=False,
+        transcribe=transcribe,
+        perception=SimpleNamespace(encoder=SimpleNamespace(layers=[]), set_encoder_layout=lambda **_: None),
+    )
+    replica = bare_replica(BatchingConfig(), model)
+    replica.default_prompt = "Transcribe the following: <|audio|>"
+    replica.transcribe_batch = SimpleNamespace(
+        set_max_batch_size=lambda size: None, set_batch_wait_timeout_s=lambda seconds: None
+    )
+    replica.reconfigure({"compile_decoding": True, "compile_prefill": True})
+    assert warm_ups == [(True, False), (True, True)]
+    assert model.compile_prefill is True
+    replica.reconfigure({"compile_decoding": True, "compile_prefill": True})  # nothing new to compile
+    assert len(warm_ups) == 2
+    replica.reconfigure({"compile_decoding": True, "compile_prefill": False})
+    assert model.compile_prefill is False and len(warm_ups) == 2
+    model.device = torch.device("cpu")
+    replica.reconfigure({"compile_decoding": True, "compile_prefill": True})
+    assert model.compile_prefill is False and len(warm_ups) == 2
+
+
 def test_a_replica_compiles_its_encoder_before_requests_and_no_request_recompiles(
     tiny_salm, speech_clips
 ) -> None:
