@@ -96,6 +96,9 @@ def audio_seconds(batches: list[dict]) -> float:
 # "compiled_fresh_lengths_bool_mask_gathers" is that with the loss's packed-row and target gathers by
 # boolean mask and NeMo's all-reduce of the frame count (the step before bench/host_syncs.py's change:
 # 5 more host syncs per step in the forward, 2 in the backward; eager code, nothing traced again).
+# "compiled_fresh_lengths_nemo_normalize" is "compiled_fresh_lengths" with the mel features normalised by
+# NeMo's normalize_batch, whose .item() check waits for the GPU once per step (the front end before
+# salm.model.feature_normalization; eager, nothing traced again).
 # "compiled_fresh_lengths_conv_depthwise" is "compiled_fresh_lengths" with the Conformer's depthwise
 # convolutions as NeMo's cuDNN Conv1d (the recipe before salm.model.depthwise_conv): it traces every layer again.
 # "compiled_fresh_lengths_expandable" is "compiled_fresh_lengths" after the allocator's cache is emptied and
@@ -119,6 +122,7 @@ MODEL_VARIANTS = [
     "compiled_fresh_lengths_conv_subsampling",
     "compiled_fresh_lengths_device_layout",
     "compiled_fresh_lengths_bool_mask_gathers",
+    "compiled_fresh_lengths_nemo_normalize",
     "compiled_fresh_lengths_conv_depthwise",
     "compiled_fresh_lengths_expandable",
     "compiled_conv_pointwise",
@@ -221,6 +225,20 @@ def set_bool_mask_gathers(model, enabled: bool) -> None:
         gather_target_positions_by_mask if enabled else placeholders.gather_target_positions
     )
     model.perception.encoder.sync_max_audio_length = enabled
+
+
+def set_nemo_feature_normalization(model, enabled: bool) -> None:
+    """The mel features normalised inside NeMo's featurizer (``normalize_batch``, one ``.item()`` per
+    batch on a GPU), or by the model itself (``salm.model.feature_normalization``), the recipe's."""
+    perception = model.perception
+    if not (
+        perception.normalizes_per_feature or perception.preprocessor.featurizer.normalize == "per_feature"
+    ):
+        if enabled:
+            raise ValueError("this model's front end does not normalise per feature: nothing to compare")
+        return
+    perception.preprocessor.featurizer.normalize = "per_feature" if enabled else None
+    perception.normalizes_per_feature = not enabled
 
 
 def pack_sequences_by_mask(
@@ -414,6 +432,7 @@ def time_ds_variant(cfg, device: torch.device, config: dict, ds_variant: str) ->
         try:
             set_encoder_sdpa(model, variant == "encoder_sdpa")
             set_bool_mask_gathers(model, variant == "compiled_fresh_lengths_bool_mask_gathers")
+            set_nemo_feature_normalization(model, variant == "compiled_fresh_lengths_nemo_normalize")
             model.pack_llm_sequences = variant in PACKED_VARIANTS or recipe_packs  # the recipe's, or packed
             # levers changed on compiled layers are traced again; the first compile sets them below
             retraced = compiled and variant.startswith("compiled") and set_compiled_levers(model, variant)

@@ -171,6 +171,21 @@ def test_fresh_lengths_for_every_path_refuses_the_variant_that_would_cut_twice(m
     assert "leave out the compiled_fresh_lengths variant" in capsys.readouterr().err
 
 
+def loss_and_grads(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The model's loss on ``batch`` and its gradients, with the same dropout masks every call."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    loss = model.loss(batch)["loss"]
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+def assert_same_training_numbers(before: tuple, after: tuple) -> None:
+    assert torch.equal(before[0], after[0])
+    assert len(before[1]) == len(after[1]) > 0
+    assert all(torch.equal(a, b) for a, b in zip(before[1], after[1], strict=True))
+
+
 def test_the_bool_mask_gathers_variant_trains_the_same_numbers_and_is_undone(tiny_model_and_batch) -> None:
     """``compiled_fresh_lengths_bool_mask_gathers`` times the step's old gathers: same loss and gradients
     as the model's own (packed rows, as the recipe), and the next variant gets the model's back."""
@@ -179,32 +194,43 @@ def test_the_bool_mask_gathers_variant_trains_the_same_numbers_and_is_undone(tin
     from salm.model import packing, placeholders
 
     model, batch = tiny_model_and_batch
-
-    def loss_and_grads() -> tuple[torch.Tensor, list[torch.Tensor]]:
-        model.zero_grad(set_to_none=True)
-        torch.manual_seed(1)  # the same dropout masks
-        loss = model.loss(batch)["loss"]
-        loss.backward()
-        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
-
     model.pack_llm_sequences = True
     try:
         set_bool_mask_gathers(model, True)
         assert salm_module.pack_sequences is not packing.pack_sequences
         assert model.perception.encoder.sync_max_audio_length is True
-        before = loss_and_grads()
+        before = loss_and_grads(model, batch)
         set_bool_mask_gathers(model, False)
         assert salm_module.pack_sequences is packing.pack_sequences
         assert salm_module.gather_target_positions is placeholders.gather_target_positions
         assert model.perception.encoder.sync_max_audio_length is False
-        after = loss_and_grads()
+        after = loss_and_grads(model, batch)
     finally:
         set_bool_mask_gathers(model, False)
         model.pack_llm_sequences = False
         model.zero_grad(set_to_none=True)
-    assert torch.equal(before[0], after[0])
-    assert len(before[1]) == len(after[1]) > 0
-    assert all(torch.equal(a, b) for a, b in zip(before[1], after[1], strict=True))
+    assert_same_training_numbers(before, after)
+
+
+def test_the_nemo_normalize_variant_trains_the_same_numbers_and_is_undone(tiny_model_and_batch) -> None:
+    """``compiled_fresh_lengths_nemo_normalize`` times NeMo's ``normalize_batch`` (its ``.item()``
+    waits for the GPU): the same loss and gradients as the model's own normalisation, and the next
+    variant gets the model's back."""
+    from bench.train_throughput import set_nemo_feature_normalization
+
+    model, batch = tiny_model_and_batch
+    featurizer = model.perception.preprocessor.featurizer
+    try:
+        set_nemo_feature_normalization(model, True)
+        assert featurizer.normalize == "per_feature" and not model.perception.normalizes_per_feature
+        before = loss_and_grads(model, batch)
+        set_nemo_feature_normalization(model, False)
+        assert featurizer.normalize is None and model.perception.normalizes_per_feature
+        after = loss_and_grads(model, batch)
+    finally:
+        set_nemo_feature_normalization(model, False)
+        model.zero_grad(set_to_none=True)
+    assert_same_training_numbers(before, after)
 
 
 def test_the_compiled_variants_take_the_recipes_depthwise_convolutions_and_the_before_variant_nemos(
