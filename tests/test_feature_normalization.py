@@ -27,8 +27,8 @@ def test_normalize_per_feature_gives_nemos_numbers_for_every_length_including_on
     pad_value: float,
 ) -> None:
     generator = torch.Generator().manual_seed(0)
-    features = torch.randn(4, 8, 37, generator=generator) * 3 + 2
-    lengths = torch.tensor([37, 20, 2, 1])
+    features = torch.randn(5, 8, 37, generator=generator) * 3 + 2
+    lengths = torch.tensor([37, 20, 2, 1, 40])  # the last longer than the frames there are: NeMo counts 37
     expected = nemo_normalized(features, lengths, pad_value)
     # by the time ours runs, NeMo's featurizer has already masked the frames past each length
     past_end = torch.arange(37).unsqueeze(0) >= lengths.unsqueeze(1)

@@ -40,7 +40,7 @@ def normalize_per_feature(features: torch.Tensor, lengths: torch.Tensor, pad_val
     """
     frames = torch.arange(features.shape[2], device=features.device)
     valid = (frames.unsqueeze(0) < lengths.unsqueeze(1)).unsqueeze(1)  # (B, 1, T)
-    counts = lengths.unsqueeze(1)  # (B, 1)
+    counts = valid.sum(dim=2)  # (B, 1): the length, or the frames there are if a length is longer
     mean = torch.where(valid, features, 0.0).sum(dim=2) / counts
     centred = torch.where(valid, features - mean.unsqueeze(2), 0.0)
     std = torch.sqrt(centred.pow(2).sum(dim=2) / (counts - 1.0))
