@@ -195,7 +195,8 @@ class Transcriber:
         # warm-up call would otherwise compile it too, inside the step's compile and its timing.
         wants_compiled_prefill = on_gpu and self.config.compile_prefill  # GPU only, as decoding
         newly_compiled_prefill = wants_compiled_prefill and not self.model.compile_prefill
-        self.model.compile_prefill = self.model.compile_prefill and wants_compiled_prefill
+        if not wants_compiled_prefill:
+            self.model.compile_prefill = False
         if on_gpu:  # the compiled layers guard on the layout: compile after choosing it
             self._compile_encoder(self.config.compile_encoder)
         if newly_compiled and on_gpu:
