@@ -204,8 +204,9 @@ def phase_seconds(model, fn, audios: torch.Tensor, lens: torch.Tensor, device: t
     """One call of ``fn`` split at module boundaries, the device drained at each (forward hooks).
 
     prompts: tokenising the chat prompts (until the mel front end starts); mel: the front end;
-    encoder: Conformer + adapter + projection; splice: text embeddings and placeholder splicing;
-    prefill: the LLM over the prompts; decode: the remaining tokens and detokenising.
+    encoder: Conformer + adapter + projection; splice: text embeddings, placeholder splicing and
+    fetching the captured decoder; prefill: the LLM over the prompts and the first token; decode: the
+    remaining tokens and detokenising.
     """
     marks: dict[str, float] = {}
 
@@ -217,14 +218,22 @@ def phase_seconds(model, fn, audios: torch.Tensor, lens: torch.Tensor, device: t
 
         return hook
 
-    decoder = base_causal_lm(model.llm).model
     handles = [
         model.perception.preprocessor.register_forward_pre_hook(mark("prompts")),
         model.perception.preprocessor.register_forward_hook(mark("mel")),
         model.perception.register_forward_hook(mark("encoder")),
-        decoder.register_forward_pre_hook(mark("splice")),
-        decoder.register_forward_hook(mark("prefill")),
     ]
+    # The prefill is marked around ``SALM._prefill``, not by hooks on the LLM: a compiled prefill
+    # runs the LLM inside a trace made before the hooks existed, so they would not fire (KeyError
+    # 'splice' on an H100, bench/results/serve_throughput_h100_phases_prefill_keyerror.json).
+    prefill = model._prefill
+
+    def marked_prefill(*args, **kwargs) -> None:
+        mark("splice")()
+        prefill(*args, **kwargs)
+        mark("prefill")()
+
+    model._prefill = marked_prefill
     try:
         sync(device)
         start = time.perf_counter()
@@ -232,6 +241,7 @@ def phase_seconds(model, fn, audios: torch.Tensor, lens: torch.Tensor, device: t
         sync(device)
         marks["decode"] = time.perf_counter()
     finally:
+        del model._prefill
         for handle in handles:
             handle.remove()
     names = ["prompts", "mel", "encoder", "splice", "prefill", "decode"]
