@@ -45,10 +45,21 @@ def deepspeed_config(cfg: DictConfig) -> dict:
 
 
 def build_optimizer(parameters: list[torch.nn.Parameter], cfg: DictConfig) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters only (frozen ones get no optimizer state)."""
+    """AdamW over the trainable parameters only (frozen ones get no optimizer state).
+
+    ``model.optimizer.fused`` (the default) takes torch's fused AdamW: one kernel reads and writes
+    each weight and its two moments once per step. ZeRO-1/2 hand the optimizer its weights as one flat
+    fp32 partition, so torch's default (``foreach``) makes ~8 passes over all of them per step: 24 ms
+    of an H100's time per step of the canary recipe (BENCHMARKS.md, "The optimizer step"). Same
+    update, rounded differently; ``fused: false`` gives torch's default back.
+    """
     opt = cfg.model.optimizer
     return torch.optim.AdamW(
-        parameters, lr=float(opt.lr), betas=tuple(opt.betas), weight_decay=float(opt.weight_decay)
+        parameters,
+        lr=float(opt.lr),
+        betas=tuple(opt.betas),
+        weight_decay=float(opt.weight_decay),
+        fused=True if opt.get("fused", True) else None,
     )
 
 

@@ -58,7 +58,8 @@ EXP_MANAGER_DEFAULTS = {
     "always_save_nemo": False,
     "save_nemo_on_train_end": True,
 }
-OPTIMIZER_DEFAULTS = {"lr": 5e-4, "betas": [0.9, 0.98], "weight_decay": 1e-3}
+# fused: torch's one-kernel AdamW (salm.train.deepspeed_setup.build_optimizer says why it is the default).
+OPTIMIZER_DEFAULTS = {"lr": 5e-4, "betas": [0.9, 0.98], "weight_decay": 1e-3, "fused": True}
 SCHEDULER_DEFAULTS = {"warmup_steps": 0, "min_lr": 0.0}
 
 
@@ -168,6 +169,10 @@ def validate_recipe(cfg: DictConfig) -> None:
             raise SALMConfigError(f"`deepspeed.config.{dotted}` is set by `{owner}`; set it there instead")
     if float(cfg.model.optimizer.lr) <= 0:
         raise SALMConfigError(f"`model.optimizer.lr` must be > 0, got {cfg.model.optimizer.lr}")
+    if not isinstance(cfg.model.optimizer.fused, bool):
+        raise SALMConfigError(
+            f"`model.optimizer.fused` must be true or false, got {cfg.model.optimizer.fused!r}"
+        )
     if int(cfg.exp_manager.save_top_k) < 1:
         raise SALMConfigError(f"`exp_manager.save_top_k` must be >= 1, got {cfg.exp_manager.save_top_k}")
 
