@@ -6,12 +6,13 @@ seconds per batch, as a duration-bucketing sampler makes them):
 
 - ours: Ray Train ``TorchTrainer`` with 1 GPU worker, the model and DeepSpeed engine built by
   ``salm.train.engine`` as ``salm/train/loop.py`` builds them (the recipe's ``deepspeed_config``:
-  bf16, ZeRO-2; AdamW; warmup+cosine; ``LossModule``), its batches pinned by the training loop's
+  bf16, ZeRO-2; fused AdamW; warmup+cosine; ``LossModule``), its batches pinned by the training loop's
   prefetch thread (``salm.train.batch_device.prefetch_pinned``), optionally in model variants
   (``--variants``) and DeepSpeed config variants (``--ds-variants``, each with its own engine);
-- NeMo: NeMo 3.0's ``SALM.training_step`` -> backward -> AdamW step, bf16 weights;
-- plain: our model in fp32 under bf16 autocast, full-vocabulary logits + cross-entropy, AdamW,
-  no Ray and no DeepSpeed.
+- NeMo: NeMo 3.0's ``SALM.training_step`` -> backward -> AdamW step (``foreach``, as NeMo's
+  ``salm.yaml``), bf16 weights;
+- plain: our model in fp32 under bf16 autocast, full-vocabulary logits + cross-entropy, torch's
+  default AdamW, no Ray and no DeepSpeed.
 
 ``--profile`` adds one profiled pass to every path and variant: the device's busy share of the
 wall, its time by kernel kind (matmul, attention, convolution, compiled fused, copies, ...) and its
@@ -312,6 +313,7 @@ def production_engine(cfg, device: torch.device):
 DS_VARIANTS: dict[str, dict | None] = {
     "recipe": None,
     "deepspeed_grad_norm": None,  # the recipe, with DeepSpeed's per-tensor gradient norm (salm.train.grad_norm)
+    "foreach_adamw": None,  # the recipe, with torch's default AdamW (foreach) instead of its fused one
     "deepspeed_defaults": {},
     "no_timers": {"timers": {"throughput": {"enabled": False}}},
     "lean": {
@@ -409,6 +411,8 @@ def time_ds_variant(cfg, device: torch.device, config: dict, ds_variant: str) ->
     """Build the production engine with ``ds_variant``'s DeepSpeed config; time (and profile) each model variant."""
     if DS_VARIANTS[ds_variant] is not None:
         cfg.deepspeed.config = DS_VARIANTS[ds_variant]
+    if ds_variant == "foreach_adamw":
+        cfg.model.optimizer.fused = False
     model, engine = production_engine(cfg, device)
     if ds_variant == "deepspeed_grad_norm":
         use_deepspeed_gradient_clipping(engine.optimizer)
