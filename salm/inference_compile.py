@@ -15,7 +15,7 @@ set the model up alike. Three parts, each optional:
   dynamic-shape compile serves them all): 1-3 minutes on a GPU;
 - **the greedy decoder's prefill** (``SALM.compile_prefill``, ``decoding.compiled_prefill``; GPU
   only), the LLM over the prompts in one dynamic-shape graph, also compiled with one clip of
-  silence: ~3 minutes on an H100, then +11% RTFx at batch 128-256 (BENCHMARKS.md, serving).
+  silence: 1.5-3 minutes on an H100, then +11-15% RTFx at batch 128-256 (BENCHMARKS.md, serving).
 
 If compiling fails (e.g. an image without the C compiler Triton needs), the part runs eagerly again
 and the function returns why: the same transcripts, slower. Callers say so in their own words.

@@ -251,7 +251,7 @@ class Transcriber:
 
     def _compile_prefill_now(self) -> None:
         """Compile the prefill before the first request instead of during it
-        (``salm.inference_compile.compile_prefill_now``; 172 s on an H100, once per replica)."""
+        (``salm.inference_compile.compile_prefill_now``; 90-172 s on two H100s, once per replica)."""
         from salm.inference_compile import compile_prefill_now
 
         self._compile_before_requests(
