@@ -38,3 +38,7 @@ def test_data_throughput_benchmark_prints_its_ratio(tmp_path) -> None:
     result = json.loads(out.read_text())
     assert result["ratio_vs_lhotse"] > 0 and result["audio_s_per_s"] > 0
     assert 0 <= result["padding_ratio_bucketed"] <= result["padding_ratio_unbucketed"]
+    # The pipeline's own rate: every row but the first, over the time from the first row to the last.
+    ours = result["ours"]
+    assert ours["rows_audio_s_per_s"] == result["rows_audio_s_per_s"] > 0
+    assert 0 < ours["first_row_s"] <= ours["first_batch_s"]
