@@ -116,7 +116,9 @@ def train_loop_per_worker(config: dict) -> None:
 
     while step < max_steps:
         for _ in range(accumulate):
+            waiting = time.perf_counter()
             batch = next(batches, None)
+            data_wait_seconds = time.perf_counter() - waiting
             if batch is None:  # only a finite stream ends; all ranks read the same number of batches
                 raise RuntimeError("the training data ran out before max_steps; use an infinite train_ds")
             audio_seconds = (
@@ -127,7 +129,7 @@ def train_loop_per_worker(config: dict) -> None:
             out = engine(batch)
             engine.backward(out["loss"])
             engine.step()
-            meter.add(out, audio_seconds, time.perf_counter() - started)
+            meter.add(out, audio_seconds, time.perf_counter() - started, data_wait_seconds)
         step += 1
 
         if step % int(trainer_cfg.log_every_n_steps) == 0 or step == max_steps:
