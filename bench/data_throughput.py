@@ -137,8 +137,6 @@ def _row_arrival_rates(started: float, arrivals: list[tuple[float, float]]) -> d
     """How fast Ray Data delivers decoded, tokenised rows once the first one is there: the pipeline's
     own rate, which the bucketing buffer (it holds ``bucket_buffer_size`` rows before the first
     batch) hides from the per-batch rates at a small corpus size."""
-    if len(arrivals) < 2:
-        return {"first_row_s": None, "rows_audio_s_per_s": None}
     (first_time, first_seconds), last_time = arrivals[0], arrivals[-1][0]
     later_seconds = sum(seconds for _, seconds in arrivals) - first_seconds
     return {

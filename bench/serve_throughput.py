@@ -44,9 +44,9 @@ weights saved and served by Ray Serve, flite clips of ~9 s, 1/16/64/256 concurre
 throughput and p50/p99 latency over HTTP, ``p99_s_at_64`` in the JSON. The server runs
 ``serve/config.yaml``'s settings, so on a GPU its replica compiles the encoder's layers, the
 decoding step and the prefill at start (33 s on an H200; 96 s and 172 s on one H100; 19, 76 and
-91 s on another);
-``--serve-set Transcriber.user_config.compile_decoding=false Transcriber.user_config.compile_encoder=false
-Transcriber.user_config.compile_prefill=false`` serves eagerly.
+91 s on another); ``--serve-set Transcriber.user_config.compile_decoding=false
+Transcriber.user_config.compile_encoder=false Transcriber.user_config.compile_prefill=false`` serves
+eagerly.
 When one device call is too short for both parts, run ``--serve-load-only`` (writes
 ``serve_throughput_served.json``), then the offline part with ``--served-from`` that file.
 

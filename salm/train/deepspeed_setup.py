@@ -7,7 +7,7 @@ import math
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from salm.train.recipe import precision_of
+from salm.train.recipe import OPTIMIZER_DEFAULTS, precision_of
 
 
 def deepspeed_config(cfg: DictConfig) -> dict:
@@ -54,12 +54,13 @@ def build_optimizer(parameters: list[torch.nn.Parameter], cfg: DictConfig) -> to
     update, rounded differently; ``fused: false`` gives torch's default back.
     """
     opt = cfg.model.optimizer
+    fused = opt.get("fused", OPTIMIZER_DEFAULTS["fused"])  # the default also where load_recipe did not run
     return torch.optim.AdamW(
         parameters,
         lr=float(opt.lr),
         betas=tuple(opt.betas),
         weight_decay=float(opt.weight_decay),
-        fused=True if opt.get("fused", True) else None,
+        fused=True if fused else None,
     )
 
 
