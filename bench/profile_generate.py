@@ -8,6 +8,11 @@ call, and the perception module again with NeMo's ``use_pytorch_sdpa`` attention
 written under ``--out`` too::
 
     python3 -m bench.profile_generate --batch 256 --out $OUT
+
+``--compile-encoder`` compiles the Conformer layers first, as a Serve replica with
+``compile_encoder`` does, so the perception table is the served one. It also times the subsampling
+(``encoder.pre_encode``) alone, eagerly and under ``torch.compile(dynamic=True)``: the one part of
+the encoder a replica leaves eager, which at batch 256 makes several passes over a 4 GB activation.
 """
 
 from __future__ import annotations
@@ -36,6 +41,25 @@ def kernel_table(fn, device: torch.device, rows: int) -> str:
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=90)
 
 
+def time_subsampling(model, audios: torch.Tensor, lens: torch.Tensor, device: torch.device) -> None:
+    """The subsampling alone on this batch's features: eager, then compiled (``dynamic=True``)."""
+    with torch.no_grad():
+        features, feature_lens = model.perception.mel_features(audios, lens)
+    frames_first = features.transpose(1, 2)  # (B, T, F), as the encoder hands it to pre_encode
+    pre_encode = model.perception.encoder.pre_encode
+    compiled = torch.compile(pre_encode, dynamic=True)
+    for name, fn in (("eager", pre_encode), ("compiled", compiled)):
+
+        @torch.no_grad()
+        def subsampling(fn=fn):
+            fn(frames_first, feature_lens)
+
+        try:
+            print(f"subsampling {name:8s} {median_seconds(subsampling, device):.4f} s", flush=True)
+        except Exception as error:  # a compile failure is a result here, not the end of the profile
+            print(f"subsampling {name:8s} failed: {type(error).__name__}: {str(error)[:400]}", flush=True)
+
+
 def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit(
@@ -46,11 +70,16 @@ def main() -> None:
     )
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--out", type=Path, default=Path("."))
+    parser.add_argument("--compile-encoder", action="store_true", help="compile the Conformer layers first")
     args = parser.parse_args()
     device = torch.device("cuda")
     cfg = recipe(write_llm_dir(Path(tempfile.mkdtemp()) / "llm", tiny=False), tiny=False)
     model, _ = build_models(cfg, device, with_nemo=False)
     merge_lora_into_llm(model)
+    if args.compile_encoder:
+        from salm.model.compile import compile_layers, encoder_layers
+
+        compile_layers(encoder_layers(model))
     generator = torch.Generator().manual_seed(0)
     audios = (0.1 * torch.randn(args.batch, 10 * SAMPLE_RATE, generator=generator)).to(device)
     lens = torch.full((args.batch,), audios.shape[1]).to(device)
@@ -70,6 +99,8 @@ def main() -> None:
     print(f"generate   {median_seconds(generate, device):.3f} s", flush=True)
     print(f"perception {median_seconds(perception, device):.3f} s", flush=True)
     print(f"mel        {median_seconds(mel, device):.4f} s", flush=True)
+    if args.compile_encoder:
+        time_subsampling(model, audios, lens, device)
     args.out.mkdir(parents=True, exist_ok=True)
     for name, fn, rows in (("perception", perception, 30), ("generate", generate, 40)):
         table = kernel_table(fn, device, rows)
