@@ -40,6 +40,23 @@ def test_the_data_pipeline_imports_neither_the_model_nor_its_libraries() -> None
     assert done.stdout.strip() == "[]", done.stdout
 
 
+@pytest.mark.parametrize("source_rate", [8000, 22050, 44100, 48000])
+def test_resampling_gives_scipys_numbers_with_the_filter_designed_once(source_rate: int) -> None:
+    from scipy.signal import resample_poly
+
+    from salm.data.processing import resample, resampling_filter
+
+    clip = np.random.default_rng(source_rate).standard_normal(source_rate * 2).astype(np.float32)
+    common = np.gcd(source_rate, 16000)
+    expected = resample_poly(clip, 16000 // common, source_rate // common)  # designs its own filter
+    resampling_filter.cache_clear()
+    for _ in range(3):
+        got = resample(clip, source_rate, 16000)
+        assert got.dtype == np.float32 and got.shape == (32000,)
+        np.testing.assert_array_equal(got, expected)
+    assert resampling_filter.cache_info().misses == 1  # the cached filter was not modified in place
+
+
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """48 real utterances (one voice at 8 kHz) in two NeMo manifests, the first with 4 bad entries."""
