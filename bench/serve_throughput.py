@@ -31,13 +31,19 @@ What each optimisation of ours buys is measured in the same run with ``--ours-va
   ``decoding.compiled_prefill``, what the Serve replica's ``compile_prefill`` option turns on);
 - ``compiled_encoder``: ours with every Conformer layer compiled (``salm.model.compile``), what the
   Serve replica's ``compile_encoder`` option does;
+- ``whole_cache_decoding``: ours (everything above on) with every decoding step attending to the whole
+  KV cache, as it did before ``decoding.attended_slots``: the "before" of attending only to the
+  slots in use, for this path only. The cache holds prompt + ``--new-tokens`` slots rounded up to
+  64, so the two differ only when the tokens cross a 64-slot boundary: run it with
+  ``--new-tokens 128`` (the served default) to see what a server gets;
 - ``compiled_encoder_conv_depthwise``: that with the compiled layers' depthwise convolutions as
   NeMo's cuDNN ``Conv1d`` again, not ``compile_layers``' shifted sums (``salm.model.depthwise_conv``):
   the "before" of that change (its first call traces the layers again).
 
 Variants change the model in place and run in this order after the other paths, so each one
 includes the ones before it (``compiled_encoder`` is on the merged model with the compiled step);
-``unpadded_keys``, ``conv_pointwise`` and ``transformers_sdpa`` are undone after their own path.
+``unpadded_keys``, ``conv_pointwise``, ``transformers_sdpa`` and ``whole_cache_decoding`` are undone after
+their own path.
 
 ``--serve-load`` then frees the GPU and runs ``bench/serve_load.py`` on the same model shape (random
 weights saved and served by Ray Serve, flite clips of ~9 s, 1/16/64/256 concurrent clients):
@@ -85,6 +91,7 @@ from bench.common import (
     write_llm_dir,
     write_result,
 )
+from salm.model import decoding
 from salm.model.llm import base_causal_lm, embedding_inside
 from salm.model.pointwise_conv import PointwiseConvAsMatmul
 from salm.model.rel_shift import set_key_padding
@@ -180,8 +187,17 @@ OURS_VARIANTS = (
     "compiled_decode",
     "compiled_prefill",
     "compiled_encoder",
+    "whole_cache_decoding",
     "compiled_encoder_conv_depthwise",
 )
+
+
+ATTENDED_SLOTS = decoding.attended_slots
+
+
+def attend_whole_cache(position: int, max_len: int) -> int:
+    """``decoding.attended_slots`` of the ``whole_cache_decoding`` variant: every step reads the whole cache."""
+    return max_len
 
 
 def token_agreement(tokens: list[list[int]], reference: list[list[int]]) -> float:
@@ -413,6 +429,8 @@ def main() -> None:
                 failure = compile_encoder_now(ours, ours.default_prompt)
                 if failure is not None:  # the layers are eager again: this variant would time nothing new
                     raise RuntimeError(f"compiling the encoder failed: {failure}")
+            if name == "ours_whole_cache_decoding":
+                decoding.attended_slots = attend_whole_cache
             if name == "ours_compiled_encoder_conv_depthwise":
                 from salm.model.depthwise_conv import use_shifted_sum_depthwise_convs
 
@@ -451,6 +469,8 @@ def main() -> None:
             if name == "ours_transformers_sdpa":
                 transformers_sdpa_in_decoding(False)
                 ours._decoders.clear()
+            if name == "ours_whole_cache_decoding":
+                decoding.attended_slots = ATTENDED_SLOTS
 
     for batch in args.batch_sizes:
         lengths = {name: len(out[batch][0]) for name, out in outputs.items() if batch in out}

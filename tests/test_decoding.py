@@ -124,7 +124,10 @@ def test_decoder_cache_stays_within_its_byte_budget(tiny_salm) -> None:
     for max_len in (128, 192):  # 2x and 3x the bytes of the first: each evicts what came before
         cache.get(*parts, 4, max_len, 8, weight_ptrs=(1,), use_graph=False)
         assert len(cache) == 1
-    assert cache.bytes() == 3 * one  # the newest is kept even over budget
+    assert (
+        cache.bytes() == cache_bytes(parts[0].config, 4, 192, tiny_salm.embed_tokens.weight.dtype) > 2.5 * one
+    )
+    # the newest is kept even over budget
     assert (cache.hits, cache.misses) == (0, 3)
 
 
@@ -172,6 +175,43 @@ def test_greedy_decoding_attends_on_the_kv_heads_and_restores_the_llm_attention(
     assert config._attn_implementation == before
 
 
+def test_attention_reads_only_the_slots_in_use_and_the_tokens_stay_those_of_generate(
+    tiny_salm, monkeypatch
+) -> None:
+    """The prefill attends to the prompt, each step to the written slots rounded up to 64: a prompt of
+    60 positions and 12 new tokens has a cache of 128 slots, and its steps cross from 64 to 128."""
+    from transformers import AttentionInterface
+
+    from salm.model.decoding import CACHE_LENGTH_QUANTUM, KV_HEAD_ATTENTION, sdpa_on_kv_heads
+
+    slots_read = []
+
+    def counting(module, query, key, value, *args, **kwargs):
+        if module.layer_idx == 0:
+            slots_read.append(key.shape[2])
+        return sdpa_on_kv_heads(module, query, key, value, *args, **kwargs)
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, KV_HEAD_ATTENTION, counting)
+    hidden = tiny_salm.embed_tokens.weight.shape[1]
+    generator = torch.Generator().manual_seed(3)
+    embeds = torch.randn(2, 60, hidden, generator=generator)
+    mask = torch.ones(2, 60, dtype=torch.long)
+    mask[1, :5] = 0  # a left-padded prompt
+    ours = tiny_salm._greedy_decode(embeds, mask, max_new_tokens=12)
+    assert CACHE_LENGTH_QUANTUM == 64
+    # prefill, then steps writing slots 60..70: 61-64 written -> 64 slots; 65-71 -> 128
+    assert slots_read == [60] + [64] * 4 + [128] * 7
+    config = GenerationConfig(
+        max_new_tokens=12,
+        do_sample=False,
+        eos_token_id=tiny_salm.text_eos_id,
+        pad_token_id=tiny_salm.text_pad_id,
+    )
+    with torch.no_grad(), embedding_inside(tiny_salm.llm, tiny_salm.embed_tokens):
+        theirs = tiny_salm.llm.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config)
+    assert torch.equal(ours, theirs[:, : ours.shape[1]])
+
+
 def test_compiled_step_compiles_once_for_every_batch_size_and_cache_length(tiny_salm) -> None:
     """One compile serves a single prompt, larger batches and every cache length.
 
@@ -184,15 +224,16 @@ def test_compiled_step_compiles_once_for_every_batch_size_and_cache_length(tiny_
     head_dim = parts[0].config.head_dim
     hidden = tiny_salm.embed_tokens.weight.shape[1]
 
-    def prefill_and_decode(batch: int, max_len: int) -> None:
+    def prefill_and_decode(batch: int, max_len: int, length: int = 6) -> None:
         decoder = GreedyDecoder(*parts, padded_batch_size(batch, compile_step=True), max_len, 4, False, True)
-        decoder.prefill(torch.randn(batch, 6, hidden), torch.ones(batch, 6, dtype=torch.long), 0, 0)
+        decoder.prefill(torch.randn(batch, length, hidden), torch.ones(batch, length, dtype=torch.long), 0, 0)
         decoder.decode()
 
-    shapes = ((1, head_dim), (2, head_dim), (3, 2 * head_dim), (5, 3 * head_dim))
-    new_graphs = graphs_compiled_by_each([lambda b=b, m=m: prefill_and_decode(b, m) for b, m in shapes])
+    # the last: steps attending to 64 of 128 slots, then to all (``attended_slots``)
+    shapes = ((1, head_dim), (2, head_dim), (3, 2 * head_dim), (5, 3 * head_dim), (3, 128, 62))
+    new_graphs = graphs_compiled_by_each([lambda s=shape: prefill_and_decode(*s) for shape in shapes])
     assert padded_batch_size(1, compile_step=True) == 2
-    assert new_graphs == [1, 0, 0, 0]
+    assert new_graphs == [1, 0, 0, 0, 0]
 
 
 def test_compiled_prefill_gives_the_eager_tokens_for_one_prompt_and_several(tiny_salm, speech_clips) -> None:

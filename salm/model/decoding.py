@@ -8,6 +8,12 @@ allocated once, so the whole step -- embed, 28 layers, LM head on the last posit
 bookkeeping -- is captured once and replayed with one launch per token. The host looks at the
 tokens only every ``EOS_CHECK_EVERY`` steps to stop early.
 
+Attention reads only the cache slots in use: a step attends to the first ``attended_slots`` slots
+(the written ones, rounded up to ``CACHE_LENGTH_QUANTUM``), one captured graph per such window, and
+the prefill to the prompt's. The cache is sized for ``max_new_tokens`` (128 by default, served and
+``salm eval``), while a 10 s clip's transcript ends after ~40: over the whole cache every step read
+1.7x the keys and values in use, and the prefill attended to 2.3x the keys.
+
 A server sees a different batch size in almost every call, and capturing a new graph (with a new
 KV cache) costs more than decoding a batch. So batches are padded up to a few sizes
 (``padded_batch_size``) and the captured decoders are kept per size in ``DecoderCache``.
@@ -35,7 +41,11 @@ from transformers import AttentionInterface
 from salm.model.llm import attention_implementation
 
 EOS_CHECK_EVERY = 8  # decoding steps between host checks for "every row has finished"
-CACHE_LENGTH_QUANTUM = 64  # decoder cache lengths are rounded up to this (graph reuse)
+CACHE_LENGTH_QUANTUM = 64  # cache lengths and attended windows are rounded up to this (graph reuse)
+# Cache and mask slots allocated past ``max_len``, never written or attended: every window a step reads,
+# the whole cache included, is then a strided view of a longer tensor. A compiled step first traced
+# on a window that was the whole (contiguous) tensor guarded on that, and recompiled for the others.
+SPARE_SLOTS = 1
 MAX_CACHED_DECODERS = 64  # captured decoders kept (each holds a KV cache for its batch and length)
 # Their KV caches together, as a share of the GPU's memory (the newest is kept whatever its size). A
 # server at 256 clients meets ~14 batch sizes x 2-3 cache lengths: a fixed 8 GiB held one 256-row
@@ -103,6 +113,13 @@ def cache_length(prompt_len: int, max_new_tokens: int) -> int:
     return -(-(prompt_len + max_new_tokens) // CACHE_LENGTH_QUANTUM) * CACHE_LENGTH_QUANTUM
 
 
+def attended_slots(position: int, max_len: int) -> int:
+    """The cache slots a step that writes slot ``position`` attends to: the written ones (``position +
+    1``) rounded up to a multiple of ``CACHE_LENGTH_QUANTUM``, at most ``max_len``. Slots past the
+    written ones inside the window are masked."""
+    return min(max_len, -(-(position + 1) // CACHE_LENGTH_QUANTUM) * CACHE_LENGTH_QUANTUM)
+
+
 def kv_shape(config, batch: int, max_len: int) -> tuple[int, int, int, int]:
     """One layer's key (or value) cache: ``(batch, kv_heads, max_len, head_dim)``."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -131,6 +148,12 @@ class StaticKVCache:
         """The first ``rows`` rows of every layer (views, and the same ``position``): what a prefill
         of fewer prompts than the decoder's batch writes into."""
         return StaticKVCache([k[:rows] for k in self.keys], [v[:rows] for v in self.values], self.position)
+
+    def first_slots(self, slots: int) -> StaticKVCache:
+        """The first ``slots`` slots of every layer (views, and the same ``position``): all a step that
+        attends to no later slot reads and writes."""
+        keys = [k[:, :, :slots] for k in self.keys]
+        return StaticKVCache(keys, [v[:, :, :slots] for v in self.values], self.position)
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         slots = self.position + torch.arange(key.shape[-2], device=key.device)
@@ -166,10 +189,11 @@ class GreedyDecoder:
         weight = embed_tokens.weight
         self.decoder, self.lm_head, self.embed_tokens = decoder, lm_head, embed_tokens
         self.batch, self.max_len, self.max_new_tokens = batch, max_len, max_new_tokens
-        self.cache = StaticKVCache.allocate(decoder.config, batch, max_len, weight.dtype, weight.device)
+        slots = max_len + SPARE_SLOTS
+        self.cache = StaticKVCache.allocate(decoder.config, batch, slots, weight.dtype, weight.device)
         device = weight.device
         self.blocked = torch.finfo(weight.dtype).min
-        self.mask = torch.full((batch, 1, 1, max_len), self.blocked, dtype=weight.dtype, device=device)
+        self.mask = torch.full((batch, 1, 1, slots), self.blocked, dtype=weight.dtype, device=device)
         self.positions = torch.zeros(
             batch, 1, dtype=torch.long, device=device
         )  # RoPE position of the fed token
@@ -185,7 +209,9 @@ class GreedyDecoder:
         self.pass_cache_position = "cache_position" in params
         self.use_graph = use_graph
         self.compile_step = compile_step
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.prompt_length = 0  # the last prefill's prompt length: the slot its first step writes
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # captured steps by attended slots
+        self._windows: dict[int, tuple[StaticKVCache, torch.Tensor]] = {}
         self.capture_s = 0.0  # host seconds ``capture`` took (a server pays them inside a request)
 
     def _forward(
@@ -247,61 +273,77 @@ class GreedyDecoder:
         self.mask[:batch, 0, 0, :length].masked_fill_(valid, 0.0)
         causal = torch.ones(length, length, dtype=torch.bool, device=embeds.device).tril()
         prompt_mask = torch.full(
-            (batch, 1, length, self.max_len), self.blocked, dtype=embeds.dtype, device=embeds.device
+            (batch, 1, length, length), self.blocked, dtype=embeds.dtype, device=embeds.device
         )
-        prompt_mask[..., :length].masked_fill_(causal & valid[:, None, None, :], 0.0)
+        prompt_mask.masked_fill_(causal & valid[:, None, None, :], 0.0)
         positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, T): left padding shifts positions
-        cache = self.cache.first_rows(batch)
+        cache = self.cache.first_rows(batch).first_slots(length)  # the prompt attends to itself only
         if compiled:
             with torch.compiler.set_stance("default"), fx_config.patch(use_duck_shape=False):
                 hidden = compiled_prefill()(self, embeds, prompt_mask, positions, cache)
         else:
             hidden = self._forward(embeds, prompt_mask, positions, cache)
         self.cache.position.fill_(length)
+        self.prompt_length = length
         self.positions.zero_()
         self.positions[:batch].copy_(positions[:, -1:])
         last = hidden.new_zeros(self.batch, hidden.shape[-1])
         last[:batch] = hidden[:, -1]
         self._emit(last)
 
-    def step(self) -> None:
-        """Feed ``token`` at slot ``cache.position``; emit the next token. No host syncs."""
+    def step(self, slots: int) -> None:
+        """Feed ``token`` at slot ``cache.position`` (below ``slots``), attending to the first ``slots``
+        slots; emit the next token. No host syncs."""
+        cache, mask = self._window(slots)
         if self.compile_step:
             # generate() holds the LLM eager otherwise. Without duck sizing, a cache length that
             # happens to equal another size (128 = Qwen3's head_dim: a warm-up on 1 s clips) is not
             # assumed equal to it, which cost a ~2-minute recompile on the first real batch.
             with torch.compiler.set_stance("default"), fx_config.patch(use_duck_shape=False):
-                compiled_step()(self)
+                compiled_step()(self, cache, mask)
         else:
-            self._eager_step()
+            self._eager_step(cache, mask)
 
-    def _eager_step(self) -> None:
-        self.mask.index_fill_(-1, self.cache.position, 0.0)
+    def _window(self, slots: int) -> tuple[StaticKVCache, torch.Tensor]:
+        """The cache and mask views of the first ``slots`` slots, made once (a captured graph keeps
+        reading the tensors it was recorded with)."""
+        if slots not in self._windows:
+            self._windows[slots] = (self.cache.first_slots(slots), self.mask[..., :slots])
+        return self._windows[slots]
+
+    def _eager_step(self, cache: StaticKVCache, mask: torch.Tensor) -> None:
+        mask.index_fill_(-1, cache.position, 0.0)
         self.positions += 1
         embeds = self.embed_tokens(self.token).unsqueeze(1)  # (B, 1, H)
-        hidden = self._forward(embeds, self.mask, self.positions, self.cache)
-        self.cache.position += 1
+        hidden = self._forward(embeds, mask, self.positions, cache)
+        cache.position += 1
         self._emit(hidden[:, -1])
 
-    def capture(self) -> None:
-        """Record ``step`` as a CUDA graph. Call after ``prefill``; restores the state it warmed up on."""
+    def capture(self, slots: int, position: int) -> None:
+        """Record ``step(slots)`` as a CUDA graph, with the decoder about to write slot ``position``
+        (the warm-up must not write past the window). Restores the state it warmed up on. The graphs
+        of one decoder share a memory pool: they only ever run one after another."""
         started = time.perf_counter()
         saved = [t.clone() for t in self._state()]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up outside capture: cuBLAS workspaces, lazy inits
-                self.step()
+            for _ in range(
+                min(2, slots - position)
+            ):  # warm-up outside capture: cuBLAS workspaces, lazy inits
+                self.step(slots)
         torch.cuda.current_stream().wait_stream(stream)
         for tensor, value in zip(self._state(), saved, strict=True):
             tensor.copy_(value)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.step()
+        graph = torch.cuda.CUDAGraph()
+        pool = next(iter(self.graphs.values())).pool() if self.graphs else None
+        with torch.cuda.graph(graph, pool=pool):
+            self.step(slots)
         for tensor, value in zip(self._state(), saved, strict=True):  # capture ran nothing, but be exact
             tensor.copy_(value)
         torch.cuda.current_stream().synchronize()
-        self.capture_s = time.perf_counter() - started
+        self.graphs[slots] = graph
+        self.capture_s += time.perf_counter() - started
 
     def _state(self) -> list[torch.Tensor]:
         return [
@@ -315,31 +357,39 @@ class GreedyDecoder:
         ]
 
     def decode(self) -> torch.Tensor:
-        """Remaining steps after ``prefill``; returns ``(B, max_new_tokens)`` ids, padding after EOS."""
-        if self.use_graph and self.graph is None:
-            self.capture()
+        """Remaining steps after ``prefill``; returns ``(B, max_new_tokens)`` ids, padding after EOS.
+
+        The host knows which slot each step writes (the prompt length, then one more per step), so it
+        picks each step's window (``attended_slots``) without asking the GPU; a window met for the
+        first time is captured then."""
         emitted = 1  # prefill emitted the first token
+        position = self.prompt_length  # the slot the next step writes
         while emitted < self.max_new_tokens:
             if emitted % EOS_CHECK_EVERY == 0 and bool(self.finished.all()):
                 break
-            if self.graph is not None:
-                self.graph.replay()
+            slots = attended_slots(position, self.max_len)
+            if self.use_graph:
+                if slots not in self.graphs:
+                    self.capture(slots, position)
+                self.graphs[slots].replay()
             else:
-                self.step()
+                self.step(slots)
             emitted += 1
+            position += 1
         return self.output[:, :emitted].clone()
 
 
 @functools.cache
 def compiled_step():
-    """``GreedyDecoder._eager_step`` under ``torch.compile``, made once per process, shared by every decoder.
+    """``GreedyDecoder._eager_step`` under ``torch.compile``, made once per process, shared by every decoder
+    and window.
 
     Why: replaying a CUDA graph removes the launch cost but not the kernels themselves, and an eager
     step of a 28-layer LLM is ~65 small kernels per layer (norms, RoPE, casts, residual adds), a few
     microseconds of GPU time each whatever the batch. Compiled, they fuse. The whole step is one
     trace (the layer loop unrolled), so the layer index is a constant, not a recompile per layer;
-    ``dynamic=True`` lets every batch size of 2 or more and every cache length share one compile
-    (``padded_batch_size`` never gives it a single row). The compiled step is then captured like
+    ``dynamic=True`` lets every batch size of 2 or more, every cache length and every attended window
+    share one compile (``padded_batch_size`` never gives it a single row). The compiled step is then captured like
     the eager one.
     """
     return torch.compile(GreedyDecoder._eager_step, dynamic=True)
@@ -443,8 +493,9 @@ def memory_share(device: torch.device, share: float) -> int:
 
 
 def cache_bytes(config, batch: int, max_len: int, dtype: torch.dtype) -> int:
-    """Bytes of a ``StaticKVCache`` for ``batch`` x ``max_len`` (keys and values of every layer)."""
-    per_layer = math.prod(kv_shape(config, batch, max_len)) * torch.finfo(dtype).bits // 8
+    """Bytes of a ``GreedyDecoder``'s ``StaticKVCache`` for ``batch`` x ``max_len`` (keys and values of
+    every layer, ``SPARE_SLOTS`` included)."""
+    per_layer = math.prod(kv_shape(config, batch, max_len + SPARE_SLOTS)) * torch.finfo(dtype).bits // 8
     return 2 * config.num_hidden_layers * per_layer
 
 
