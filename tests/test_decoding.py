@@ -178,8 +178,9 @@ def test_greedy_decoding_attends_on_the_kv_heads_and_restores_the_llm_attention(
 def test_attention_reads_only_the_slots_in_use_and_the_tokens_stay_those_of_generate(
     tiny_salm, monkeypatch
 ) -> None:
-    """The prefill attends to the prompt, each step to the written slots rounded up to 64: a prompt of
-    60 positions and 12 new tokens has a cache of 128 slots, and its steps cross from 64 to 128."""
+    """The prefill attends to the prompt (rounded up to 16 slots), each step to the written slots
+    rounded up to 64: a prompt of 44 positions and 24 new tokens has a cache of 128 slots, and its
+    steps cross from 64 to 128."""
     from transformers import AttentionInterface
 
     from salm.model.decoding import CACHE_LENGTH_QUANTUM, KV_HEAD_ATTENTION, sdpa_on_kv_heads
@@ -194,15 +195,15 @@ def test_attention_reads_only_the_slots_in_use_and_the_tokens_stay_those_of_gene
     monkeypatch.setitem(AttentionInterface._global_mapping, KV_HEAD_ATTENTION, counting)
     hidden = tiny_salm.embed_tokens.weight.shape[1]
     generator = torch.Generator().manual_seed(3)
-    embeds = torch.randn(2, 60, hidden, generator=generator)
-    mask = torch.ones(2, 60, dtype=torch.long)
+    embeds = torch.randn(2, 44, hidden, generator=generator)
+    mask = torch.ones(2, 44, dtype=torch.long)
     mask[1, :5] = 0  # a left-padded prompt
-    ours = tiny_salm._greedy_decode(embeds, mask, max_new_tokens=12)
+    ours = tiny_salm._greedy_decode(embeds, mask, max_new_tokens=24)
     assert CACHE_LENGTH_QUANTUM == 64
-    # prefill, then steps writing slots 60..70: 61-64 written -> 64 slots; 65-71 -> 128
-    assert slots_read == [60] + [64] * 4 + [128] * 7
+    # prefill (44 -> 48), then 23 steps writing slots 44..66: up to 64 written -> 64 slots; then 128
+    assert slots_read == [48] + [64] * 20 + [128] * 3
     config = GenerationConfig(
-        max_new_tokens=12,
+        max_new_tokens=24,
         do_sample=False,
         eos_token_id=tiny_salm.text_eos_id,
         pad_token_id=tiny_salm.text_pad_id,
@@ -334,3 +335,34 @@ def test_a_failing_step_compile_turns_compiling_off_and_keeps_the_tokens(
         warnings.simplefilter("always")
         assert model.generate(prompts, max_new_tokens=8).token_ids == expected
     assert not [w for w in later if "compiling" in str(w.message)]  # not attempted again
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs are GPU-only")
+@pytest.mark.parametrize("compile_step", [False, True])
+def test_captured_steps_across_attended_windows_give_the_eager_tokens(tiny_model_cfg, compile_step) -> None:
+    """One graph per attended window (64, then 128 slots here), captured when decoding first meets it,
+    sharing one memory pool: the tokens must be those of the uncaptured, unwindowed eager steps."""
+    from salm.model import SALM, decoding
+
+    model = SALM(tiny_model_cfg).to("cuda").eval()
+    parts = decoder_parts(model)
+    generator = torch.Generator(device="cuda").manual_seed(5)
+    embeds = torch.randn(3, 44, model.embed_tokens.weight.shape[1], device="cuda", generator=generator)
+    mask = torch.ones(3, 44, dtype=torch.long, device="cuda")
+    mask[1, :5] = 0
+    no_eos = -1  # every row decodes all 40 tokens, across the window boundary
+    with torch.no_grad():
+        eager = GreedyDecoder(*parts, 4, 128, 40, use_graph=False)
+        whole_cache = decoding.attended_slots
+        decoding.attended_slots = lambda position, max_len: max_len
+        try:
+            eager.prefill(embeds, mask, no_eos, model.text_pad_id)
+            expected = eager.decode()
+        finally:
+            decoding.attended_slots = whole_cache
+        captured = GreedyDecoder(*parts, 4, 128, 40, use_graph=True, compile_step=compile_step)
+        captured.prefill(embeds, mask, no_eos, model.text_pad_id)
+        tokens = captured.decode()
+    assert sorted(captured.graphs) == [64, 128]
+    assert tokens.shape == (4, 40)
+    assert torch.equal(tokens[:3], expected[:3])

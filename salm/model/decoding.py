@@ -42,10 +42,14 @@ from salm.model.llm import attention_implementation
 
 EOS_CHECK_EVERY = 8  # decoding steps between host checks for "every row has finished"
 CACHE_LENGTH_QUANTUM = 64  # cache lengths and attended windows are rounded up to this (graph reuse)
+# SDPA's memory-efficient kernel (the fused one that takes a mask) wants every stride of the mask but
+# the last to be a multiple of 16 elements; it copies a mask that is not, at every layer of every step.
+MASK_ALIGNMENT = 16
 # Cache and mask slots allocated past ``max_len``, never written or attended: every window a step reads,
-# the whole cache included, is then a strided view of a longer tensor. A compiled step first traced
-# on a window that was the whole (contiguous) tensor guarded on that, and recompiled for the others.
-SPARE_SLOTS = 1
+# the whole cache included, is then a strided view of a longer tensor with aligned rows. A compiled
+# step first traced on a window that was the whole (contiguous) tensor guarded on that, and
+# recompiled for the others.
+SPARE_SLOTS = MASK_ALIGNMENT
 MAX_CACHED_DECODERS = 64  # captured decoders kept (each holds a KV cache for its batch and length)
 # Their KV caches together, as a share of the GPU's memory (the newest is kept whatever its size). A
 # server at 256 clients meets ~14 batch sizes x 2-3 cache lengths: a fixed 8 GiB held one 256-row
@@ -271,13 +275,15 @@ class GreedyDecoder:
         valid = attention_mask.bool()
         self.mask.fill_(self.blocked)
         self.mask[:batch, 0, 0, :length].masked_fill_(valid, 0.0)
+        # The prompt attends to itself only: its slots, rounded up to aligned mask rows (the rest masked).
+        slots = -(-length // MASK_ALIGNMENT) * MASK_ALIGNMENT
         causal = torch.ones(length, length, dtype=torch.bool, device=embeds.device).tril()
         prompt_mask = torch.full(
-            (batch, 1, length, length), self.blocked, dtype=embeds.dtype, device=embeds.device
+            (batch, 1, length, slots), self.blocked, dtype=embeds.dtype, device=embeds.device
         )
-        prompt_mask.masked_fill_(causal & valid[:, None, None, :], 0.0)
+        prompt_mask[..., :length].masked_fill_(causal & valid[:, None, None, :], 0.0)
         positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, T): left padding shifts positions
-        cache = self.cache.first_rows(batch).first_slots(length)  # the prompt attends to itself only
+        cache = self.cache.first_rows(batch).first_slots(slots)
         if compiled:
             with torch.compiler.set_stance("default"), fx_config.patch(use_duck_shape=False):
                 hidden = compiled_prefill()(self, embeds, prompt_mask, positions, cache)
