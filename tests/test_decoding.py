@@ -340,7 +340,7 @@ def test_a_failing_step_compile_turns_compiling_off_and_keeps_the_tokens(
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs are GPU-only")
 @pytest.mark.parametrize("compile_step", [False, True])
 def test_captured_steps_across_attended_windows_give_the_eager_tokens(tiny_model_cfg, compile_step) -> None:
-    """One graph per attended window (64, then 128 slots here), captured when decoding first meets it,
+    """One graph per attended window (64, then 128 slots here), all captured before the first step,
     sharing one memory pool: the tokens must be those of the uncaptured, unwindowed eager steps."""
     from salm.model import SALM, decoding
 

@@ -327,8 +327,9 @@ class GreedyDecoder:
 
     def capture(self, slots: int, position: int) -> None:
         """Record ``step(slots)`` as a CUDA graph, with the decoder about to write slot ``position``
-        (the warm-up must not write past the window). Restores the state it warmed up on. The graphs
-        of one decoder share a memory pool: they only ever run one after another."""
+        (below ``slots``; the warm-up steps must not write past the window). Restores the state it
+        warmed up on. The graphs of one decoder share a memory pool: they only ever run one after
+        another, and none leaves a tensor behind in it (every step writes into the decoder's buffers)."""
         started = time.perf_counter()
         saved = [t.clone() for t in self._state()]
         stream = torch.cuda.Stream()
@@ -366,17 +367,21 @@ class GreedyDecoder:
         """Remaining steps after ``prefill``; returns ``(B, max_new_tokens)`` ids, padding after EOS.
 
         The host knows which slot each step writes (the prompt length, then one more per step), so it
-        picks each step's window (``attended_slots``) without asking the GPU; a window met for the
-        first time is captured then."""
+        picks each step's window (``attended_slots``) without asking the GPU. Every window this call
+        could reach is captured before its first step, even if EOS comes first: a server's warm-up on
+        silence (which a trained model ends at once) then leaves no capture for a request to pay."""
         emitted = 1  # prefill emitted the first token
         position = self.prompt_length  # the slot the next step writes
+        if self.use_graph:
+            last = position + self.max_new_tokens - 2  # the slot the last step would write
+            for slots in sorted({attended_slots(p, self.max_len) for p in range(position, last + 1)}):
+                if slots not in self.graphs:
+                    self.capture(slots, position)
         while emitted < self.max_new_tokens:
             if emitted % EOS_CHECK_EVERY == 0 and bool(self.finished.all()):
                 break
             slots = attended_slots(position, self.max_len)
             if self.use_graph:
-                if slots not in self.graphs:
-                    self.capture(slots, position)
                 self.graphs[slots].replay()
             else:
                 self.step(slots)
