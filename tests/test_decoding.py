@@ -31,19 +31,26 @@ def decoder_parts(model) -> tuple:
     return causal_lm.model, causal_lm.lm_head, model.embed_tokens
 
 
+def transformers_greedy_tokens(
+    model, embeds: torch.Tensor, mask: torch.Tensor, max_new_tokens: int
+) -> torch.Tensor:
+    """``transformers.generate``'s greedy tokens for the same input embeddings: the reference."""
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=model.text_eos_id,
+        pad_token_id=model.text_pad_id,
+    )
+    with torch.no_grad(), embedding_inside(model.llm, model.embed_tokens):
+        return model.llm.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config)
+
+
 def test_greedy_decoder_equals_transformers_generate(tiny_salm, speech_clips) -> None:
     prompts = [[{"role": "user", "content": PROMPT, "audio": u.path}] for u in speech_clips[:3]]
     prompts.append([{"role": "user", "content": "Say something long about nothing at all, please"}])
     embeds, mask = tiny_salm.prepare_generation_inputs(prompts)
     ours = tiny_salm._greedy_decode(embeds, mask, max_new_tokens=12)
-    config = GenerationConfig(
-        max_new_tokens=12,
-        do_sample=False,
-        eos_token_id=tiny_salm.text_eos_id,
-        pad_token_id=tiny_salm.text_pad_id,
-    )
-    with torch.no_grad(), embedding_inside(tiny_salm.llm, tiny_salm.embed_tokens):
-        theirs = tiny_salm.llm.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config)
+    theirs = transformers_greedy_tokens(tiny_salm, embeds, mask, max_new_tokens=12)
     assert torch.equal(ours, theirs[:, : ours.shape[1]])
 
 
@@ -202,14 +209,7 @@ def test_attention_reads_only_the_slots_in_use_and_the_tokens_stay_those_of_gene
     assert CACHE_LENGTH_QUANTUM == 64
     # prefill (44 -> 48), then 23 steps writing slots 44..66: up to 64 written -> 64 slots; then 128
     assert slots_read == [48] + [64] * 20 + [128] * 3
-    config = GenerationConfig(
-        max_new_tokens=24,
-        do_sample=False,
-        eos_token_id=tiny_salm.text_eos_id,
-        pad_token_id=tiny_salm.text_pad_id,
-    )
-    with torch.no_grad(), embedding_inside(tiny_salm.llm, tiny_salm.embed_tokens):
-        theirs = tiny_salm.llm.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config)
+    theirs = transformers_greedy_tokens(tiny_salm, embeds, mask, max_new_tokens=24)
     assert torch.equal(ours, theirs[:, : ours.shape[1]])
 
 
