@@ -301,6 +301,9 @@ class GreedyDecoder:
         """Feed ``token`` at slot ``cache.position`` (below ``slots``), attending to the first ``slots``
         slots; emit the next token. No host syncs."""
         cache, mask = self._window(slots)
+        # Admit the slot this step writes. Outside the compiled step: written inside it, the mask view
+        # broke AOTAutograd's functionalisation on CUDA (torch 2.11: "n=copy_, n.args[0]=empty").
+        mask.index_fill_(-1, cache.position, 0.0)
         if self.compile_step:
             # generate() holds the LLM eager otherwise. Without duck sizing, a cache length that
             # happens to equal another size (128 = Qwen3's head_dim: a warm-up on 1 s clips) is not
@@ -318,7 +321,7 @@ class GreedyDecoder:
         return self._windows[slots]
 
     def _eager_step(self, cache: StaticKVCache, mask: torch.Tensor) -> None:
-        mask.index_fill_(-1, cache.position, 0.0)
+        """The step after ``step`` admitted slot ``cache.position`` in ``mask``."""
         self.positions += 1
         embeds = self.embed_tokens(self.token).unsqueeze(1)  # (B, 1, H)
         hidden = self._forward(embeds, mask, self.positions, cache)
