@@ -368,3 +368,34 @@ def test_captured_steps_across_attended_windows_give_the_eager_tokens(tiny_model
     assert sorted(captured.graphs) == [64, 128]
     assert tokens.shape == (4, 40)
     assert torch.equal(tokens[:3], expected[:3])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled prefill's CUDA lowering is GPU-only")
+def test_compiled_prefill_on_the_gpu_gives_the_eager_tokens_and_compiles_once(tiny_model_cfg) -> None:
+    """On CUDA the prefill's window (the prompt rounded up to 16 slots) and its mask reach SDPA's
+    memory-efficient kernel, whose lowering the CPU never runs: prompts of 44 and 51 positions
+    (windows of 48 and 64) must share one compile and give the eager prefill's tokens."""
+    from salm.model import SALM
+
+    model = SALM(tiny_model_cfg).to("cuda").eval()
+    parts = decoder_parts(model)
+    hidden = model.embed_tokens.weight.shape[1]
+    generator = torch.Generator(device="cuda").manual_seed(7)
+
+    def tokens(length: int, compiled: bool) -> torch.Tensor:
+        embeds = torch.randn(3, length, hidden, device="cuda", generator=generator.manual_seed(length))
+        mask = torch.ones(3, length, dtype=torch.long, device="cuda")
+        mask[2, :4] = 0
+        decoder = GreedyDecoder(*parts, 4, 128, 8, use_graph=False)
+        decoder.prefill(embeds, mask, -1, model.text_pad_id, compiled=compiled)
+        return decoder.decode()
+
+    with torch.no_grad():
+        expected = [tokens(length, compiled=False) for length in (44, 51)]
+    got = []
+    new_graphs = graphs_compiled_by_each(
+        [lambda n=length: got.append(tokens(n, compiled=True)) for length in (44, 51)]
+    )
+    assert new_graphs == [1, 0]
+    for ours, eager in zip(got, expected, strict=True):
+        assert torch.equal(ours[:3], eager[:3])
