@@ -339,7 +339,9 @@ def test_a_failing_step_compile_turns_compiling_off_and_keeps_the_tokens(
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs are GPU-only")
 @pytest.mark.parametrize("compile_step", [False, True])
-def test_captured_steps_across_attended_windows_give_the_eager_tokens(tiny_model_cfg, compile_step) -> None:
+def test_captured_steps_across_attended_windows_give_the_eager_tokens(
+    tiny_model_cfg, compile_step, monkeypatch
+) -> None:
     """One graph per attended window (64, then 128 slots here), all captured before the first step,
     sharing one memory pool: the tokens must be those of the uncaptured, unwindowed eager steps."""
     from salm.model import SALM, decoding
@@ -353,13 +355,10 @@ def test_captured_steps_across_attended_windows_give_the_eager_tokens(tiny_model
     no_eos = -1  # every row decodes all 40 tokens, across the window boundary
     with torch.no_grad():
         eager = GreedyDecoder(*parts, 4, 128, 40, use_graph=False)
-        whole_cache = decoding.attended_slots
-        decoding.attended_slots = lambda position, max_len: max_len
-        try:
+        with monkeypatch.context() as whole_cache:
+            whole_cache.setattr(decoding, "attended_slots", lambda position, max_len: max_len)
             eager.prefill(embeds, mask, no_eos, model.text_pad_id)
             expected = eager.decode()
-        finally:
-            decoding.attended_slots = whole_cache
         captured = GreedyDecoder(*parts, 4, 128, 40, use_graph=True, compile_step=compile_step)
         captured.prefill(embeds, mask, no_eos, model.text_pad_id)
         new_graphs = graphs_compiled_by_each([captured.decode])

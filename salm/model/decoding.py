@@ -114,14 +114,19 @@ def padded_batch_size(batch: int, compile_step: bool = False) -> int:
 def cache_length(prompt_len: int, max_new_tokens: int) -> int:
     """The KV cache length a decoder is built for: the prompt plus the new tokens, rounded up to a
     multiple of ``CACHE_LENGTH_QUANTUM``, so that calls of similar lengths share a captured decoder."""
-    return -(-(prompt_len + max_new_tokens) // CACHE_LENGTH_QUANTUM) * CACHE_LENGTH_QUANTUM
+    return round_up(prompt_len + max_new_tokens, CACHE_LENGTH_QUANTUM)
 
 
 def attended_slots(position: int, max_len: int) -> int:
     """The cache slots a step that writes slot ``position`` attends to: the written ones (``position +
     1``) rounded up to a multiple of ``CACHE_LENGTH_QUANTUM``, at most ``max_len``. Slots past the
     written ones inside the window are masked."""
-    return min(max_len, -(-(position + 1) // CACHE_LENGTH_QUANTUM) * CACHE_LENGTH_QUANTUM)
+    return min(max_len, round_up(position + 1, CACHE_LENGTH_QUANTUM))
+
+
+def round_up(count: int, multiple: int) -> int:
+    """``count`` rounded up to a multiple of ``multiple``."""
+    return -(-count // multiple) * multiple
 
 
 def kv_shape(config, batch: int, max_len: int) -> tuple[int, int, int, int]:
@@ -276,7 +281,7 @@ class GreedyDecoder:
         self.mask.fill_(self.blocked)
         self.mask[:batch, 0, 0, :length].masked_fill_(valid, 0.0)
         # The prompt attends to itself only: its slots, rounded up to aligned mask rows (the rest masked).
-        slots = -(-length // MASK_ALIGNMENT) * MASK_ALIGNMENT
+        slots = round_up(length, MASK_ALIGNMENT)
         causal = torch.ones(length, length, dtype=torch.bool, device=embeds.device).tril()
         prompt_mask = torch.full(
             (batch, 1, length, slots), self.blocked, dtype=embeds.dtype, device=embeds.device
@@ -338,9 +343,8 @@ class GreedyDecoder:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(
-                min(2, slots - position)
-            ):  # warm-up outside capture: cuBLAS workspaces, lazy inits
+            # warm-up outside capture (cuBLAS workspaces, lazy inits), never writing past the window
+            for _ in range(min(2, slots - position)):
                 self.step(slots)
         torch.cuda.current_stream().wait_stream(stream)
         for tensor, value in zip(self._state(), saved, strict=True):
