@@ -78,6 +78,7 @@ from salm.model.compile import (
 )
 from salm.train.batch_device import prefetch_pinned, to_device, with_layouts
 from salm.train.grad_norm import use_deepspeed_gradient_clipping
+from salm.train.single_rank_reduction import use_deepspeed_reduction
 from salm.train.worker_errors import sendable_errors
 
 
@@ -314,10 +315,7 @@ DS_VARIANTS: dict[str, dict | None] = {
     "recipe": None,
     "deepspeed_grad_norm": None,  # the recipe, with DeepSpeed's per-tensor gradient norm (salm.train.grad_norm)
     "foreach_adamw": None,  # the recipe, with torch's default AdamW (foreach) instead of its fused one
-    # The recipe with ZeRO's gradient partition kept in fp32: DeepSpeed then accumulates each gradient
-    # into one preallocated flat fp32 buffer, instead of concatenating the bf16 gradients into a new flat
-    # tensor and casting that to fp32 at every step (~1,300 tensors: ~23 cat launches per step).
-    "fp32_grad_partition": None,
+    "deepspeed_reduction": None,  # the recipe, with DeepSpeed's bucket all-reduce on one rank (salm.train.single_rank_reduction)
     "deepspeed_defaults": {},
     "no_timers": {"timers": {"throughput": {"enabled": False}}},
     "lean": {
@@ -417,12 +415,11 @@ def time_ds_variant(cfg, device: torch.device, config: dict, ds_variant: str) ->
         cfg.deepspeed.config = DS_VARIANTS[ds_variant]
     if ds_variant == "foreach_adamw":
         cfg.model.optimizer.fused = False
-    if ds_variant == "fp32_grad_partition":
-        extra = cfg.deepspeed.get("config") or {}
-        cfg.deepspeed.config = OmegaConf.merge(extra, {"data_types": {"grad_accum_dtype": "fp32"}})
     model, engine = production_engine(cfg, device)
     if ds_variant == "deepspeed_grad_norm":
         use_deepspeed_gradient_clipping(engine.optimizer)
+    if ds_variant == "deepspeed_reduction":
+        use_deepspeed_reduction(engine.optimizer)
     batches = make_batches(model, config["budget_s"], config["seed"], config["tiny"])
     prefetched = (FreshLengths if config["fresh_lengths"] else PrefetchedBatches)(batches, device, model)
 

@@ -16,6 +16,7 @@ from salm.model.salm import SALM
 from salm.train.aux_ctc import EncoderCTC
 from salm.train.deepspeed_setup import build_optimizer, deepspeed_config, warmup_cosine
 from salm.train.grad_norm import use_fused_gradient_clipping
+from salm.train.single_rank_reduction import skip_single_rank_reduction
 
 
 class LossModule(nn.Module):
@@ -69,5 +70,6 @@ def wrap_in_deepspeed(cfg: DictConfig, model: SALM, device: torch.device, start_
     )
     model.perception.preprocessor.float().load_state_dict(preprocessor_state)
     use_fused_gradient_clipping(engine.optimizer)  # ZeRO-1/2: a fused norm, a clip without a sync
+    skip_single_rank_reduction(engine.optimizer)  # ZeRO-1/2 on one rank: no flatten-reduce-copy per bucket
     model.train()
     return engine, scheduler
