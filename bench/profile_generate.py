@@ -45,7 +45,9 @@ def time_subsampling(model, audios: torch.Tensor, lens: torch.Tensor, device: to
     """The subsampling alone on this batch's features: eager, then compiled (``dynamic=True``)."""
     with torch.no_grad():
         features, feature_lens = model.perception.mel_features(audios, lens)
-    frames_first = features.transpose(1, 2)  # (B, T, F), as the encoder hands it to pre_encode
+    encoder_dtype = next(model.perception.encoder.parameters()).dtype  # bf16: the perception casts to it
+    # (B, T, F) in the encoder's dtype, as the encoder hands it to pre_encode
+    frames_first = features.to(encoder_dtype).transpose(1, 2)
     pre_encode = model.perception.encoder.pre_encode
     compiled = torch.compile(pre_encode, dynamic=True)
     for name, fn in (("eager", pre_encode), ("compiled", compiled)):

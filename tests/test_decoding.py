@@ -320,7 +320,7 @@ def test_a_failing_step_compile_turns_compiling_off_and_keeps_the_tokens(
     expected = model.generate(prompts, max_new_tokens=8).token_ids
 
     def no_compiler():
-        def step(decoder) -> None:
+        def step(*decoder_cache_mask) -> None:  # called as compiled_step()(decoder, cache, mask)
             raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
 
         return step
