@@ -33,9 +33,9 @@ Without ``--fresh-lengths`` the five batches repeat at every pass, so a cost pai
 shape (cuDNN's plans, a recompile) is paid in the warm-up and never timed; with it every path meets
 a frame count it has not met at every step, as a bucketed training run does (``FreshLengths``).
 
-DeepSpeed variants run one engine after another in one worker. The first engine of the process ran
-~1% slower per pass than the next on an H100 (2.3x on the CPU's tiny recipe), so compare two
-engines in both orders (BENCHMARKS.md, "Gradient reduction on one rank").
+DeepSpeed variants run one engine after another in one worker. On an H100 the first engine of the
+process ran ~1% slower per pass than the next (estimated from two runs), so compare two engines in
+both orders (BENCHMARKS.md, "Gradient reduction on one rank").
 
 ``--tiny`` runs the tiny recipe on CPU (a smoke test of all three paths).
 """
